@@ -1,0 +1,1 @@
+"""Forge operator: reconciles ForgeJob resources into Kubeflow PyTorchJobs."""

@@ -1,0 +1,1 @@
+"""Forge trainer: the program the PyTorchJob pods run."""
