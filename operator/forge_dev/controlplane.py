@@ -24,6 +24,7 @@ from types import TracebackType
 
 K8S_VERSION = "1.20.2"
 PROCESS_NAMES = ("etcd", "kube-apiserver", "kube-controller-manager")
+STOP_GRACE_S = 5.0
 
 
 class ControlPlaneError(RuntimeError):
@@ -194,19 +195,19 @@ class ControlPlane:
             raise
 
     def stop(self) -> None:
-        """Stop every process this control plane started (SIGTERM, then SIGKILL) and clean up."""
+        """Stop every process this control plane started, newest first (SIGTERM, then SIGKILL), and clean up.
+
+        One at a time: kube-apiserver shuts down quickly only while etcd is still there to answer it.
+        """
         for name in reversed(list(self._processes)):
             proc = self._processes[name]
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in self._processes.values():
-            remaining = max(0.1, deadline - time.monotonic())
-            try:
-                proc.wait(timeout=remaining)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                try:
+                    proc.wait(timeout=STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         self._processes.clear()
         if self._owns_workdir and not self.keep_workdir and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
