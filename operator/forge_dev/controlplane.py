@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from forge_dev.kubeconfig import ClusterAccess, kubeconfig_text, write_kubeconfig
+
 K8S_VERSION = "1.20.2"
 PROCESS_NAMES = ("etcd", "kube-apiserver", "kube-controller-manager")
 STOP_GRACE_S = 5.0
@@ -262,32 +264,8 @@ class ControlPlane:
             return "(no log)"
 
     def _write_kubeconfig(self) -> None:
-        self.kubeconfig.write_text(
-            kubeconfig_text(server=self.server, token=self.token, user="admin", namespace="default")
-        )
-
-
-def kubeconfig_text(*, server: str, token: str, user: str, namespace: str) -> str:
-    """A kubeconfig for one server and one bearer token (TLS verification skipped: loopback only)."""
-    return f"""apiVersion: v1
-kind: Config
-clusters:
-- name: forge-local
-  cluster:
-    server: {server}
-    insecure-skip-tls-verify: true
-users:
-- name: {user}
-  user:
-    token: {token}
-contexts:
-- name: forge-local
-  context:
-    cluster: forge-local
-    user: {user}
-    namespace: {namespace}
-current-context: forge-local
-"""
+        access = ClusterAccess(server=self.server, insecure=True)
+        write_kubeconfig(self.kubeconfig, kubeconfig_text(access, self.token, "default", "admin"))
 
 
 def running_control_plane_pids() -> list[int]:

@@ -25,8 +25,9 @@ from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
 from forge_dev.controlplane import free_port
+from forge_dev.kubeconfig import ClusterAccess, kubeconfig_text, write_kubeconfig
 from forge_dev.standin import logs
-from forge_dev.standin.credentials import ClusterAccess, kubeconfig_text, request_token, write_kubeconfig
+from forge_dev.standin.credentials import request_token
 from forge_dev.standin.environment import (
     PodFields,
     Rendezvous,
