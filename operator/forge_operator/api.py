@@ -1,0 +1,672 @@
+"""The ForgeJob API (forge.dev/v1alpha1): typed spec and status models, the single source of the CRD schema.
+
+Field descriptions are the attribute docstrings below (pydantic ``use_attribute_docstrings``); ``forge_operator.crd``
+turns these models into the CustomResourceDefinition in ``crds/forgejob.yaml``. The spec carries no floats: a
+learning rate is a decimal string ("2e-5" or "auto"), ratios are integer percents. The status may carry floats
+(losses, throughput), written by the trainer with merge patches on the ``/status`` subresource.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "forge.dev"
+VERSION = "v1alpha1"
+API_VERSION: Final = "forge.dev/v1alpha1"
+KIND: Final = "ForgeJob"
+PLURAL = "forgejobs"
+SINGULAR = "forgejob"
+SHORT_NAME = "fj"
+
+Technique = Literal["cpt", "sft", "lora"]
+Schedule = Literal["cosine", "constant", "wsd"]
+Precision = Literal["bf16", "fp32"]
+ForgettingAction = Literal["stop", "warn", "rebalance"]
+SelectionPolicy = Literal["best-within-budget", "pareto", "last"]
+RestartPolicy = Literal["OnFailure", "ExitCode", "Never"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+State = Literal["Pending", "Invalid", "Running", "Restarting", "Suspended", "Succeeded", "EarlyStopped", "Failed"]
+STATES: tuple[State, ...] = (
+    "Pending",
+    "Invalid",
+    "Running",
+    "Restarting",
+    "Suspended",
+    "Succeeded",
+    "EarlyStopped",
+    "Failed",
+)
+TERMINAL_STATES: frozenset[State] = frozenset({"Succeeded", "EarlyStopped", "Failed"})
+
+# A positive decimal such as "2e-5", "0.0002", "3.5E-4"; range checks live in validation.py.
+DECIMAL_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?$"
+LEARNING_RATE_PATTERN = r"^(auto|([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?)$"
+# Kubernetes resource.Quantity, as the core API schema writes it.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+URI_MAX = 2048
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+Uri = Annotated[str, Field(min_length=1, max_length=URI_MAX)]
+Quantity = Annotated[int | str, Field(json_schema_extra={"pattern": QUANTITY_PATTERN})]
+
+
+class ApiModel(BaseModel):
+    """Base of every API block: camelCase JSON keys, snake_case attributes, docstrings as descriptions."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_default=True,
+    )
+
+    def to_api(self) -> dict[str, Any]:
+        """The camelCase JSON form, without unset optional fields."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def section(description: str | None = None) -> Any:
+    """A nested object field that is always present: the CRD defaults it to ``{}`` so its own defaults apply."""
+    return Field(default_factory=dict, json_schema_extra={"default": {}}, description=description)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spec
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ModelSpec(ApiModel):
+    """The base model to fine-tune."""
+
+    base: Uri
+    """Hugging Face model folder (config.json, *.safetensors, tokenizer files): an s3://bucket/prefix/ or an
+    absolute path visible to the trainer pods."""
+
+    parameters_millions: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Model size in millions of parameters, used to scale the automatic learning rate. Optional: when omitted the
+    operator reads a size token such as '1b', '0.5B' or '350m' from the last segment of 'base', and falls back to
+    the reference size of the defaults table (recorded in status.resolved.notes)."""
+
+
+class Source(ApiModel):
+    """One data source with its weight inside its group (domain or general)."""
+
+    uri: Uri
+    """s3://bucket/prefix or an absolute path: a .jsonl file ({"text": ...} or chat {"messages": [...]}), a .txt
+    file, or a folder/prefix of such files (read in sorted order)."""
+
+    weight: int = Field(default=1, ge=1, le=1_000_000)
+    """Relative share of this source inside its group, in tokens (weights are normalised within the group)."""
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapter settings; used only with technique 'lora' (defaults apply when the block is omitted)."""
+
+    rank: int = Field(default=16, ge=1, le=1024)
+    """Adapter rank r."""
+
+    alpha: int = Field(default=32, ge=1, le=4096)
+    """Scaling numerator: adapter updates are scaled by alpha/rank."""
+
+    dropout_percent: int = Field(default=5, ge=0, le=90)
+    """Dropout on the adapter input, in percent."""
+
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        min_length=1,
+        max_length=64,
+        json_schema_extra={"default": list(DEFAULT_LORA_TARGETS)},
+    )
+    """Names (suffixes) of the linear modules that get adapters."""
+
+
+class DataSpec(ApiModel):
+    """Training data and the token mix between domain and general data."""
+
+    domain_percent: int = Field(default=75, ge=1, le=100)
+    """Share of training TOKENS drawn from the domain sources, in percent; the rest comes from the general sources
+    (replay that protects general abilities). 100 means domain data only."""
+
+    domain: list[Source] = Field(min_length=1, max_length=256)
+    """Domain sources: the user's data."""
+
+    general: list[Source] = Field(default_factory=list, max_length=256)
+    """General (curated) sources replayed to limit forgetting; required when domainPercent < 100."""
+
+    seq_length: int = Field(default=4096, ge=128, le=131_072)
+    """Tokens per packed training sequence."""
+
+    max_repetition: int = Field(default=4, ge=1, le=1000)
+    """How many passes over a source are allowed to fill its share (1 = never repeat)."""
+
+    max_bad_lines: int = Field(default=100, ge=0, le=1_000_000)
+    """Malformed records skipped per source before the run fails naming the file and line."""
+
+
+class EvalSpec(ApiModel):
+    """Held-out evaluation sets, fixed for the whole run; forgetting is measured on the general set."""
+
+    every_steps: int = Field(default=100, ge=1, le=1_000_000)
+    """Evaluate every this many optimizer steps (the base model is evaluated once before step 1)."""
+
+    domain: list[Source] = Field(default_factory=list, max_length=64)
+    """Held-out domain sources. When empty, the training domain sources are used (not held out: domain gain is then
+    optimistic; recorded in status.resolved.notes)."""
+
+    general: list[Source] = Field(default_factory=list, max_length=64)
+    """Held-out general sources. When empty, the training general sources are used; required when data.general is
+    empty (forgetting cannot be measured without general data)."""
+
+    max_tokens: int = Field(default=262_144, ge=128, le=1_073_741_824)
+    """Tokens evaluated per group (domain, general), split by source weight."""
+
+
+class TrainingSpec(ApiModel):
+    """Optimisation settings. 'auto' values are resolved by the operator into status.resolved."""
+
+    learning_rate: str = Field(default="auto", max_length=32, pattern=LEARNING_RATE_PATTERN)
+    """Peak learning rate as a decimal string ("2e-5"), or "auto" for the calibrated default of the technique,
+    scaled by model size and global batch (see status.resolved.learningRateWhy). Must lie in (0, 0.01]."""
+
+    min_learning_rate_percent: int = Field(default=0, ge=0, le=100)
+    """Floor the cosine and wsd schedules decay to, in percent of the peak learning rate."""
+
+    schedule: Schedule = "cosine"
+    """Learning-rate schedule after linear warmup: cosine, constant, or wsd (warmup-stable-decay)."""
+
+    warmup_percent: int = Field(default=3, ge=0, le=50)
+    """Linear warmup, in percent of maxSteps."""
+
+    decay_percent: int = Field(default=20, ge=1, le=100)
+    """wsd only: share of maxSteps spent in the final decay, in percent."""
+
+    global_batch_tokens: int | None = Field(default=None, ge=1024, le=1_073_741_824)
+    """Target tokens per optimizer step over all ranks. Omitted: the technique's default. The operator picks
+    gradientAccumulationSteps = round(globalBatchTokens / (seqLength * microBatchSize * worldSize)), at least 1;
+    the effective value is recorded in status.resolved."""
+
+    micro_batch_size: int = Field(default=4, ge=1, le=1024)
+    """Sequences per process per forward pass."""
+
+    max_steps: int = Field(default=1000, ge=1, le=10_000_000)
+    """Optimizer steps of the run."""
+
+    precision: Precision = "bf16"
+    """Training precision: bf16 (mixed, fp32 master weights) or fp32."""
+
+    zero_stage: int = Field(default=2, ge=0, le=3)
+    """DeepSpeed ZeRO stage 0-3."""
+
+    seed: int = Field(default=1234, ge=0, le=4_294_967_295)
+    """Seed of initialisation noise, dropout and data order."""
+
+    gradient_clipping: str = Field(default="1.0", max_length=32, pattern=DECIMAL_PATTERN)
+    """Global gradient-norm clip as a decimal string; "0" turns clipping off. At most 100."""
+
+    weight_decay: str = Field(default="0.0", max_length=32, pattern=DECIMAL_PATTERN)
+    """AdamW decoupled weight decay as a decimal string, at most 1."""
+
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about 30% more compute)."""
+
+    compile: bool = False
+    """torch.compile the model (GPU; slower first steps)."""
+
+
+class ForgettingSpec(ApiModel):
+    """The forgetting budget: how much general ability the run may lose."""
+
+    budget_percent: int = Field(default=2, ge=0, le=100)
+    """Largest allowed relative rise of the general held-out loss over the base model, in percent."""
+
+    action: ForgettingAction = "stop"
+    """What the trainer does when the budget is exceeded: stop (save a checkpoint and end the run early), warn
+    (condition only) or rebalance (raise the general share for the rest of the run)."""
+
+
+class CheckpointSpec(ApiModel):
+    """Checkpoint cadence, destination and selection."""
+
+    every_steps: int = Field(default=200, ge=1, le=10_000_000)
+    """Save a checkpoint every this many optimizer steps (and at the end of the run)."""
+
+    output: Uri
+    """Durable destination: s3://bucket/prefix/ or an absolute path; each checkpoint is <output>/step-NNNNNNNN/."""
+
+    selection: SelectionPolicy = "best-within-budget"
+    """How status.selected is chosen among the reported checkpoints: best-within-budget (largest domain gain with
+    forgetting within the budget; if none qualifies, the least forgetting), pareto (records the non-dominated set
+    of domain gain vs forgetting and selects from it as best-within-budget does), or last. May change at any
+    time (the operator alone applies it)."""
+
+    keep: int = Field(default=3, ge=1, le=10_000)
+    """Complete checkpoints kept on the trainer's local disk (newest first)."""
+
+
+class ResourceRequirements(ApiModel):
+    """Compute resources of each trainer container (the Kubernetes ResourceRequirements shape)."""
+
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+    """Maximum resources, e.g. {cpu: "16", memory: 200Gi}. GPUs come from gpusPerNode, not from here."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    """Requested resources, e.g. {cpu: "8", memory: 100Gi}."""
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration for the trainer pods."""
+
+    key: str | None = Field(default=None, max_length=317)
+    """Taint key to tolerate; empty with operator Exists tolerates every taint."""
+
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """Exists (any value) or Equal (value must match)."""
+
+    value: str | None = Field(default=None, max_length=63)
+    """Taint value for operator Equal; must be empty for Exists."""
+
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; empty tolerates every effect."""
+
+    toleration_seconds: int | None = Field(default=None, ge=0, le=31_536_000)
+    """For NoExecute: how long the pod stays bound after the taint appears."""
+
+
+class ResourcesSpec(ApiModel):
+    """Where and on what the trainer runs."""
+
+    nodes: int = Field(default=1, ge=1, le=1024)
+    """Pods (nodes) of the PyTorchJob: one Master and nodes-1 Workers."""
+
+    gpus_per_node: int = Field(default=1, ge=0, le=16)
+    """GPUs (nvidia.com/gpu) per pod, and trainer processes per pod; 0 runs one CPU process per pod."""
+
+    image: str | None = Field(default=None, min_length=1, max_length=1024)
+    """Trainer image; omitted: the operator's default (FORGE_TRAINER_IMAGE)."""
+
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    """Image pull policy of the trainer container; omitted: the Kubernetes default."""
+
+    resources: ResourceRequirements = section()
+    """CPU, memory and other requests/limits of each trainer container."""
+
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict)
+    """Node labels the trainer pods must match."""
+
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
+    """Tolerations of the trainer pods."""
+
+
+class KeyRef(ApiModel):
+    """A key of a Secret or ConfigMap in the ForgeJob's namespace."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """Name of the Secret or ConfigMap."""
+
+    key: str = Field(min_length=1, max_length=253)
+    """Key inside it."""
+
+    optional: bool | None = None
+    """Whether the pod may start when the key is missing."""
+
+
+class FieldRef(ApiModel):
+    """A field of the pod, e.g. metadata.name or status.podIP."""
+
+    field_path: str = Field(min_length=1, max_length=256)
+    """Path of the field in the pod."""
+
+    api_version: str | None = Field(default=None, max_length=64)
+    """Version of the schema the path is written in (default v1)."""
+
+
+class EnvVarSource(ApiModel):
+    """Where an environment variable's value comes from (exactly one of the fields)."""
+
+    secret_key_ref: KeyRef | None = None
+    """A key of a Secret (e.g. S3 credentials)."""
+
+    config_map_key_ref: KeyRef | None = None
+    """A key of a ConfigMap."""
+
+    field_ref: FieldRef | None = None
+    """A field of the pod."""
+
+
+class EnvVar(ApiModel):
+    """An environment variable of the trainer container (e.g. AWS_ENDPOINT_URL, credentials from a Secret)."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Variable name; the names the training operator injects (MASTER_ADDR, RANK, ...) are reserved."""
+
+    value: str | None = Field(default=None, max_length=32_768)
+    """Literal value."""
+
+    value_from: EnvVarSource | None = None
+    """Value from a Secret, a ConfigMap or the pod; exclusive with value."""
+
+
+class RunPolicySpec(ApiModel):
+    """How the PyTorchJob retries and is cleaned up (Kubeflow runPolicy)."""
+
+    backoff_limit: int = Field(default=3, ge=0, le=100)
+    """Restarts allowed before the PyTorchJob is marked Failed."""
+
+    restart_policy: RestartPolicy = "OnFailure"
+    """Replica restart policy: OnFailure (restart the container on any failure), ExitCode (the trainer's exit codes
+    1-127 are permanent failures, e.g. a bad config; 128+ are retried) or Never."""
+
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0, le=31_536_000)
+    """Delete the finished PyTorchJob (and its pods) after this many seconds; omitted: keep it. The ForgeJob keeps
+    its status and is never re-run once it finished."""
+
+    active_deadline_seconds: int | None = Field(default=None, ge=1, le=31_536_000)
+    """Fail the PyTorchJob when it runs longer than this; omitted: no deadline."""
+
+
+class ForgeJobSpec(ApiModel):
+    """What to fine-tune, on which data, how, and within which forgetting budget."""
+
+    model: ModelSpec
+    """The base model."""
+
+    technique: Technique
+    """cpt (continued pretraining: loss on every token), sft (supervised fine-tuning: loss on assistant tokens) or
+    lora (sft training low-rank adapters only). Each has calibrated defaults (docs/user-guide.md)."""
+
+    lora: LoraSpec | None = None
+    """LoRA settings; only with technique lora (omitted: the defaults of each field)."""
+
+    data: DataSpec
+    """Training data and mixing."""
+
+    eval: EvalSpec = section()
+    """Held-out evaluation sets and cadence."""
+
+    training: TrainingSpec = section()
+    """Optimisation settings."""
+
+    forgetting: ForgettingSpec = section()
+    """Forgetting budget and what happens when it is exceeded."""
+
+    checkpoints: CheckpointSpec
+    """Checkpoint cadence, destination and selection policy."""
+
+    resources: ResourcesSpec = section()
+    """Nodes, GPUs, image, container resources and scheduling."""
+
+    env: list[EnvVar] = Field(default_factory=list, max_length=128)
+    """Extra environment variables of the trainer container."""
+
+    run_policy: RunPolicySpec = section()
+    """Retries, restart policy, deadline and clean-up of the PyTorchJob."""
+
+    suspend: bool = False
+    """Pause (true) or resume (false) the run. With checkpoints.selection, the only fields that may change once the
+    PyTorchJob exists."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# status
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class StatusModel(ApiModel):
+    """Base of status blocks: unknown keys are ignored (the API server prunes them anyway)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Condition(StatusModel):
+    """One aspect of the ForgeJob's state (Kubernetes API conventions)."""
+
+    type: str = Field(min_length=1, max_length=316)
+    """Accepted, Created, Running, Restarting, Suspended, Succeeded, Failed, ForgettingWithinBudget, EarlyStopped."""
+
+    status: ConditionStatus
+    """True, False or Unknown."""
+
+    reason: str = Field(min_length=1, max_length=1024)
+    """A CamelCase word for programs (e.g. InvalidSpec, PyTorchJobRunning)."""
+
+    message: str = Field(default="", max_length=32_768)
+    """A sentence for people."""
+
+    last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
+    """When the status last changed (RFC 3339)."""
+
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation this condition was computed from."""
+
+
+class Resolved(StatusModel):
+    """What 'auto' and the derived training values became, and why."""
+
+    learning_rate: str
+    """Peak learning rate used, as a decimal string."""
+
+    learning_rate_source: Literal["auto", "spec"]
+    """auto: from the defaults table; spec: as written in spec.training.learningRate."""
+
+    learning_rate_why: str
+    """How the learning rate was obtained (table value and scale factors)."""
+
+    min_learning_rate: str
+    """Floor of the schedule, as a decimal string."""
+
+    model_parameters_millions: int | None = None
+    """Model size used for scaling, when known."""
+
+    world_size: int
+    """Trainer processes: nodes * max(gpusPerNode, 1)."""
+
+    micro_batch_size: int
+    """Sequences per process per forward pass."""
+
+    gradient_accumulation_steps: int
+    """Micro-batches accumulated per optimizer step."""
+
+    global_batch_tokens: int
+    """Effective tokens per optimizer step: seqLength * microBatchSize * gradientAccumulationSteps * worldSize."""
+
+    global_batch_sequences: int
+    """Effective sequences per optimizer step."""
+
+    warmup_steps: int
+    """Linear warmup steps."""
+
+    total_tokens: int
+    """Training tokens of the whole run: globalBatchTokens * maxSteps."""
+
+    forgetting_budget_percent: int | None = None
+    """The forgetting budget the run was accepted with (used by the trainer's guard and by selection)."""
+
+    notes: list[str] = Field(default_factory=list)
+    """Why each derived value is what it is."""
+
+
+class Baseline(StatusModel):
+    """The base model's held-out losses, measured before step 1 (written by the trainer)."""
+
+    domain_loss: float | None = None
+    """Mean loss on the domain held-out set."""
+
+    general_loss: float | None = None
+    """Mean loss on the general held-out set."""
+
+
+class Progress(StatusModel):
+    """How far the run is (written by the trainer)."""
+
+    step: int | None = Field(default=None, ge=0)
+    """Optimizer steps done."""
+
+    total_steps: int | None = Field(default=None, ge=0)
+    """Optimizer steps of the run."""
+
+    tokens: int | None = Field(default=None, ge=0)
+    """Training tokens consumed."""
+
+    percent: float | None = None
+    """step / totalSteps, in percent."""
+
+    eta_seconds: float | None = None
+    """Estimated seconds to the end of the run."""
+
+
+class Latest(StatusModel):
+    """The latest evaluation and throughput figures (written by the trainer)."""
+
+    domain_loss: float | None = None
+    """Domain held-out loss."""
+
+    general_loss: float | None = None
+    """General held-out loss."""
+
+    forgetting_percent: float | None = None
+    """(generalLoss - baseline.generalLoss) / baseline.generalLoss, in percent."""
+
+    domain_gain_percent: float | None = None
+    """(baseline.domainLoss - domainLoss) / baseline.domainLoss, in percent."""
+
+    tokens_per_second: float | None = None
+    """Training throughput over all ranks."""
+
+    mfu: float | None = None
+    """Model FLOPs utilisation estimate (0-1), on GPU."""
+
+    learning_rate: float | None = None
+    """Current learning rate."""
+
+    realised_domain_percent: float | None = None
+    """Share of domain tokens actually consumed so far, in percent."""
+
+
+class CheckpointReport(StatusModel):
+    """One checkpoint reported by the trainer."""
+
+    step: int = Field(ge=0)
+    """Optimizer step of the checkpoint."""
+
+    uri: str = Field(min_length=1, max_length=URI_MAX)
+    """Where the checkpoint lies."""
+
+    domain_loss: float | None = None
+    """Domain held-out loss at this step."""
+
+    general_loss: float | None = None
+    """General held-out loss at this step."""
+
+    forgetting_percent: float | None = None
+    """Forgetting at this step, in percent."""
+
+    domain_gain_percent: float | None = None
+    """Domain gain at this step, in percent."""
+
+    complete: bool | None = None
+    """False while the upload is unfinished; only complete checkpoints (true or unset) can be selected."""
+
+
+class Selected(StatusModel):
+    """The checkpoint chosen by spec.checkpoints.selection."""
+
+    step: int = Field(ge=0)
+    """Step of the selected checkpoint."""
+
+    uri: str = Field(min_length=1, max_length=URI_MAX)
+    """Where it lies."""
+
+    policy: SelectionPolicy
+    """The policy that chose it."""
+
+    reason: str
+    """Why it was chosen."""
+
+    forgetting_percent: float | None = None
+    """Its forgetting, in percent."""
+
+    domain_gain_percent: float | None = None
+    """Its domain gain, in percent."""
+
+
+class EarlyStop(StatusModel):
+    """Written by the trainer's guard when it ends the run early on purpose."""
+
+    step: int | None = Field(default=None, ge=0)
+    """Step at which the run was stopped."""
+
+    reason: str = Field(min_length=1, max_length=1024)
+    """CamelCase reason, e.g. ForgettingBudgetExceeded, LossDiverged, LearningRateTooHigh."""
+
+    message: str = Field(default="", max_length=32_768)
+    """What happened and what to change."""
+
+
+class ForgeJobStatus(StatusModel):
+    """Observed state; the operator and the trainer (progress, latest, checkpoints, baseline) write it."""
+
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation the operator last reconciled."""
+
+    state: State | None = None
+    """Summary for people and the State column; derived from the conditions."""
+
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Conditions keyed by type."""
+
+    pytorch_job: str | None = None
+    """Name of the PyTorchJob running this ForgeJob."""
+
+    resolved: Resolved | None = None
+    """Resolved training values."""
+
+    baseline: Baseline | None = None
+    """Base-model losses (trainer)."""
+
+    progress: Progress | None = None
+    """Run progress (trainer)."""
+
+    latest: Latest | None = None
+    """Latest evaluation (trainer)."""
+
+    checkpoints: list[CheckpointReport] = Field(default_factory=list)
+    """Checkpoints reported by the trainer, in step order."""
+
+    selected: Selected | None = None
+    """The checkpoint chosen by the selection policy."""
+
+    pareto_front: list[int] = Field(default_factory=list)
+    """Steps of the non-dominated checkpoints (domain gain vs forgetting), with selection 'pareto'."""
+
+    early_stop: EarlyStop | None = None
+    """Set by the trainer when it stopped the run early."""
+
+
+class ForgeJob(ApiModel):
+    """The whole ForgeJob object (metadata kept as a plain mapping)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["forge.dev/v1alpha1"] = "forge.dev/v1alpha1"
+    """forge.dev/v1alpha1."""
+
+    kind: Literal["ForgeJob"] = "ForgeJob"
+    """ForgeJob."""
+
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    """Standard object metadata."""
+
+    spec: ForgeJobSpec
+    """Desired state."""
+
+    status: ForgeJobStatus = Field(default_factory=ForgeJobStatus)
+    """Observed state."""

@@ -1,0 +1,102 @@
+"""Pieces shared by the handlers: parsing bodies, writing the status, posting Events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from forge_operator import conditions, metrics
+from forge_operator.api import ForgeJobSpec, ForgeJobStatus
+from forge_operator.context import OperatorContext
+from forge_operator.status import Acceptance, StatusChange, Transition, desired_status
+from forge_operator.validation import parse_spec
+
+
+class UnreadableStatusError(ValueError):
+    """The status does not match the models (e.g. an operator older than the CRD): never overwrite it blindly."""
+
+
+def parse_status(raw: Any) -> ForgeJobStatus:
+    try:
+        return ForgeJobStatus.model_validate(raw or {})
+    except ValidationError as error:
+        raise UnreadableStatusError(f"unreadable ForgeJob status: {error}") from error
+
+
+def parse_spec_or_none(raw: Any) -> ForgeJobSpec | None:
+    parsed = parse_spec(raw)
+    return parsed if isinstance(parsed, ForgeJobSpec) else None
+
+
+def post_events(body: Mapping[str, Any], transitions: Sequence[Transition]) -> None:
+    for transition in transitions:
+        post = kopf.warn if transition.warning else kopf.info
+        post(dict(body), reason=transition.reason, message=transition.message)
+
+
+def compute_change(
+    body: Mapping[str, Any], *, acceptance: Acceptance | None = None, pytorchjob: Mapping[str, Any] | None = None
+) -> StatusChange:
+    metadata = body.get("metadata") or {}
+    return desired_status(
+        parse_status(body.get("status")),
+        parse_spec_or_none(body.get("spec")),
+        generation=metadata.get("generation"),
+        at=conditions.now(),
+        acceptance=acceptance,
+        pytorchjob=pytorchjob,
+    )
+
+
+def write_status(
+    ctx: OperatorContext,
+    namespace: str,
+    name: str,
+    handler: str,
+    *,
+    uid: str | None = None,
+    acceptance: Acceptance | None = None,
+    pytorchjob: Mapping[str, Any] | None = None,
+) -> StatusChange | None:
+    """Recompute and write the operator's status fields from a fresh read; post the transitions as Events.
+
+    ``uid`` guards against writing into a newer ForgeJob of the same name. Returns None when the ForgeJob is gone.
+    """
+
+    def compute(body: dict[str, Any]) -> StatusChange:
+        if uid is not None and body["metadata"].get("uid") != uid:
+            return StatusChange({})
+        return compute_change(body, acceptance=acceptance, pytorchjob=pytorchjob)
+
+    written, change = ctx.kube.update_status(namespace, name, compute, ctx.settings.status_conflict_retries)
+    if written is None or change is None:
+        return None
+    if not change.empty:
+        metrics.STATUS_PATCHES.labels(handler=handler).inc()
+        post_events(written, change.transitions)
+    state = parse_status(written.get("status")).state
+    if state is not None:
+        metrics.record_state(namespace, name, state)
+    return change
+
+
+@contextmanager
+def guard(handler: str, body: Mapping[str, Any]) -> Iterator[None]:
+    """Time a handler run; count an escaping error by kind and post it as a Warning Event, then re-raise it
+    (kopf retries the handler). TemporaryErrors were already reported where they were raised."""
+    with metrics.timed(handler):
+        try:
+            yield
+        except kopf.TemporaryError:
+            raise
+        except Exception as error:
+            metrics.ERRORS.labels(kind=metrics.error_kind(error)).inc()
+            if (body.get("kind") or "") == "ForgeJob":
+                kopf.exception(
+                    dict(body), reason="ReconcileError", message=f"{handler}: {type(error).__name__}: {error}"
+                )
+            raise

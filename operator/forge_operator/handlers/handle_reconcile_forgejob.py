@@ -1,0 +1,232 @@
+"""Create, resume, spec update: validate, resolve, create or adopt the children, toggle suspend.
+
+Level-based: every run starts from what exists (the PyTorchJob, the ConfigMap holding the accepted spec, the
+status) and converges; running it twice, or after an operator restart, creates nothing twice.
+
+The spec-change rule: until the PyTorchJob exists a ForgeJob may change freely (an invalid spec is re-checked on
+every change). Once it exists only ``spec.suspend`` and ``spec.checkpoints.selection`` may change; any other
+change is refused with Accepted=False/SpecChangeRefused naming the changed fields, and the run continues with the
+accepted spec.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from forge_operator import metrics
+from forge_operator.api import ForgeJobSpec, ForgeJobStatus, Resolved
+from forge_operator.context import OperatorContext
+from forge_operator.defaults import resolve
+from forge_operator.handlers.common import parse_status, write_status
+from forge_operator.kube import Ensured, controller_of, namespace_terminating
+from forge_operator.render import (
+    ACCEPTED_SPEC_ANNOTATION,
+    SPEC_DIGEST_ANNOTATION,
+    Owner,
+    build_children,
+    changed_paths,
+    config_map_name,
+    frozen_spec,
+    pytorchjob_name,
+    spec_digest,
+)
+from forge_operator.status import (
+    REASON_ACCEPTED,
+    REASON_CHILD_CONFLICT,
+    REASON_INVALID_SPEC,
+    REASON_SPEC_CHANGE_REFUSED,
+    Acceptance,
+    is_terminal,
+)
+from forge_operator.validation import FieldError, format_errors, parse_spec, validate
+
+HANDLER = "reconcile"
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+CONFLICT_RETRY_SECONDS = 15
+
+
+def accepted_message(name: str, spec: ForgeJobSpec, resolved: Resolved) -> str:
+    return (
+        f"PyTorchJob {pytorchjob_name(name)}: {spec.resources.nodes} node(s) x {spec.resources.gpus_per_node} GPU(s), "
+        f"{spec.technique}, learningRate {resolved.learning_rate} ({resolved.learning_rate_source}), "
+        f"globalBatchTokens {resolved.global_batch_tokens}, {spec.training.max_steps} steps"
+    )
+
+
+def refused_message(changes: list[str], errors: list[FieldError]) -> str:
+    what = ", ".join(changes) if changes else "the spec"
+    message = (
+        f"{what} changed after the PyTorchJob was created; only spec.suspend and spec.checkpoints.selection may change "
+        "on a started ForgeJob. "
+        "The run continues with the accepted spec: revert the change, or delete and re-create the ForgeJob"
+    )
+    if errors:
+        message += f" (the new spec is also invalid: {format_errors(errors)})"
+    return message
+
+
+def accepted_spec(config_map: Mapping[str, Any] | None) -> ForgeJobSpec | None:
+    """The spec the run was started with, kept on its ConfigMap."""
+    if config_map is None:
+        return None
+    text = ((config_map.get("metadata") or {}).get("annotations") or {}).get(ACCEPTED_SPEC_ANNOTATION)
+    if not text:
+        return None
+    try:
+        return ForgeJobSpec.model_validate_json(text)
+    except ValueError:
+        return None
+
+
+def _record(ensured: Ensured, kind: str) -> None:
+    if ensured.created:
+        metrics.CHILDREN_CREATED.labels(kind=kind).inc()
+    if ensured.conflict:
+        metrics.ERRORS.labels(kind="child_conflict").inc()
+
+
+def start(ctx: OperatorContext, owner: Owner, generation: int, spec: ForgeJobSpec) -> Acceptance:
+    """First run of a valid spec: create (or adopt) every child, the PyTorchJob last."""
+    resolved = resolve(spec)
+    for child in build_children(owner, spec, resolved, ctx.options):
+        kind = child["kind"]
+        ensured = ctx.kube.ensure(child, owner.uid)
+        _record(ensured, kind)
+        if ensured.conflict:
+            return Acceptance(generation, False, REASON_CHILD_CONFLICT, ensured.conflict, resolved=resolved)
+        if kind == "ConfigMap" and not ensured.created and ensured.obj is not None:
+            annotations = (ensured.obj.get("metadata") or {}).get("annotations") or {}
+            if annotations.get(SPEC_DIGEST_ANNOTATION) != spec_digest(spec):
+                # Left by an earlier attempt with another spec, before any PyTorchJob existed: still ours to change.
+                child["metadata"]["resourceVersion"] = ensured.obj["metadata"]["resourceVersion"]
+                ctx.kube.replace(child)
+    message = accepted_message(owner.name, spec, resolved)
+    return Acceptance(generation, True, REASON_ACCEPTED, message, resolved=resolved, pytorch_job=owner.name)
+
+
+def running_spec(
+    config_map: Mapping[str, Any] | None, pytorchjob: Mapping[str, Any] | None, current: ForgeJobSpec | None
+) -> ForgeJobSpec | None:
+    """The spec the run was started with: from its ConfigMap, else the current one if the PyTorchJob agrees."""
+    accepted = accepted_spec(config_map)
+    if accepted is not None or current is None:
+        return accepted
+    digest = ((pytorchjob or {}).get("metadata") or {}).get("annotations", {}).get(SPEC_DIGEST_ANNOTATION)
+    if pytorchjob is None or digest == spec_digest(current):
+        return current  # nothing left records another spec: the current one is what runs
+    return None
+
+
+def judge_started(
+    ctx: OperatorContext,
+    owner: Owner,
+    generation: int,
+    status: ForgeJobStatus,
+    current: ForgeJobSpec | list[FieldError],
+    accepted: ForgeJobSpec | None,
+) -> Acceptance:
+    """Accepted while the spec equals the running one (suspend aside); refused, naming the changes, otherwise."""
+    if accepted is None or not isinstance(current, ForgeJobSpec):
+        changes = ["spec"]
+        errors = current if isinstance(current, list) else []
+    else:
+        changes = changed_paths(frozen_spec(accepted), frozen_spec(current))
+        errors = validate(owner.name, current, ctx.settings.trainer_image) if changes else []
+    if changes or accepted is None:
+        metrics.ERRORS.labels(kind="spec_change_refused").inc()
+        return Acceptance(generation, False, REASON_SPEC_CHANGE_REFUSED, refused_message(changes, errors))
+    resolved = status.resolved or resolve(accepted)
+    message = accepted_message(owner.name, accepted, resolved)
+    return Acceptance(generation, True, REASON_ACCEPTED, message, resolved=resolved, pytorch_job=owner.name)
+
+
+def continue_started(
+    ctx: OperatorContext,
+    owner: Owner,
+    generation: int,
+    status: ForgeJobStatus,
+    current: ForgeJobSpec | list[FieldError],
+    pytorchjob: dict[str, Any] | None,
+    body: Mapping[str, Any],
+) -> Acceptance:
+    """A run that exists: check the spec against the running one, re-create missing children, apply suspend."""
+    config_map = ctx.kube.get("ConfigMap", owner.namespace, config_map_name(owner.name))
+    accepted = running_spec(config_map, pytorchjob, current if isinstance(current, ForgeJobSpec) else None)
+    acceptance = judge_started(ctx, owner, generation, status, current, accepted)
+    if is_terminal(status) or accepted is None:
+        return acceptance
+    resolved = status.resolved or resolve(accepted)
+    for child in build_children(owner, accepted, resolved, ctx.options):
+        known = {"ConfigMap": config_map, "PyTorchJob": pytorchjob}.get(child["kind"])
+        ensured = (
+            ctx.kube.adopt(known, owner.uid)
+            if known is not None
+            else ctx.kube.ensure(child, owner.uid, read_first=True)
+        )
+        _record(ensured, child["kind"])
+        if ensured.conflict:
+            return Acceptance(generation, False, REASON_CHILD_CONFLICT, ensured.conflict)
+        if ensured.created and child["kind"] == "PyTorchJob":
+            kopf.warn(dict(body), reason="ChildRecreated", message=f"PyTorchJob {owner.name} was missing: re-created")
+            pytorchjob = ensured.obj
+    if isinstance(current, ForgeJobSpec) and pytorchjob is not None:
+        apply_suspend(ctx, owner, current.suspend, pytorchjob, body)
+    return acceptance
+
+
+def apply_suspend(
+    ctx: OperatorContext, owner: Owner, suspend: bool, pytorchjob: Mapping[str, Any], body: Mapping[str, Any]
+) -> None:
+    run_policy = (pytorchjob.get("spec") or {}).get("runPolicy") or {}
+    if bool(run_policy.get("suspend", False)) == suspend:
+        return
+    ctx.kube.merge_patch(
+        "PyTorchJob", owner.namespace, pytorchjob_name(owner.name), {"spec": {"runPolicy": {"suspend": suspend}}}
+    )
+    verb = "Suspending" if suspend else "Resuming"
+    kopf.info(dict(body), reason=verb, message=f"{verb} PyTorchJob {owner.name} (runPolicy.suspend={suspend})")
+
+
+def reconcile_once(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger) -> None:
+    """One pass of ``reconcile``."""
+    metadata = body["metadata"]
+    if metadata.get("deletionTimestamp"):
+        return
+    owner = Owner(name=metadata["name"], namespace=metadata["namespace"], uid=metadata["uid"])
+    generation = int(metadata.get("generation") or 0)
+    status = parse_status(body.get("status"))
+    current = parse_spec(body.get("spec"))
+    pytorchjob = ctx.kube.get("PyTorchJob", owner.namespace, pytorchjob_name(owner.name))
+    ours = pytorchjob is not None and (controller_of(pytorchjob) or {}).get("uid") == owner.uid
+    if ours or status.pytorch_job is not None:
+        acceptance = continue_started(ctx, owner, generation, status, current, pytorchjob if ours else None, body)
+    elif isinstance(current, list):
+        acceptance = Acceptance(generation, False, REASON_INVALID_SPEC, format_errors(current))
+    else:
+        errors = validate(owner.name, current, ctx.settings.trainer_image)
+        if errors:
+            metrics.ERRORS.labels(kind="invalid_spec").inc()
+            acceptance = Acceptance(generation, False, REASON_INVALID_SPEC, format_errors(errors))
+        else:
+            acceptance = start(ctx, owner, generation, current)
+    logger.info(
+        "%s/%s generation %d: %s %s", owner.namespace, owner.name, generation, acceptance.reason, acceptance.message
+    )
+    write_status(ctx, owner.namespace, owner.name, HANDLER, uid=owner.uid, acceptance=acceptance)
+    if acceptance.reason == REASON_CHILD_CONFLICT:
+        raise kopf.TemporaryError(acceptance.message, delay=CONFLICT_RETRY_SECONDS)
+
+
+def reconcile(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger) -> None:
+    """Bring one ForgeJob's children and Accepted condition in line with its spec."""
+    try:
+        reconcile_once(ctx, body, logger)
+    except ApiException as error:
+        if not namespace_terminating(error):
+            raise
+        logger.info("namespace %s is being deleted: nothing to reconcile", body["metadata"]["namespace"])

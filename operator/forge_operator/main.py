@@ -1,0 +1,70 @@
+# mypy: disallow-untyped-decorators=False
+"""kopf registrations only: each handler hands its arguments to a module in ``forge_operator.handlers``.
+
+Run with ``forge-operator`` (settings from FORGE_* variables) or ``kopf run -m forge_operator.main``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from forge_operator.api import GROUP, PLURAL, VERSION
+from forge_operator.context import OperatorContext
+from forge_operator.handlers import (
+    handle_reconcile_forgejob,
+    handle_startup,
+    handle_sync_pytorchjob,
+    handle_sync_status,
+)
+from forge_operator.handlers.common import guard
+from forge_operator.render import JOB_LABEL, MANAGED_BY
+from forge_operator.settings import Settings
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
+def _ctx(memo: Any) -> OperatorContext:
+    ctx: OperatorContext = memo.forge
+    return ctx
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger, **_: Any) -> None:
+    handle_startup.configure(settings, memo, logger)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=5)
+@kopf.on.create(GROUP, VERSION, PLURAL, backoff=5)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", backoff=5)
+def forgejob_spec(body: kopf.Body, memo: Any, logger: Logger, **_: Any) -> None:
+    with guard(handle_reconcile_forgejob.HANDLER, body):
+        handle_reconcile_forgejob.reconcile(_ctx(memo), body, logger)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def forgejob_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    with guard(handle_sync_status.HANDLER, body):
+        handle_sync_status.sync_status(_ctx(memo), type, body)
+
+
+@kopf.on.event(
+    "kubeflow.org", "v1", "pytorchjobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY, JOB_LABEL: kopf.PRESENT}
+)
+def pytorchjob_event(type: str | None, body: kopf.Body, memo: Any, logger: Logger, **_: Any) -> None:
+    with guard(handle_sync_pytorchjob.HANDLER, body):
+        handle_sync_pytorchjob.sync_pytorchjob(_ctx(memo), type, body, logger)
+
+
+def run() -> None:
+    """The ``forge-operator`` command: kopf in standalone mode, configured from FORGE_* variables."""
+    settings = Settings()
+    kopf.configure(debug=settings.log_level == "DEBUG", quiet=settings.log_level in ("WARNING", "ERROR"))
+    kopf.run(
+        standalone=True,
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+    )

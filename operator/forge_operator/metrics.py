@@ -1,0 +1,99 @@
+"""The operator's Prometheus metrics (served on FORGE_METRICS_PORT at /metrics).
+
+No label is named ``job``: Prometheus renames it ``exported_job`` on scrape.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from forge_operator.api import STATES, State
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+FORGEJOBS = Gauge(
+    "forge_forgejobs",
+    "ForgeJobs seen by this operator, by state.",
+    ["state"],
+    registry=REGISTRY,
+)
+RECONCILE_SECONDS = Histogram(
+    "forge_reconcile_duration_seconds",
+    "Duration of one handler run, by handler.",
+    ["handler"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
+)
+ERRORS = Counter(
+    "forge_reconcile_errors_total",
+    "Handler errors and refusals by kind: invalid_spec, spec_change_refused, child_conflict, conflict, api, internal.",
+    ["kind"],
+    registry=REGISTRY,
+)
+CHILDREN_CREATED = Counter(
+    "forge_children_created_total",
+    "Child objects created, by kind (ConfigMap, ServiceAccount, Role, RoleBinding, PyTorchJob).",
+    ["kind"],
+    registry=REGISTRY,
+)
+STATUS_PATCHES = Counter(
+    "forge_status_patches_total",
+    "Status patches written to ForgeJobs, by handler.",
+    ["handler"],
+    registry=REGISTRY,
+)
+
+_states: dict[tuple[str, str], State] = {}
+_lock = threading.Lock()
+
+
+def _publish() -> None:
+    counts = dict.fromkeys(STATES, 0)
+    for state in _states.values():
+        counts[state] += 1
+    for state, count in counts.items():
+        FORGEJOBS.labels(state=state).set(count)
+
+
+def record_state(namespace: str, name: str, state: State) -> None:
+    with _lock:
+        _states[(namespace, name)] = state
+        _publish()
+
+
+def forget(namespace: str, name: str) -> None:
+    with _lock:
+        _states.pop((namespace, name), None)
+        _publish()
+
+
+@contextmanager
+def timed(handler: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        RECONCILE_SECONDS.labels(handler=handler).observe(time.perf_counter() - started)
+
+
+def error_kind(error: BaseException) -> str:
+    """A short, bounded label value for an exception."""
+    status = getattr(error, "status", None)
+    if isinstance(status, int):
+        return "conflict" if status == 409 else "api"
+    if type(error).__name__ == "StatusConflictError":
+        return "conflict"
+    return "internal"
+
+
+def serve(port: int) -> None:
+    """Start the /metrics HTTP server in a daemon thread (port 0: disabled)."""
+    if port:
+        start_http_server(port, registry=REGISTRY)
+    with _lock:
+        _publish()

@@ -1,0 +1,366 @@
+"""Pure builders: a ForgeJob (spec + resolved values) -> the trainer config and every child object.
+
+Nothing here talks to the API server; every function returns plain JSON-ready dicts. Children have deterministic
+names derived from the ForgeJob's name, so a builder that runs twice describes the same object (idempotence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from forge_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, ForgeJobSpec, LoraSpec, Resolved, Source
+from forge_operator.defaults import parse_decimal
+
+TRAINER_CONFIG_VERSION = 1
+CONFIG_KEY = "config.json"
+CONFIG_DIR = "/etc/forge"
+SCRATCH_DIR = "/tmp/forge"
+CHECKPOINT_LOCAL_DIR = f"{SCRATCH_DIR}/checkpoints"
+TRAINER_COMMAND = "forge-trainer"
+PYTORCH_CONTAINER = "pytorch"
+PYTORCH_PORT_NAME = "pytorchjob-port"
+PYTORCH_PORT = 23456
+GPU_RESOURCE = "nvidia.com/gpu"
+PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
+PYTORCHJOB_KIND = "PyTorchJob"
+MANAGED_BY = "forge-operator"
+JOB_LABEL = "forge.dev/forgejob"
+SPEC_DIGEST_ANNOTATION = "forge.dev/spec-digest"
+ACCEPTED_SPEC_ANNOTATION = "forge.dev/accepted-spec"
+# spec fields that may change after the PyTorchJob exists (pydantic exclude form); every other change is refused.
+MUTABLE_SPEC_FIELDS: dict[str, Any] = {"suspend": True, "checkpoints": {"selection": True}}
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The ForgeJob that owns the children (its uid makes the ownerReference)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Operator-wide settings that shape the children (from the FORGE_* environment)."""
+
+    trainer_image: str | None = None
+    trainer_metrics_port: int = 9400
+    report_min_interval_seconds: int = 5
+
+
+def config_map_name(job: str) -> str:
+    return f"{job}-config"
+
+
+def trainer_account_name(job: str) -> str:
+    """Name of the trainer's ServiceAccount, Role and RoleBinding."""
+    return f"{job}-trainer"
+
+
+def pytorchjob_name(job: str) -> str:
+    return job
+
+
+def labels(job: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "forge-trainer",
+        "app.kubernetes.io/instance": job,
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/part-of": "forge",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        JOB_LABEL: job,
+    }
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(owner: Owner, name: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels(owner.name),
+        "ownerReferences": [owner_reference(owner)],
+    }
+    if annotations:
+        metadata["annotations"] = annotations
+    return metadata
+
+
+# --- the accepted spec -------------------------------------------------------------------------------------------
+
+
+def frozen_spec(spec: ForgeJobSpec) -> dict[str, Any]:
+    """The part of the spec that may not change once the job started, in canonical JSON form."""
+    return spec.model_dump(mode="json", by_alias=True, exclude=MUTABLE_SPEC_FIELDS)
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def spec_digest(spec: ForgeJobSpec) -> str:
+    return hashlib.sha256(canonical_json(frozen_spec(spec)).encode()).hexdigest()[:20]
+
+
+def changed_paths(old: Any, new: Any, prefix: str = "spec") -> list[str]:
+    """Field paths whose values differ between two JSON documents (lists compared as a whole)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        paths: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            paths += changed_paths(old.get(key), new.get(key), f"{prefix}.{key}")
+        return paths
+    return [] if old == new else [prefix]
+
+
+# --- the trainer config (the contract with forge_trainer.config) ------------------------------------------------
+
+
+def _sources(sources: list[Source]) -> list[dict[str, Any]]:
+    return [{"uri": s.uri, "weight": s.weight} for s in sources]
+
+
+def build_trainer_config(
+    owner: Owner, spec: ForgeJobSpec, resolved: Resolved, options: RenderOptions
+) -> dict[str, Any]:
+    """The trainer config document (camelCase JSON) that ``forge_trainer.config.load_config`` parses."""
+    model: dict[str, Any] = {"base": spec.model.base, "technique": spec.technique}
+    if spec.technique == "lora":
+        lora = spec.lora if spec.lora is not None else LoraSpec()
+        model["lora"] = {
+            "rank": lora.rank,
+            "alpha": lora.alpha,
+            "dropout": lora.dropout_percent / 100,
+            "targetModules": list(lora.target_modules),
+        }
+    training = spec.training
+    return {
+        "version": TRAINER_CONFIG_VERSION,
+        "jobName": owner.name,
+        "namespace": owner.namespace,
+        "model": model,
+        "data": {
+            "domainPercent": spec.data.domain_percent,
+            "domain": _sources(spec.data.domain),
+            "general": _sources(spec.data.general),
+            "seqLength": spec.data.seq_length,
+            "maxRepetition": float(spec.data.max_repetition),
+            "maxBadLines": spec.data.max_bad_lines,
+        },
+        "eval": {
+            "everySteps": spec.eval.every_steps,
+            "domain": _sources(spec.eval.domain or spec.data.domain),
+            "general": _sources(spec.eval.general or spec.data.general),
+            "maxTokens": spec.eval.max_tokens,
+        },
+        "training": {
+            "learningRate": parse_decimal(resolved.learning_rate),
+            "minLearningRate": parse_decimal(resolved.min_learning_rate),
+            "schedule": training.schedule,
+            "warmupSteps": resolved.warmup_steps,
+            "decayPercent": training.decay_percent,
+            "microBatchSize": resolved.micro_batch_size,
+            "gradientAccumulationSteps": resolved.gradient_accumulation_steps,
+            "globalBatchTokens": resolved.global_batch_tokens,
+            "maxSteps": training.max_steps,
+            "precision": training.precision,
+            "zeroStage": training.zero_stage,
+            "seed": training.seed,
+            "gradientClipping": parse_decimal(training.gradient_clipping),
+            "weightDecay": parse_decimal(training.weight_decay),
+            "activationCheckpointing": training.activation_checkpointing,
+            "compile": training.compile,
+        },
+        "forgetting": {
+            "budgetPercent": float(spec.forgetting.budget_percent),
+            "action": spec.forgetting.action,
+        },
+        "checkpoints": {
+            "everySteps": spec.checkpoints.every_steps,
+            "output": spec.checkpoints.output,
+            "keep": spec.checkpoints.keep,
+            "localDir": CHECKPOINT_LOCAL_DIR,
+        },
+        "report": {
+            "forgeJob": {
+                "group": GROUP,
+                "version": VERSION,
+                "plural": PLURAL,
+                "namespace": owner.namespace,
+                "name": owner.name,
+            },
+            "minIntervalSeconds": float(options.report_min_interval_seconds),
+            "metricsPort": options.trainer_metrics_port,
+        },
+    }
+
+
+# --- children --------------------------------------------------------------------------------------------------
+
+
+def build_config_map(owner: Owner, spec: ForgeJobSpec, resolved: Resolved, options: RenderOptions) -> dict[str, Any]:
+    """``<job>-config``: the trainer config, plus the accepted spec that later spec changes are checked against."""
+    config = build_trainer_config(owner, spec, resolved, options)
+    annotations = {
+        SPEC_DIGEST_ANNOTATION: spec_digest(spec),
+        ACCEPTED_SPEC_ANNOTATION: canonical_json(frozen_spec(spec)),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, config_map_name(owner.name), annotations),
+        "data": {CONFIG_KEY: json.dumps(config, indent=2, sort_keys=True) + "\n"},
+    }
+
+
+def build_service_account(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(owner, trainer_account_name(owner.name)),
+    }
+
+
+def build_role(owner: Owner) -> dict[str, Any]:
+    """Read this ForgeJob, and read and patch its status: nothing else, no other ForgeJob."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(owner, trainer_account_name(owner.name)),
+        "rules": [
+            {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [owner.name], "verbs": ["get"]},
+            {
+                "apiGroups": [GROUP],
+                "resources": [f"{PLURAL}/status"],
+                "resourceNames": [owner.name],
+                "verbs": ["get", "patch"],
+            },
+        ],
+    }
+
+
+def build_role_binding(owner: Owner) -> dict[str, Any]:
+    name = trainer_account_name(owner.name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(owner, name),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+    }
+
+
+def _container_resources(spec: ForgeJobSpec) -> dict[str, Any]:
+    limits: dict[str, int | str] = dict(spec.resources.resources.limits)
+    requests: dict[str, int | str] = dict(spec.resources.resources.requests)
+    if spec.resources.gpus_per_node > 0:
+        limits[GPU_RESOURCE] = spec.resources.gpus_per_node
+        requests[GPU_RESOURCE] = spec.resources.gpus_per_node
+    resources: dict[str, Any] = {}
+    if limits:
+        resources["limits"] = limits
+    if requests:
+        resources["requests"] = requests
+    return resources
+
+
+def _env(spec: ForgeJobSpec) -> list[dict[str, Any]]:
+    return [{"name": "PYTHONUNBUFFERED", "value": "1"}, *(var.to_api() for var in spec.env)]
+
+
+def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, image: str) -> dict[str, Any]:
+    mounts: list[dict[str, Any]] = [
+        {"name": "forge-config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "scratch", "mountPath": SCRATCH_DIR},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "forge-config", "configMap": {"name": config_map_name(owner.name)}},
+        {"name": "scratch", "emptyDir": {}},
+    ]
+    if spec.resources.gpus_per_node > 0:
+        # NCCL and data loaders need more shared memory than a container's default 64 MiB.
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    container: dict[str, Any] = {
+        "name": PYTORCH_CONTAINER,
+        "image": image,
+        "command": [TRAINER_COMMAND, "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
+        "ports": [
+            {"name": PYTORCH_PORT_NAME, "containerPort": PYTORCH_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": options.trainer_metrics_port, "protocol": "TCP"},
+        ],
+        "env": _env(spec),
+        "resources": _container_resources(spec),
+        "volumeMounts": mounts,
+    }
+    if spec.resources.image_pull_policy is not None:
+        container["imagePullPolicy"] = spec.resources.image_pull_policy
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": trainer_account_name(owner.name),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.resources.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    if spec.resources.tolerations:
+        pod_spec["tolerations"] = [t.to_api() for t in spec.resources.tolerations]
+    return {"metadata": {"labels": labels(owner.name)}, "spec": pod_spec}
+
+
+def build_run_policy(spec: ForgeJobSpec) -> dict[str, Any]:
+    run_policy: dict[str, Any] = {"backoffLimit": spec.run_policy.backoff_limit, "suspend": spec.suspend}
+    if spec.run_policy.ttl_seconds_after_finished is not None:
+        run_policy["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
+    if spec.run_policy.active_deadline_seconds is not None:
+        run_policy["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    return run_policy
+
+
+def build_pytorchjob(owner: Owner, spec: ForgeJobSpec, options: RenderOptions) -> dict[str, Any]:
+    """The Kubeflow PyTorchJob: Master 1 + Worker nodes-1, one ``pytorch`` container per pod."""
+    image = spec.resources.image or options.trainer_image
+    if not image:
+        raise ValueError("no trainer image: set spec.resources.image or FORGE_TRAINER_IMAGE")
+    template = _pod_template(owner, spec, options, image)
+
+    def replica(count: int) -> dict[str, Any]:
+        return {"replicas": count, "restartPolicy": spec.run_policy.restart_policy, "template": template}
+
+    replicas = {"Master": replica(1)}
+    if spec.resources.nodes > 1:
+        replicas["Worker"] = replica(spec.resources.nodes - 1)
+    return {
+        "apiVersion": PYTORCHJOB_API_VERSION,
+        "kind": PYTORCHJOB_KIND,
+        "metadata": _metadata(owner, pytorchjob_name(owner.name), {SPEC_DIGEST_ANNOTATION: spec_digest(spec)}),
+        "spec": {
+            "nprocPerNode": str(max(spec.resources.gpus_per_node, 1)),
+            "runPolicy": build_run_policy(spec),
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def build_children(
+    owner: Owner, spec: ForgeJobSpec, resolved: Resolved, options: RenderOptions
+) -> list[dict[str, Any]]:
+    """Every child in creation order: the PyTorchJob last, once what its pods need exists."""
+    return [
+        build_config_map(owner, spec, resolved, options),
+        build_service_account(owner),
+        build_role(owner),
+        build_role_binding(owner),
+        build_pytorchjob(owner, spec, options),
+    ]

@@ -1,0 +1,276 @@
+"""Semantic checks of a ForgeJob spec that the CRD schema cannot express (Kubernetes 1.20 has no CEL rules).
+
+Every check returns ``FieldError``s naming the field by its path in the object (``spec.data.general``), so the
+Accepted condition's message and the Event tell the user exactly what to change.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from forge_operator.api import EnvVar, ForgeJobSpec, Source, Toleration
+from forge_operator.defaults import MAX_LEARNING_RATE, parse_decimal, world_size
+
+# Kubeflow names pods and services <job>-master-0 / <job>-worker-<i>: DNS-1035 labels of at most 63 characters.
+NAME_PATTERN = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+MAX_NAME_LENGTH = 63 - len("-worker-1023")
+S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$")
+LOCAL_PATH = re.compile(r"^/[^\s]*$")
+LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+GPU_RESOURCE = "nvidia.com/gpu"
+# Set by the training operator (or the trainer's own launcher) in every replica; a user value would break ranks.
+RESERVED_ENV = frozenset(
+    {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK"}
+)
+RESERVED_ENV_PREFIXES = ("PET_",)
+MAX_GRADIENT_CLIPPING = 100.0
+MAX_WEIGHT_DECAY = 1.0
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with one field."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+def format_errors(errors: Sequence[FieldError]) -> str:
+    """One sentence-like line for a condition message: every problem, in order."""
+    return "; ".join(str(error) for error in errors)
+
+
+def _loc_path(prefix: str, loc: Iterable[int | str]) -> str:
+    path = prefix
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def parse_spec(raw: Any) -> ForgeJobSpec | list[FieldError]:
+    """The typed spec, or the schema errors as field errors (the API server normally catches these first)."""
+    try:
+        return ForgeJobSpec.model_validate(raw)
+    except ValidationError as error:
+        return [FieldError(_loc_path("spec", e["loc"]), e["msg"]) for e in error.errors()]
+
+
+def check_name(name: str) -> list[FieldError]:
+    if not NAME_PATTERN.match(name):
+        return [
+            FieldError(
+                "metadata.name",
+                f"{name!r} must be a DNS-1035 label (lower-case letters, digits, '-', starting with a letter): "
+                "the PyTorchJob's pods and services are named after it",
+            )
+        ]
+    if len(name) > MAX_NAME_LENGTH:
+        return [
+            FieldError(
+                "metadata.name",
+                f"{name!r} is {len(name)} characters; at most {MAX_NAME_LENGTH} so that '<name>-worker-<i>' "
+                "stays a valid 63-character service name",
+            )
+        ]
+    return []
+
+
+def check_uri(path: str, uri: str) -> list[FieldError]:
+    if S3_URI.match(uri) or LOCAL_PATH.match(uri):
+        return []
+    return [FieldError(path, f"{uri!r} must be s3://bucket/prefix or an absolute path (/...)")]
+
+
+def _check_sources(path: str, sources: Sequence[Source]) -> list[FieldError]:
+    errors: list[FieldError] = []
+    seen: dict[str, int] = {}
+    for index, source in enumerate(sources):
+        errors += check_uri(f"{path}[{index}].uri", source.uri)
+        if source.uri in seen:
+            errors.append(
+                FieldError(f"{path}[{index}].uri", f"{source.uri!r} repeats {path}[{seen[source.uri]}]; use weight")
+            )
+        seen.setdefault(source.uri, index)
+    return errors
+
+
+def check_uris(spec: ForgeJobSpec) -> list[FieldError]:
+    errors = check_uri("spec.model.base", spec.model.base)
+    errors += _check_sources("spec.data.domain", spec.data.domain)
+    errors += _check_sources("spec.data.general", spec.data.general)
+    errors += _check_sources("spec.eval.domain", spec.eval.domain)
+    errors += _check_sources("spec.eval.general", spec.eval.general)
+    errors += check_uri("spec.checkpoints.output", spec.checkpoints.output)
+    return errors
+
+
+def check_data(spec: ForgeJobSpec) -> list[FieldError]:
+    errors: list[FieldError] = []
+    if spec.data.domain_percent < 100 and not spec.data.general:
+        errors.append(
+            FieldError(
+                "spec.data.general",
+                f"required when spec.data.domainPercent is {spec.data.domain_percent} (< 100): "
+                f"{100 - spec.data.domain_percent}% of the tokens come from general data",
+            )
+        )
+    if spec.data.domain_percent == 100 and not spec.data.general and not spec.eval.general:
+        errors.append(
+            FieldError(
+                "spec.eval.general",
+                "required when spec.data.general is empty: forgetting is measured on general held-out data",
+            )
+        )
+    if spec.eval.max_tokens < spec.data.seq_length:
+        errors.append(
+            FieldError(
+                "spec.eval.maxTokens",
+                f"{spec.eval.max_tokens} is less than one sequence (spec.data.seqLength {spec.data.seq_length})",
+            )
+        )
+    return errors
+
+
+def check_training(spec: ForgeJobSpec) -> list[FieldError]:
+    training = spec.training
+    errors: list[FieldError] = []
+    if training.learning_rate != "auto":
+        value = parse_decimal(training.learning_rate)
+        if not 0 < value <= MAX_LEARNING_RATE:
+            errors.append(
+                FieldError(
+                    "spec.training.learningRate",
+                    f"{training.learning_rate} is outside (0, {MAX_LEARNING_RATE:g}]; use a value like 2e-5 or auto",
+                )
+            )
+    if parse_decimal(training.gradient_clipping) > MAX_GRADIENT_CLIPPING:
+        errors.append(
+            FieldError(
+                "spec.training.gradientClipping", f"{training.gradient_clipping} exceeds {MAX_GRADIENT_CLIPPING:g}"
+            )
+        )
+    if parse_decimal(training.weight_decay) > MAX_WEIGHT_DECAY:
+        errors.append(FieldError("spec.training.weightDecay", f"{training.weight_decay} exceeds {MAX_WEIGHT_DECAY:g}"))
+    if spec.eval.every_steps > training.max_steps:
+        errors.append(
+            FieldError(
+                "spec.eval.everySteps",
+                f"{spec.eval.every_steps} exceeds spec.training.maxSteps {training.max_steps}: forgetting would never "
+                "be measured during the run",
+            )
+        )
+    minimum = spec.data.seq_length * training.micro_batch_size * world_size(spec.resources)
+    if training.global_batch_tokens is not None and training.global_batch_tokens < minimum:
+        errors.append(
+            FieldError(
+                "spec.training.globalBatchTokens",
+                f"{training.global_batch_tokens} is below one micro-batch on every process: seqLength "
+                f"{spec.data.seq_length} x microBatchSize {training.micro_batch_size} x worldSize "
+                f"{world_size(spec.resources)} = {minimum}",
+            )
+        )
+    return errors
+
+
+def check_technique(spec: ForgeJobSpec) -> list[FieldError]:
+    if spec.lora is not None and spec.technique != "lora":
+        return [FieldError("spec.lora", f"only allowed with technique lora, not {spec.technique}")]
+    return []
+
+
+def _check_label_key(path: str, key: str) -> list[FieldError]:
+    prefix, _, name = key.rpartition("/")
+    if (prefix and (len(prefix) > 253 or not LABEL_PREFIX.match(prefix))) or not LABEL_NAME.match(name):
+        return [FieldError(path, f"{key!r} is not a valid label key")]
+    return []
+
+
+def _check_toleration(path: str, toleration: Toleration) -> list[FieldError]:
+    errors: list[FieldError] = []
+    if toleration.operator == "Exists" and toleration.value:
+        errors.append(FieldError(f"{path}.value", "must be empty when operator is Exists"))
+    if toleration.operator == "Equal" and not toleration.key:
+        errors.append(FieldError(f"{path}.key", "required when operator is Equal (use Exists to match every key)"))
+    if toleration.toleration_seconds is not None and toleration.effect != "NoExecute":
+        errors.append(FieldError(f"{path}.tolerationSeconds", "only allowed with effect NoExecute"))
+    return errors
+
+
+def check_resources(spec: ForgeJobSpec, default_image: str | None) -> list[FieldError]:
+    resources = spec.resources
+    errors: list[FieldError] = []
+    if not resources.image and not default_image:
+        errors.append(FieldError("spec.resources.image", "required: the operator has no default trainer image"))
+    for kind in ("limits", "requests"):
+        if GPU_RESOURCE in getattr(resources.resources, kind):
+            errors.append(
+                FieldError(
+                    f'spec.resources.resources.{kind}["{GPU_RESOURCE}"]',
+                    "set GPUs with spec.resources.gpusPerNode, not here",
+                )
+            )
+    for key, value in resources.node_selector.items():
+        errors += _check_label_key(f'spec.resources.nodeSelector["{key}"]', key)
+        if not LABEL_VALUE.match(value):
+            errors.append(FieldError(f'spec.resources.nodeSelector["{key}"]', f"{value!r} is not a valid label value"))
+    for index, toleration in enumerate(resources.tolerations):
+        errors += _check_toleration(f"spec.resources.tolerations[{index}]", toleration)
+    return errors
+
+
+def _check_env_var(path: str, var: EnvVar) -> list[FieldError]:
+    errors: list[FieldError] = []
+    if var.name in RESERVED_ENV or var.name.startswith(RESERVED_ENV_PREFIXES):
+        errors.append(
+            FieldError(f"{path}.name", f"{var.name} is set by the training operator and cannot be overridden")
+        )
+    if var.value is not None and var.value_from is not None:
+        errors.append(FieldError(path, "set value or valueFrom, not both"))
+    if var.value_from is not None:
+        chosen = [
+            name
+            for name, ref in (
+                ("secretKeyRef", var.value_from.secret_key_ref),
+                ("configMapKeyRef", var.value_from.config_map_key_ref),
+                ("fieldRef", var.value_from.field_ref),
+            )
+            if ref is not None
+        ]
+        if len(chosen) != 1:
+            errors.append(FieldError(f"{path}.valueFrom", f"exactly one source is needed, got {chosen or 'none'}"))
+    return errors
+
+
+def check_env(spec: ForgeJobSpec) -> list[FieldError]:
+    errors: list[FieldError] = []
+    seen: set[str] = set()
+    for index, var in enumerate(spec.env):
+        path = f"spec.env[{index}]"
+        errors += _check_env_var(path, var)
+        if var.name in seen:
+            errors.append(FieldError(f"{path}.name", f"{var.name} appears more than once"))
+        seen.add(var.name)
+    return errors
+
+
+def validate(name: str, spec: ForgeJobSpec, default_image: str | None) -> list[FieldError]:
+    """Every semantic problem of a ForgeJob; empty when it can run."""
+    return [
+        *check_name(name),
+        *check_technique(spec),
+        *check_uris(spec),
+        *check_data(spec),
+        *check_training(spec),
+        *check_resources(spec, default_image),
+        *check_env(spec),
+    ]

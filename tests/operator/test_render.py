@@ -1,0 +1,148 @@
+"""Pure builders: the trainer config, the PyTorchJob, RBAC, owner references, the accepted spec."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from forge_operator.api import ForgeJobSpec
+from forge_operator.defaults import resolve
+from forge_operator.render import (
+    ACCEPTED_SPEC_ANNOTATION,
+    Owner,
+    RenderOptions,
+    build_children,
+    build_config_map,
+    build_pytorchjob,
+    build_role,
+    build_trainer_config,
+    changed_paths,
+    frozen_spec,
+    spec_digest,
+)
+
+OWNER = Owner(name="bot", namespace="team", uid="1234-abcd")
+OPTIONS = RenderOptions(trainer_image="registry/forge-trainer:1", trainer_metrics_port=9400)
+
+
+def spec(**overrides: Any) -> ForgeJobSpec:
+    raw: dict[str, Any] = {
+        "model": {"base": "s3://models/llama-3.2-1b/"},
+        "technique": "sft",
+        "data": {"domain": [{"uri": "s3://acme/d/", "weight": 3}], "general": [{"uri": "s3://acme/g/"}]},
+        "checkpoints": {"output": "s3://acme/o/"},
+        "resources": {"nodes": 2, "gpusPerNode": 4},
+    }
+    raw.update(overrides)
+    return ForgeJobSpec.model_validate(raw)
+
+
+def test_children_are_deterministic_and_owned() -> None:
+    first = build_children(OWNER, spec(), resolve(spec()), OPTIONS)
+    second = build_children(OWNER, spec(), resolve(spec()), OPTIONS)
+    assert first == second
+    assert [c["kind"] for c in first] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "PyTorchJob"]
+    assert [c["metadata"]["name"] for c in first] == ["bot-config", "bot-trainer", "bot-trainer", "bot-trainer", "bot"]
+    for child in first:
+        (reference,) = child["metadata"]["ownerReferences"]
+        assert reference["uid"] == "1234-abcd" and reference["controller"] is True
+        assert reference["kind"] == "ForgeJob" and reference["apiVersion"] == "forge.dev/v1alpha1"
+        assert child["metadata"]["namespace"] == "team"
+
+
+def test_pytorchjob_shape() -> None:
+    job = build_pytorchjob(OWNER, spec(), OPTIONS)
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 1
+    assert job["spec"]["nprocPerNode"] == "4"
+    pod = replicas["Worker"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["name"] == "pytorch"
+    assert container["ports"][0] == {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"}
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": 4}, "requests": {"nvidia.com/gpu": 4}}
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+    assert job["spec"]["runPolicy"] == {"backoffLimit": 3, "suspend": False}
+    assert replicas["Master"]["restartPolicy"] == "OnFailure"
+
+
+def test_single_node_has_no_worker_and_cpu_has_no_gpu() -> None:
+    job = build_pytorchjob(OWNER, spec(resources={"nodes": 1, "gpusPerNode": 0}), OPTIONS)
+    assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+    assert job["spec"]["nprocPerNode"] == "1"
+    container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == {}
+    assert all(v["name"] != "dshm" for v in job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"])
+
+
+def test_suspend_and_run_policy_are_rendered() -> None:
+    job = build_pytorchjob(
+        OWNER,
+        spec(suspend=True, runPolicy={"backoffLimit": 0, "restartPolicy": "ExitCode", "ttlSecondsAfterFinished": 60}),
+        OPTIONS,
+    )
+    assert job["spec"]["runPolicy"] == {"backoffLimit": 0, "suspend": True, "ttlSecondsAfterFinished": 60}
+    assert job["spec"]["pytorchReplicaSpecs"]["Master"]["restartPolicy"] == "ExitCode"
+
+
+def test_image_comes_from_the_spec_or_the_operator() -> None:
+    own = build_pytorchjob(OWNER, spec(resources={"image": "mine:2"}), OPTIONS)
+    assert own["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"] == "mine:2"
+    with pytest.raises(ValueError, match="no trainer image"):
+        build_pytorchjob(OWNER, spec(), RenderOptions(trainer_image=None))
+
+
+def test_role_allows_only_this_forgejob() -> None:
+    rules = build_role(OWNER)["rules"]
+    assert all(rule["resourceNames"] == ["bot"] for rule in rules)
+    verbs = {resource: rule["verbs"] for rule in rules for resource in rule["resources"]}
+    assert verbs == {"forgejobs": ["get"], "forgejobs/status": ["get", "patch"]}
+
+
+def test_trainer_config_core_values() -> None:
+    job_spec = spec(
+        technique="lora",
+        lora={"rank": 8, "alpha": 16, "dropoutPercent": 10},
+        eval={"general": [{"uri": "s3://held/g/"}]},
+        training={"learningRate": "1.5e-4", "schedule": "wsd", "gradientClipping": "0.5", "weightDecay": "0.1"},
+    )
+    resolved = resolve(job_spec)
+    config = build_trainer_config(OWNER, job_spec, resolved, OPTIONS)
+    assert config["model"]["lora"] == {
+        "rank": 8,
+        "alpha": 16,
+        "dropout": 0.1,
+        "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    }
+    assert config["training"]["learningRate"] == 1.5e-4
+    assert config["training"]["gradientAccumulationSteps"] == resolved.gradient_accumulation_steps
+    assert config["training"]["schedule"] == "wsd" and config["training"]["weightDecay"] == 0.1
+    assert config["eval"]["domain"] == [{"uri": "s3://acme/d/", "weight": 3}], "derived from the training domain data"
+    assert config["eval"]["general"] == [{"uri": "s3://held/g/", "weight": 1}]
+    assert config["report"]["forgeJob"]["name"] == "bot" and config["report"]["metricsPort"] == 9400
+    assert "lora" not in build_trainer_config(OWNER, spec(), resolve(spec()), OPTIONS)["model"]
+
+
+def test_config_map_holds_the_config_and_the_accepted_spec() -> None:
+    job_spec = spec()
+    config_map = build_config_map(OWNER, job_spec, resolve(job_spec), OPTIONS)
+    config = json.loads(config_map["data"]["config.json"])
+    assert config["jobName"] == "bot"
+    stored = ForgeJobSpec.model_validate_json(config_map["metadata"]["annotations"][ACCEPTED_SPEC_ANNOTATION])
+    assert frozen_spec(stored) == frozen_spec(job_spec)
+
+
+def test_digest_ignores_suspend_and_selection_only() -> None:
+    assert spec_digest(spec()) == spec_digest(spec(suspend=True))
+    assert spec_digest(spec()) == spec_digest(spec(checkpoints={"output": "s3://acme/o/", "selection": "last"}))
+    assert spec_digest(spec()) != spec_digest(spec(training={"maxSteps": 5}))
+    assert spec_digest(spec()) != spec_digest(spec(checkpoints={"output": "s3://acme/o/", "keep": 9}))
+
+
+def test_changed_paths_name_each_field() -> None:
+    old = frozen_spec(spec())
+    new = frozen_spec(spec(training={"learningRate": "1e-5"}, resources={"nodes": 4, "gpusPerNode": 4}))
+    assert changed_paths(old, new) == ["spec.resources.nodes", "spec.training.learningRate"]
+    assert changed_paths(old, old) == []

@@ -1,0 +1,166 @@
+"""Semantic checks: each problem is reported with the path of the field to change."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from forge_operator.api import ForgeJobSpec
+from forge_operator.validation import FieldError, format_errors, parse_spec, validate
+
+VALID: dict[str, Any] = {
+    "model": {"base": "s3://models/llama-3.2-1b/"},
+    "technique": "sft",
+    "data": {
+        "domainPercent": 80,
+        "domain": [{"uri": "s3://acme/tickets/"}],
+        "general": [{"uri": "/data/general.jsonl"}],
+        "seqLength": 2048,
+    },
+    "eval": {"everySteps": 100},
+    "training": {"maxSteps": 1000},
+    "checkpoints": {"output": "s3://acme/out/"},
+    "resources": {"nodes": 2, "gpusPerNode": 8},
+}
+
+
+def with_changes(**changes: Any) -> dict[str, Any]:
+    raw = copy.deepcopy(VALID)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return raw
+
+
+def errors_of(raw: dict[str, Any], name: str = "job", image: str | None = "img:1") -> list[FieldError]:
+    parsed = parse_spec(raw)
+    assert isinstance(parsed, ForgeJobSpec), parsed
+    return validate(name, parsed, image)
+
+
+def test_a_valid_spec_has_no_errors() -> None:
+    assert errors_of(VALID) == []
+
+
+CASES: list[tuple[str, dict[str, Any], str, str]] = [
+    ("no general data below 100%", {"data__general": []}, "spec.data.general", "required when"),
+    (
+        "domain only, no eval general",
+        {"data__general": [], "data__domainPercent": 100},
+        "spec.eval.general",
+        "forgetting",
+    ),
+    ("http model", {"model__base": "http://hub/model"}, "spec.model.base", "s3://bucket/prefix"),
+    ("relative output", {"checkpoints__output": "out/"}, "spec.checkpoints.output", "absolute path"),
+    ("bad bucket", {"data__domain": [{"uri": "s3://A_B/x"}]}, "spec.data.domain[0].uri", "s3://"),
+    ("space in path", {"eval__domain": [{"uri": "/data/my file"}]}, "spec.eval.domain[0].uri", "absolute path"),
+    (
+        "duplicate general",
+        {"data__general": [{"uri": "s3://gen/a"}, {"uri": "s3://gen/a"}]},
+        "spec.data.general[1].uri",
+        "repeats spec.data.general[0]",
+    ),
+    ("lr too high", {"training__learningRate": "0.5"}, "spec.training.learningRate", "outside"),
+    ("lr zero", {"training__learningRate": "0"}, "spec.training.learningRate", "outside"),
+    ("clipping", {"training__gradientClipping": "1000"}, "spec.training.gradientClipping", "exceeds"),
+    ("weight decay", {"training__weightDecay": "2"}, "spec.training.weightDecay", "exceeds"),
+    ("eval after the end", {"eval__everySteps": 5000}, "spec.eval.everySteps", "never"),
+    ("eval below a sequence", {"eval__maxTokens": 1000}, "spec.eval.maxTokens", "one sequence"),
+    (
+        "batch below one micro-batch",
+        {"training__globalBatchTokens": 65536},
+        "spec.training.globalBatchTokens",
+        "below one micro-batch",
+    ),
+    ("lora with sft", {"lora": {"rank": 4}}, "spec.lora", "only allowed with technique lora"),
+    (
+        "gpu limits",
+        {"resources__resources": {"limits": {"nvidia.com/gpu": 8}}},
+        'spec.resources.resources.limits["nvidia.com/gpu"]',
+        "gpusPerNode",
+    ),
+    (
+        "bad node selector",
+        {"resources__nodeSelector": {"pool": "gpu pool"}},
+        'spec.resources.nodeSelector["pool"]',
+        "label value",
+    ),
+    ("bad selector key", {"resources__nodeSelector": {"-x/": "a"}}, 'spec.resources.nodeSelector["-x/"]', "label key"),
+    (
+        "toleration Exists with value",
+        {"resources__tolerations": [{"key": "a", "operator": "Exists", "value": "b"}]},
+        "spec.resources.tolerations[0].value",
+        "Exists",
+    ),
+    (
+        "toleration Equal without key",
+        {"resources__tolerations": [{"operator": "Equal", "value": "b"}]},
+        "spec.resources.tolerations[0].key",
+        "required",
+    ),
+    (
+        "tolerationSeconds without NoExecute",
+        {"resources__tolerations": [{"key": "a", "value": "b", "tolerationSeconds": 5}]},
+        "spec.resources.tolerations[0].tolerationSeconds",
+        "NoExecute",
+    ),
+    ("reserved env", {"env": [{"name": "MASTER_ADDR", "value": "x"}]}, "spec.env[0].name", "training operator"),
+    ("PET_ env", {"env": [{"name": "PET_NNODES", "value": "2"}]}, "spec.env[0].name", "training operator"),
+    (
+        "value and valueFrom",
+        {"env": [{"name": "A", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]},
+        "spec.env[0]",
+        "not both",
+    ),
+    ("empty valueFrom", {"env": [{"name": "A", "valueFrom": {}}]}, "spec.env[0].valueFrom", "exactly one"),
+    ("duplicate env", {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}, "spec.env[1].name", "more"),
+]
+
+
+@pytest.mark.parametrize(("case", "changes", "path", "words"), CASES, ids=[c[0] for c in CASES])
+def test_each_problem_names_its_field(case: str, changes: dict[str, Any], path: str, words: str) -> None:
+    errors = errors_of(with_changes(**changes))
+    assert [e.path for e in errors] == [path], f"{case}: {errors}"
+    assert words in errors[0].message, f"{case}: {errors[0].message}"
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [("My.Job", "DNS-1035"), ("1job", "DNS-1035"), ("a" * 52, "at most 51"), ("job-", "DNS-1035")],
+)
+def test_names_must_fit_kubeflow_service_names(name: str, words: str) -> None:
+    (error,) = errors_of(VALID, name=name)
+    assert error.path == "metadata.name" and words in error.message
+
+
+def test_image_is_required_without_an_operator_default() -> None:
+    assert [e.path for e in errors_of(VALID, image=None)] == ["spec.resources.image"]
+    assert errors_of(with_changes(resources__image="repo/trainer:1"), image=None) == []
+
+
+def test_several_problems_are_all_reported_in_order() -> None:
+    errors = errors_of(with_changes(model__base="gs://x/y", training__learningRate="1"))
+    assert [e.path for e in errors] == ["spec.model.base", "spec.training.learningRate"]
+    assert format_errors(errors).startswith("spec.model.base: ") and "; spec.training.learningRate: " in format_errors(
+        errors
+    )
+
+
+def test_schema_errors_become_field_errors() -> None:
+    parsed = parse_spec(with_changes(data__domainPercent=0, technique="dpo"))
+    assert isinstance(parsed, list)
+    assert {e.path for e in parsed} == {"spec.data.domainPercent", "spec.technique"}
+
+
+def test_local_paths_and_s3_prefixes_are_accepted() -> None:
+    raw = with_changes(
+        model__base="/mnt/models/llama",
+        data__domain=[{"uri": "s3://acme-data.v2/tickets/2024/"}, {"uri": "/data/x.txt", "weight": 3}],
+        checkpoints__output="s3://acme/forge/",
+    )
+    assert errors_of(raw) == []
