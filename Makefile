@@ -35,6 +35,7 @@ control-plane: system-packages
 
 tools:
 	@PYTHON=$(PYTHON) bash scripts/install-tools.sh
+	@PYTHON=$(PYTHON) bash scripts/install-hadolint.sh
 
 setup: venv control-plane tools
 

@@ -136,19 +136,19 @@ def _pretrain(recipe: BaseModelRecipe, general: Path, domain: Path, folder: Path
     for step in range(recipe.steps):
         rows = torch.randint(0, sequences.shape[0], (recipe.batch_size,), generator=generator)
         batch = sequences[rows]
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         if step % 50 == 0 or step == recipe.steps - 1:
             elapsed = time.perf_counter() - started
             print(f"pretraining base model: step {step + 1}/{recipe.steps} loss {loss_value:.3f} ({elapsed:.0f} s)")
     model.eval()
     with torch.no_grad():
-        eval_loss = float(model(input_ids=eval_batch, labels=eval_batch).loss)
+        eval_loss = float(model(input_ids=eval_batch, labels=eval_batch, use_cache=False).loss)
     report = {
         "recipe": asdict(recipe),
         "parameters": sum(p.numel() for p in model.parameters()),
