@@ -97,7 +97,10 @@ def test_master_and_worker_run_with_kubeflow_env_then_succeed(standin: Harness) 
 @pytest.mark.timeout(60)
 def test_nproc_per_node_starts_local_ranks(standin: Harness) -> None:
     out = standin.out
-    tmpl = template(["--out", str(out), "--wait-for", str(out / "release")])
+    tmpl = template(
+        ["--out", str(out), "--wait-for", str(out / "release")],
+        container={"ports": [{"name": "metrics", "containerPort": 9400}, {"name": "other", "containerPort": 7000}]},
+    )
     standin.create_job("ranks", {"Master": replica_spec(tmpl), "Worker": replica_spec(tmpl)}, nproc_per_node="2")
     records = {rank: standin.record(rank) for rank in range(4)}
     (out / "release").write_text("go")
@@ -114,6 +117,15 @@ def test_nproc_per_node_starts_local_ranks(standin: Harness) -> None:
     assert {env["LOCAL_WORLD_SIZE"] for env in envs} == {env["PET_NPROC_PER_NODE"] for env in envs} == {"2"}
     assert len({env["MASTER_PORT"] for env in envs}) == 1
     assert len({records[rank]["pid"] for rank in range(4)}) == 4
+    # The `metrics` container port becomes one free local port per replica (ranks of a replica add LOCAL_RANK).
+    master_port, worker_port = (int(envs[rank]["FORGE_METRICS_PORT"]) for rank in (0, 2))
+    assert envs[1]["FORGE_METRICS_PORT"] == str(master_port) and envs[3]["FORGE_METRICS_PORT"] == str(worker_port)
+    assert master_port != worker_port and 9400 not in (master_port, worker_port)
+    state = json.loads((standin.workdir / standin.namespace / "ranks" / "state.json").read_text())
+    assert {name: replica["metricsPort"] for name, replica in state["replicas"].items()} == {
+        "master-0": master_port,
+        "worker-0": worker_port,
+    }
 
 
 @pytest.mark.timeout(60)

@@ -24,7 +24,7 @@ from typing import Any
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from forge_dev.controlplane import free_port
+from forge_dev.controlplane import free_port, port_is_free
 from forge_dev.kubeconfig import ClusterAccess, kubeconfig_text, write_kubeconfig
 from forge_dev.standin import logs
 from forge_dev.standin.credentials import request_token
@@ -98,6 +98,13 @@ class StandInSettings:
     path_prefix: tuple[str, ...] = field(default_factory=lambda: (str(Path(sys.executable).parent),))
 
 
+# Pods have their own network namespace in a cluster; here every replica shares loopback, so the container port named
+# `metrics` gets a free local port per replica, passed in the variable the Forge trainer reads to override its
+# configured port (see docs/standin.md).
+METRICS_PORT_NAME = "metrics"
+METRICS_PORT_ENV = "FORGE_METRICS_PORT"
+
+
 class ReplicaPhase(StrEnum):
     PENDING = "Pending"  # not started yet, waiting for a restart, or waiting for its references
     RUNNING = "Running"
@@ -117,6 +124,7 @@ class ReplicaRuntime:
     restart_pending: bool = False
     stopped_after_success: bool = False
     last_error: str = ""
+    metrics_port: int | None = None  # the local port standing in for the container's `metrics` port
 
 
 @dataclass
@@ -165,6 +173,17 @@ def _grace_seconds(job: PyTorchJob, cap_s: float) -> float:
         if spec.template.spec.termination_grace_period_seconds is not None
     ]
     return float(min(cap_s, max(periods) if periods else DEFAULT_GRACE_S))
+
+
+def free_port_block(count: int) -> int:
+    """A base port such that base .. base+count-1 are free on 127.0.0.1 right now (one per local rank)."""
+    for _ in range(50):
+        base = free_port()
+        if base + count - 1 > 65535:
+            continue
+        if all(port_is_free(base + offset) for offset in range(1, count)):
+            return base
+    raise ReplicaStartError(f"no block of {count} free local ports for the metrics endpoints")
 
 
 def working_directory(working_dir: str | None, rewrite: PathRewriter, replica_dir: Path) -> Path:
@@ -550,6 +569,8 @@ class TrainingOperatorStandIn:
             kubeconfig, kubeconfig_text(self._access, token, namespace, f"system:serviceaccount:{namespace}:{account}")
         )
         nproc = nproc_per_node(job.spec)
+        if replica.metrics_port is None and any(port.name == METRICS_PORT_NAME for port in container.ports):
+            replica.metrics_port = free_port_block(nproc)
         ranks: list[tuple[list[str], dict[str, str]]] = []
         for local_rank in range(nproc):
             rendezvous = Rendezvous(
@@ -563,6 +584,8 @@ class TrainingOperatorStandIn:
             injected = kubeflow_environment(rendezvous)
             argv = command_line(container, {**container_env, **dict(injected)}, rewrite)
             env = process_environment(self._base_env, container_env, injected, rewrite, str(kubeconfig))
+            if replica.metrics_port is not None:
+                env[METRICS_PORT_ENV] = str(replica.metrics_port)  # each local rank adds its LOCAL_RANK
             ranks.append((argv, env))
         folder.mkdir(parents=True, exist_ok=True)
         return Launch(working_directory(container.working_dir, rewrite, folder), ranks)
@@ -657,6 +680,7 @@ class TrainingOperatorStandIn:
                     "attempts": replica.attempts,
                     "exitCode": replica.exit_code,
                     "waitingFor": replica.last_error or None,
+                    "metricsPort": replica.metrics_port,
                 }
                 for name, replica in runtime.replicas.items()
             },

@@ -72,8 +72,14 @@ class VolumeMount(_Model):
     read_only: bool = False
 
 
+class ContainerPort(_Model):
+    container_port: int
+    name: str = ""
+
+
 class Container(_Model):
     name: str
+    ports: list[ContainerPort] = Field(default_factory=list)
     command: list[str] = Field(default_factory=list)
     args: list[str] = Field(default_factory=list)
     env: list[EnvVar] = Field(default_factory=list)
