@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "forge.dev"
@@ -26,6 +26,7 @@ Schedule = Literal["cosine", "constant", "wsd"]
 Precision = Literal["bf16", "fp32"]
 ForgettingAction = Literal["stop", "warn", "rebalance"]
 SelectionPolicy = Literal["best-within-budget", "pareto", "last"]
+CandidateKind = Literal["checkpoint", "average", "interpolation"]
 RestartPolicy = Literal["OnFailure", "ExitCode", "Never"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 State = Literal["Pending", "Invalid", "Running", "Restarting", "Suspended", "Succeeded", "EarlyStopped", "Failed"]
@@ -40,6 +41,18 @@ STATES: tuple[State, ...] = (
     "Failed",
 )
 TERMINAL_STATES: frozenset[State] = frozenset({"Succeeded", "EarlyStopped", "Failed"})
+
+# Reasons the trainer's guard reports in status.earlyStop (the CRD accepts any CamelCase word, so that a newer
+# trainer's reason is never refused; the operator passes it through).
+EARLY_STOP_REASONS: tuple[str, ...] = (
+    "LearningRateTooHigh",
+    "ForgettingBudgetExceeded",
+    "LossDiverged",
+    "NonFiniteLoss",
+    "GradNormSpikes",
+    "NoDomainProgress",
+)
+REASON_PATTERN = r"^[A-Z][A-Za-z0-9]*$"
 
 # A positive decimal such as "2e-5", "0.0002", "3.5E-4"; range checks live in validation.py.
 DECIMAL_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?$"
@@ -427,7 +440,8 @@ class Condition(StatusModel):
     """One aspect of the ForgeJob's state (Kubernetes API conventions)."""
 
     type: str = Field(min_length=1, max_length=316)
-    """Accepted, Created, Running, Restarting, Suspended, Succeeded, Failed, ForgettingWithinBudget, EarlyStopped."""
+    """Accepted, Created, Running, Restarting, Suspended, Succeeded, Failed, ForgettingWithinBudget, EarlyStopped,
+    GuardWarning, Rebalanced."""
 
     status: ConditionStatus
     """True, False or Unknown."""
@@ -549,13 +563,24 @@ class Latest(StatusModel):
 
 
 class CheckpointReport(StatusModel):
-    """One checkpoint reported by the trainer."""
+    """One checkpoint, or one candidate built from checkpoints at the end of the run, reported by the trainer."""
 
     step: int = Field(ge=0)
-    """Optimizer step of the checkpoint."""
+    """Optimizer step of the checkpoint; for an interpolation, the step of the fine-tuned checkpoint it blends with
+    the base model; for an average, the last step averaged."""
 
     uri: str = Field(min_length=1, max_length=URI_MAX)
-    """Where the checkpoint lies."""
+    """Where the checkpoint (or candidate) lies."""
+
+    kind: CandidateKind | None = None
+    """checkpoint (omitted: the same), average (uniform average of the checkpoints in averageOf) or interpolation
+    (WiSE-FT: weights (1 - alpha) * base + alpha * checkpoint 'step')."""
+
+    alpha: float | None = Field(default=None, ge=0, le=1)
+    """kind interpolation: the weight of the fine-tuned checkpoint (0 is the base model, 1 the checkpoint)."""
+
+    average_of: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=1024)
+    """kind average: the steps of the averaged checkpoints."""
 
     domain_loss: float | None = None
     """Domain held-out loss at this step."""
@@ -573,20 +598,23 @@ class CheckpointReport(StatusModel):
     """False while the upload is unfinished; only complete checkpoints (true or unset) can be selected."""
 
 
-class Selected(StatusModel):
-    """The checkpoint chosen by spec.checkpoints.selection."""
+class CandidateRef(StatusModel):
+    """Which checkpoint or end-of-run candidate: what status.selected and status.paretoFront point at."""
 
     step: int = Field(ge=0)
-    """Step of the selected checkpoint."""
+    """Step of the checkpoint (for an interpolation: of the fine-tuned checkpoint; for an average: the last one)."""
 
     uri: str = Field(min_length=1, max_length=URI_MAX)
     """Where it lies."""
 
-    policy: SelectionPolicy
-    """The policy that chose it."""
+    kind: CandidateKind = "checkpoint"
+    """checkpoint, average or interpolation."""
 
-    reason: str
-    """Why it was chosen."""
+    alpha: float | None = Field(default=None, ge=0, le=1)
+    """kind interpolation: the weight of the fine-tuned checkpoint."""
+
+    average_of: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=1024)
+    """kind average: the averaged steps."""
 
     forgetting_percent: float | None = None
     """Its forgetting, in percent."""
@@ -595,17 +623,64 @@ class Selected(StatusModel):
     """Its domain gain, in percent."""
 
 
+class Selected(CandidateRef):
+    """The checkpoint or candidate chosen by spec.checkpoints.selection."""
+
+    policy: SelectionPolicy
+    """The policy that chose it."""
+
+    reason: str
+    """Why it was chosen, naming its kind."""
+
+
+class Suggestion(StatusModel):
+    """What the trainer's guard suggests changing for the next run."""
+
+    learning_rate: str | None = Field(default=None, max_length=32, pattern=DECIMAL_PATTERN)
+    """A lower peak learning rate, as a decimal string."""
+
+    domain_percent: int | None = Field(default=None, ge=1, le=100)
+    """A lower domain share (a higher general share), in percent of the training tokens."""
+
+
 class EarlyStop(StatusModel):
-    """Written by the trainer's guard when it ends the run early on purpose."""
+    """Written by the trainer's guard when a rule fires: it stopped the run (action stop), warned, or rebalanced."""
 
     step: int | None = Field(default=None, ge=0)
-    """Step at which the run was stopped."""
+    """Step at which the rule fired."""
 
-    reason: str = Field(min_length=1, max_length=1024)
-    """CamelCase reason, e.g. ForgettingBudgetExceeded, LossDiverged, LearningRateTooHigh."""
+    reason: str = Field(min_length=1, max_length=128, pattern=REASON_PATTERN)
+    """CamelCase reason: LearningRateTooHigh, ForgettingBudgetExceeded, LossDiverged, NonFiniteLoss, GradNormSpikes
+    or NoDomainProgress."""
+
+    rule: str | None = Field(default=None, max_length=128)
+    """Name of the guard rule that fired."""
 
     message: str = Field(default="", max_length=32_768)
     """What happened and what to change."""
+
+    action: ForgettingAction | None = None
+    """What the trainer did: stop (omitted: the same; the run ends), warn (it goes on) or rebalance (it goes on with
+    a higher general share, recorded in status.rebalance)."""
+
+    suggestion: Suggestion | None = None
+    """Settings the guard suggests for the next run."""
+
+
+class Rebalance(StatusModel):
+    """Written by the trainer when the guard (action rebalance) raised the general share for the rest of the run."""
+
+    step: int = Field(ge=0)
+    """Step from which the new mix applies."""
+
+    domain_percent: int = Field(ge=1, le=100)
+    """The domain share from that step on, in percent of the training tokens."""
+
+    previous_domain_percent: int | None = Field(default=None, ge=1, le=100)
+    """The domain share before (omitted: spec.data.domainPercent)."""
+
+    reason: str = Field(default="", max_length=32_768)
+    """Why (the guard's reason and figures)."""
 
 
 class ForgeJobStatus(StatusModel):
@@ -644,11 +719,22 @@ class ForgeJobStatus(StatusModel):
     selected: Selected | None = None
     """The checkpoint chosen by the selection policy."""
 
-    pareto_front: list[int] = Field(default_factory=list)
-    """Steps of the non-dominated checkpoints (domain gain vs forgetting), with selection 'pareto'."""
+    pareto_front: list[CandidateRef] = Field(default_factory=list)
+    """The non-dominated checkpoints and candidates (domain gain vs forgetting), with selection 'pareto'."""
 
     early_stop: EarlyStop | None = None
-    """Set by the trainer when it stopped the run early."""
+    """Set by the trainer's guard when a rule fired (stop, warn or rebalance)."""
+
+    rebalance: Rebalance | None = None
+    """Set by the trainer when the guard raised the general share (action rebalance)."""
+
+    @field_validator("pareto_front", mode="before")
+    @classmethod
+    def _drop_bare_steps(cls, value: object) -> object:
+        """Objects written before candidates existed held bare steps: the operator recomputes the front anyway."""
+        if isinstance(value, list):
+            return [item for item in value if not isinstance(item, int)]
+        return value
 
 
 class ForgeJob(ApiModel):

@@ -1,13 +1,15 @@
 """Calibrated defaults per technique and the resolution of 'auto' values into ``status.resolved``.
 
-The numbers are starting points taken from published recipes (docs/user-guide.md, "Where the defaults come
-from", cites each one); the forgetting issue calibrates them against Forge's own benchmark. The mechanism:
+The numbers are starting points taken from published recipes; docs/user-guide.md ("Defaults and their sources")
+gives the source of each one, or says that it is Forge's own choice and why. The mechanism:
 
     learningRate = table[technique].learningRate
                    * clamp((referenceParams / params) ** sizeExponent, SIZE_FACTOR_BOUNDS)
                    * clamp(sqrt(globalBatchTokens / table[technique].globalBatchTokens), BATCH_FACTOR_BOUNDS)
+                   * clamp(0.5 + generalPercent / 50, DOMAIN_FACTOR_BOUNDS)
 
-rounded to two significant digits. The batch factor is the square-root scaling rule for Adam-type optimizers.
+rounded to two significant digits. The batch factor is the square-root scaling rule for Adam-type optimizers; the
+domain factor halves the rate for domain-only data (no general replay) and leaves it whole from 25% general on.
 """
 
 from __future__ import annotations
@@ -39,20 +41,24 @@ class TechniqueDefaults:
 
 DEFAULTS: Mapping[Technique, TechniqueDefaults] = MappingProxyType(
     {
+        # Forge's choice, an order of magnitude below the re-warmed pretraining maxima of the continual-pretraining
+        # studies (a higher maximum adapts more and forgets more); GPT-3's batch at 1.3B.
         "cpt": TechniqueDefaults(
             learning_rate=3e-5,
             reference_params_millions=1_000,
             size_exponent=0.3,
             global_batch_tokens=1_048_576,
-            sources=("gupta2023", "ibrahim2024", "ivison2023"),
+            sources=("gupta2023", "ibrahim2024", "brown2020"),
         ),
+        # Llama 2-Chat SFT (2e-5, 64 x 4096 tokens), Alpaca 7B and Tülu 2 7B/13B (2e-5).
         "sft": TechniqueDefaults(
             learning_rate=2e-5,
-            reference_params_millions=1_000,
+            reference_params_millions=7_000,
             size_exponent=0.3,
             global_batch_tokens=262_144,
-            sources=("touvron2023", "taori2023", "ivison2023", "lambert2024"),
+            sources=("touvron2023", "taori2023", "ivison2023"),
         ),
+        # QLoRA 7B/13B (2e-4; 1e-4 at 33B/65B); the batch is Forge's (the sft batch).
         "lora": TechniqueDefaults(
             learning_rate=2e-4,
             reference_params_millions=7_000,
@@ -65,6 +71,7 @@ DEFAULTS: Mapping[Technique, TechniqueDefaults] = MappingProxyType(
 
 SIZE_FACTOR_BOUNDS = (0.25, 2.0)
 BATCH_FACTOR_BOUNDS = (0.5, 2.0)
+DOMAIN_FACTOR_BOUNDS = (0.5, 1.0)
 MAX_LEARNING_RATE = 1e-2
 
 # "1b", "0.5B", "350m", "70B" as a whole token of the model folder's name ("llama-3.2-1b", "Qwen2.5-0.5B-Instruct").
@@ -137,9 +144,20 @@ def learning_rate(spec: ForgeJobSpec, params_millions: int | None, global_batch_
         f"batch factor {batch_factor:.3g} (sqrt({global_batch_tokens}/{row.global_batch_tokens}), "
         f"clamped to {BATCH_FACTOR_BOUNDS})"
     )
-    value = parse_decimal(format_decimal(row.learning_rate * size_factor * batch_factor))
-    why = f"auto: {spec.technique} table {format_decimal(row.learning_rate)} x {size_text} x {batch_text}"
+    general = 100 - spec.data.domain_percent
+    domain = domain_factor(spec.data.domain_percent)
+    domain_text = f"domain factor {domain:.3g} (0.5 + general share {general}%/50, clamped to {DOMAIN_FACTOR_BOUNDS})"
+    value = parse_decimal(format_decimal(row.learning_rate * size_factor * batch_factor * domain))
+    why = (
+        f"auto: {spec.technique} table {format_decimal(row.learning_rate)} at {row.reference_params_millions}M x "
+        f"{size_text} x {batch_text} x {domain_text}"
+    )
     return LearningRateChoice(value, "auto", why)
+
+
+def domain_factor(domain_percent: int) -> float:
+    """1 with at least 25% general replay, falling linearly to 0.5 for domain data only (domainPercent 100)."""
+    return clamp(0.5 + (100 - domain_percent) / 50, DOMAIN_FACTOR_BOUNDS)
 
 
 def resolve(spec: ForgeJobSpec) -> Resolved:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from forge_operator.api import STATES, State
+from forge_operator.api import STATES, ForgeJobStatus, State
+from forge_operator.selection import complete_checkpoints
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -41,6 +42,19 @@ CHILDREN_CREATED = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+# Per-ForgeJob series for the dashboard. Labels: namespace and forge_job (never "job").
+SELECTED_STEP = Gauge(
+    "forge_forgejob_selected_step",
+    "Step of the checkpoint the selection policy chose (status.selected.step); absent while none is selected.",
+    ["namespace", "forge_job"],
+    registry=REGISTRY,
+)
+CHECKPOINTS = Gauge(
+    "forge_forgejob_checkpoints",
+    "Complete checkpoints reported in the ForgeJob's status.checkpoints (end-of-run candidates not counted).",
+    ["namespace", "forge_job"],
+    registry=REGISTRY,
+)
 STATUS_PATCHES = Counter(
     "forge_status_patches_total",
     "Status patches written to ForgeJobs, by handler.",
@@ -66,10 +80,29 @@ def record_state(namespace: str, name: str, state: State) -> None:
         _publish()
 
 
+def _remove(gauge: Gauge, namespace: str, name: str) -> None:
+    with suppress(KeyError):  # never set
+        gauge.remove(namespace, name)
+
+
+def record_status(namespace: str, name: str, status: ForgeJobStatus) -> None:
+    """Everything the operator exports about one ForgeJob, from its status."""
+    if status.state is not None:
+        record_state(namespace, name, status.state)
+    with _lock:
+        if status.selected is not None:
+            SELECTED_STEP.labels(namespace=namespace, forge_job=name).set(status.selected.step)
+        else:
+            _remove(SELECTED_STEP, namespace, name)
+        CHECKPOINTS.labels(namespace=namespace, forge_job=name).set(complete_checkpoints(status.checkpoints))
+
+
 def forget(namespace: str, name: str) -> None:
     with _lock:
         _states.pop((namespace, name), None)
         _publish()
+        _remove(SELECTED_STEP, namespace, name)
+        _remove(CHECKPOINTS, namespace, name)
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from forge_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, ForgeJobSpec, LoraSpec, Resolved, Source
@@ -50,6 +50,10 @@ class RenderOptions:
     trainer_image: str | None = None
     trainer_metrics_port: int = 9400
     report_min_interval_seconds: int = 5
+    trainer_resources: dict[str, dict[str, int | str]] = field(default_factory=dict)
+    """Default {limits, requests} of the trainer container, for ForgeJobs that set no spec.resources.resources."""
+    trainer_image_pull_policy: str | None = None
+    """Default imagePullPolicy of the trainer container, for ForgeJobs that set no spec.resources.imagePullPolicy."""
 
 
 def config_map_name(job: str) -> str:
@@ -262,9 +266,15 @@ def build_role_binding(owner: Owner) -> dict[str, Any]:
     }
 
 
-def _container_resources(spec: ForgeJobSpec) -> dict[str, Any]:
-    limits: dict[str, int | str] = dict(spec.resources.resources.limits)
-    requests: dict[str, int | str] = dict(spec.resources.resources.requests)
+def _container_resources(spec: ForgeJobSpec, options: RenderOptions) -> dict[str, Any]:
+    """The ForgeJob's requests and limits, or the operator's defaults when it sets neither; GPUs from gpusPerNode."""
+    own = spec.resources.resources
+    if own.limits or own.requests:
+        limits: dict[str, int | str] = dict(own.limits)
+        requests: dict[str, int | str] = dict(own.requests)
+    else:
+        limits = dict(options.trainer_resources.get("limits", {}))
+        requests = dict(options.trainer_resources.get("requests", {}))
     if spec.resources.gpus_per_node > 0:
         limits[GPU_RESOURCE] = spec.resources.gpus_per_node
         requests[GPU_RESOURCE] = spec.resources.gpus_per_node
@@ -278,6 +288,20 @@ def _container_resources(spec: ForgeJobSpec) -> dict[str, Any]:
 
 def _env(spec: ForgeJobSpec) -> list[dict[str, Any]]:
     return [{"name": "PYTHONUNBUFFERED", "value": "1"}, *(var.to_api() for var in spec.env)]
+
+
+def processes_per_pod(spec: ForgeJobSpec) -> int:
+    """Trainer processes in each pod (local ranks): one per GPU, or one on CPU."""
+    return max(spec.resources.gpus_per_node, 1)
+
+
+def metrics_ports(spec: ForgeJobSpec, options: RenderOptions) -> list[dict[str, Any]]:
+    """Local rank 0 serves /metrics on port 'metrics'; rank i on metricsPort + i, port 'metrics-<i>'."""
+    base = options.trainer_metrics_port
+    return [
+        {"name": "metrics" if rank == 0 else f"metrics-{rank}", "containerPort": base + rank, "protocol": "TCP"}
+        for rank in range(processes_per_pod(spec))
+    ]
 
 
 def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, image: str) -> dict[str, Any]:
@@ -299,14 +323,15 @@ def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, imag
         "command": [TRAINER_COMMAND, "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
         "ports": [
             {"name": PYTORCH_PORT_NAME, "containerPort": PYTORCH_PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": options.trainer_metrics_port, "protocol": "TCP"},
+            *metrics_ports(spec, options),
         ],
         "env": _env(spec),
-        "resources": _container_resources(spec),
+        "resources": _container_resources(spec, options),
         "volumeMounts": mounts,
     }
-    if spec.resources.image_pull_policy is not None:
-        container["imagePullPolicy"] = spec.resources.image_pull_policy
+    pull_policy = spec.resources.image_pull_policy or options.trainer_image_pull_policy
+    if pull_policy is not None:
+        container["imagePullPolicy"] = pull_policy
     pod_spec: dict[str, Any] = {
         "serviceAccountName": trainer_account_name(owner.name),
         "containers": [container],
@@ -346,7 +371,7 @@ def build_pytorchjob(owner: Owner, spec: ForgeJobSpec, options: RenderOptions) -
         "kind": PYTORCHJOB_KIND,
         "metadata": _metadata(owner, pytorchjob_name(owner.name), {SPEC_DIGEST_ANNOTATION: spec_digest(spec)}),
         "spec": {
-            "nprocPerNode": str(max(spec.resources.gpus_per_node, 1)),
+            "nprocPerNode": str(processes_per_pod(spec)),
             "runPolicy": build_run_policy(spec),
             "pytorchReplicaSpecs": replicas,
         },

@@ -1,8 +1,16 @@
-"""Checkpoint selection policies: pure functions from the trainer's checkpoint reports to ``status.selected``.
+"""Checkpoint selection policies: pure functions from the trainer's reports to ``status.selected``.
+
+The pool holds the checkpoints saved during the run and the candidates the trainer builds and evaluates at its end
+(``kind: average``: the uniform average of the checkpoints in ``averageOf``; ``kind: interpolation``: WiSE-FT,
+``(1 - alpha) * base + alpha * checkpoint``). Every policy weighs them like checkpoints; the reason names the kind
+that won.
 
 Percent values follow the trainer's report: forgetting % = (L_gen - L_gen_base) / L_gen_base * 100 and domain
 gain % = (L_dom_base - L_dom) / L_dom_base * 100. When a report lacks them but carries losses and the status has a
-baseline, they are computed here. Incomplete checkpoints (``complete: false``) are never selected.
+baseline, they are computed here. Incomplete entries (``complete: false``) are never selected.
+
+Ties (the same domain gain and forgetting, to the last digit reported) go to the simpler artifact: a plain
+checkpoint before an average before an interpolation, then the later step, then the larger alpha.
 """
 
 from __future__ import annotations
@@ -10,29 +18,61 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from forge_operator.api import Baseline, CheckpointReport, Selected, SelectionPolicy
+from forge_operator.api import Baseline, CandidateKind, CandidateRef, CheckpointReport, Selected, SelectionPolicy
+
+# Preference among exact ties: the plainest artifact first.
+KIND_RANK: dict[CandidateKind, int] = {"checkpoint": 2, "average": 1, "interpolation": 0}
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A complete checkpoint with its metrics (None when not measured)."""
+    """A complete checkpoint or end-of-run candidate with its metrics (None when not measured)."""
 
     step: int
     uri: str
     forgetting: float | None
     gain: float | None
+    kind: CandidateKind = "checkpoint"
+    alpha: float | None = None
+    average_of: tuple[int, ...] = ()
 
     @property
     def measured(self) -> bool:
         return self.forgetting is not None and self.gain is not None
 
+    @property
+    def key(self) -> tuple[CandidateKind, int, float | None, tuple[int, ...]]:
+        """Identity of a report: a later report with the same key replaces an earlier one."""
+        return (self.kind, self.step, self.alpha, self.average_of)
+
+    def describe(self) -> str:
+        """Names the kind, for reasons people read."""
+        if self.kind == "interpolation":
+            alpha = "?" if self.alpha is None else f"{self.alpha:g}"
+            return f"interpolation (alpha {alpha}) of step {self.step} with the base model"
+        if self.kind == "average":
+            steps = list(self.average_of) or [self.step]
+            return f"average of checkpoints {steps}"
+        return f"checkpoint {self.step}"
+
+    def ref(self) -> CandidateRef:
+        return CandidateRef(
+            step=self.step,
+            uri=self.uri,
+            kind=self.kind,
+            alpha=self.alpha,
+            average_of=list(self.average_of) or None,
+            forgetting_percent=self.forgetting,
+            domain_gain_percent=self.gain,
+        )
+
 
 @dataclass(frozen=True)
 class Selection:
-    """The outcome of a policy: the selected checkpoint (if any) and, for 'pareto', the non-dominated steps."""
+    """The outcome of a policy: the selected entry (if any) and, for 'pareto', the non-dominated ones."""
 
     selected: Selected | None
-    pareto_front: list[int] = field(default_factory=list)
+    pareto_front: list[CandidateRef] = field(default_factory=list)
 
 
 def _relative_percent(numerator: float, base: float | None) -> float | None:
@@ -50,18 +90,33 @@ def candidate(report: CheckpointReport, baseline: Baseline | None) -> Candidate:
         forgetting = _relative_percent(report.general_loss - base_general, base_general)
     if gain is None and report.domain_loss is not None and base_domain is not None:
         gain = _relative_percent(base_domain - report.domain_loss, base_domain)
-    return Candidate(step=report.step, uri=report.uri, forgetting=forgetting, gain=gain)
+    kind: CandidateKind = report.kind or "checkpoint"
+    return Candidate(
+        step=report.step,
+        uri=report.uri,
+        forgetting=forgetting,
+        gain=gain,
+        kind=kind,
+        alpha=report.alpha if kind == "interpolation" else None,
+        average_of=tuple(sorted(report.average_of or ())) if kind == "average" else (),
+    )
+
+
+def _order(c: Candidate) -> tuple[int, int, float, tuple[int, ...]]:
+    """Report order: by step, then checkpoints before the candidates built from them."""
+    return (c.step, -KIND_RANK[c.kind], c.alpha if c.alpha is not None else -1.0, c.average_of)
 
 
 def candidates(reports: Sequence[CheckpointReport], baseline: Baseline | None) -> list[Candidate]:
-    """Complete checkpoints in step order; a step reported twice keeps its last report."""
-    by_step: dict[int, Candidate] = {}
+    """Complete entries in step order; an entry reported twice keeps its last report."""
+    by_key: dict[tuple[CandidateKind, int, float | None, tuple[int, ...]], Candidate] = {}
     for report in reports:
+        entry = candidate(report, baseline)
         if report.complete is False:
-            by_step.pop(report.step, None)
+            by_key.pop(entry.key, None)
             continue
-        by_step[report.step] = candidate(report, baseline)
-    return [by_step[step] for step in sorted(by_step)]
+        by_key[entry.key] = entry
+    return sorted(by_key.values(), key=_order)
 
 
 def _gain(c: Candidate) -> float:
@@ -72,8 +127,12 @@ def _forgetting(c: Candidate) -> float:
     return c.forgetting if c.forgetting is not None else float("inf")
 
 
+def _tie_break(c: Candidate) -> tuple[int, int, float]:
+    return (KIND_RANK[c.kind], c.step, c.alpha if c.alpha is not None else 0.0)
+
+
 def pareto_front(pool: Sequence[Candidate]) -> list[Candidate]:
-    """Measured candidates no other candidate beats on both domain gain (higher) and forgetting (lower)."""
+    """Measured entries no other entry beats on both domain gain (higher) and forgetting (lower)."""
     measured = [c for c in pool if c.measured]
 
     def dominated(c: Candidate) -> bool:
@@ -88,14 +147,18 @@ def pareto_front(pool: Sequence[Candidate]) -> list[Candidate]:
 
 
 def _selected(c: Candidate, policy: SelectionPolicy, reason: str) -> Selected:
-    return Selected(
-        step=c.step,
-        uri=c.uri,
-        policy=policy,
-        reason=reason,
-        forgetting_percent=c.forgetting,
-        domain_gain_percent=c.gain,
-    )
+    return Selected(**c.ref().model_dump(), policy=policy, reason=reason)
+
+
+def _plain(pool: Sequence[Candidate]) -> list[Candidate]:
+    return [c for c in pool if c.kind == "checkpoint"]
+
+
+def _count(pool: Sequence[Candidate]) -> str:
+    plain = len(_plain(pool))
+    derived = len(pool) - plain
+    text = f"{plain} checkpoint(s)"
+    return f"{text} and {derived} end-of-run candidate(s)" if derived else text
 
 
 def _best_within_budget(
@@ -104,23 +167,26 @@ def _best_within_budget(
     measured = [c for c in pool if c.measured]
     within = [c for c in measured if _forgetting(c) <= budget]
     if within:
-        # Largest gain; ties go to less forgetting, then to the later step.
-        best = max(within, key=lambda c: (_gain(c), -_forgetting(c), c.step))
+        # Largest gain; ties go to less forgetting, then to the plainer artifact and the later step.
+        best = max(within, key=lambda c: (_gain(c), -_forgetting(c), *_tie_break(c)))
         reason = (
-            f"{prefix}largest domain gain ({_gain(best):.2f}%) of {len(within)} checkpoint(s) within the forgetting "
-            f"budget of {budget:g}% (forgetting {_forgetting(best):.2f}%)"
+            f"{prefix}{best.describe()}: largest domain gain ({_gain(best):.2f}%) of {_count(within)} within the "
+            f"forgetting budget of {budget:g}% (forgetting {_forgetting(best):.2f}%)"
         )
         return _selected(best, policy, reason)
     if measured:
-        least = min(measured, key=lambda c: (_forgetting(c), -_gain(c), -c.step))
+        least = min(measured, key=lambda c: (_forgetting(c), -_gain(c), *(-v for v in _tie_break(c))))
         reason = (
-            f"{prefix}no checkpoint is within the forgetting budget of {budget:g}%: least forgetting "
-            f"({_forgetting(least):.2f}%, domain gain {_gain(least):.2f}%)"
+            f"{prefix}no checkpoint or candidate is within the forgetting budget of {budget:g}%: {least.describe()} "
+            f"has the least forgetting ({_forgetting(least):.2f}%, domain gain {_gain(least):.2f}%)"
         )
         return _selected(least, policy, reason)
-    if everything:
-        last = everything[-1]
-        return _selected(last, policy, f"{prefix}no checkpoint has evaluation metrics yet: the latest one")
+    plain = _plain(everything) or list(everything)
+    if plain:
+        last = plain[-1]
+        return _selected(
+            last, policy, f"{prefix}no checkpoint has evaluation metrics yet: the latest one ({last.describe()})"
+        )
     return None
 
 
@@ -129,17 +195,23 @@ def select_best_within_budget(pool: Sequence[Candidate], budget: float) -> Selec
 
 
 def select_pareto(pool: Sequence[Candidate], budget: float) -> Selection:
+    """Record the non-dominated set; choose from it as best-within-budget does (largest gain within the budget,
+    else least forgetting)."""
     front = pareto_front(pool)
-    steps = [c.step for c in front]
-    prefix = f"pareto front {steps}: " if front else ""
-    return Selection(_best_within_budget(front, pool, budget, "pareto", prefix), pareto_front=steps)
+    prefix = f"pareto front of {len(front)}: " if front else ""
+    return Selection(_best_within_budget(front, pool, budget, "pareto", prefix), pareto_front=[c.ref() for c in front])
 
 
 def select_last(pool: Sequence[Candidate], budget: float) -> Selection:
-    if not pool:
+    """The latest saved checkpoint: end-of-run averages and interpolations are derived weights, not the run's last
+    state, so 'last' never picks them (the reason counts them)."""
+    plain = _plain(pool)
+    if not plain:
         return Selection(None)
-    last = pool[-1]
-    return Selection(_selected(last, "last", f"latest complete checkpoint (step {last.step})"))
+    last = plain[-1]
+    skipped = len(pool) - len(plain)
+    note = f"; {skipped} end-of-run candidate(s) not considered by 'last'" if skipped else ""
+    return Selection(_selected(last, "last", f"latest complete checkpoint (step {last.step}){note}"))
 
 
 POLICIES: dict[SelectionPolicy, Callable[[Sequence[Candidate], float], Selection]] = {
@@ -154,3 +226,8 @@ def select(
 ) -> Selection:
     """Apply ``policy`` to the trainer's checkpoint reports."""
     return POLICIES[policy](candidates(reports, baseline), budget_percent)
+
+
+def complete_checkpoints(reports: Sequence[CheckpointReport]) -> int:
+    """How many saved checkpoints (not end-of-run candidates) are complete: the operator's checkpoints gauge."""
+    return len(_plain(candidates(reports, None)))

@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from forge_operator.render import RenderOptions
+from forge_operator.api import QUANTITY_PATTERN
+from forge_operator.render import GPU_RESOURCE, PYTORCH_PORT, RenderOptions
+
+# Local ranks per pod are at most 16 (spec.resources.gpusPerNode <= 16): ports metricsPort .. metricsPort + 15.
+MAX_LOCAL_RANKS = 16
+_QUANTITY = re.compile(QUANTITY_PATTERN)
+
+
+class TrainerResources(BaseModel):
+    """Default requests and limits of the trainer container (the Kubernetes ResourceRequirements shape)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limits: dict[str, int | str] = Field(default_factory=dict)
+    requests: dict[str, int | str] = Field(default_factory=dict)
+
+    @field_validator("limits", "requests")
+    @classmethod
+    def _quantities(cls, value: dict[str, int | str]) -> dict[str, int | str]:
+        for name, quantity in value.items():
+            if name == GPU_RESOURCE:
+                raise ValueError(f"{name}: GPUs come from each ForgeJob's spec.resources.gpusPerNode")
+            if isinstance(quantity, bool) or not _QUANTITY.match(str(quantity)):
+                raise ValueError(f"{name}: {quantity!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
+        return value
+
+    def to_api(self) -> dict[str, dict[str, int | str]]:
+        return {key: dict(value) for key, value in (("limits", self.limits), ("requests", self.requests)) if value}
 
 
 class Settings(BaseSettings):
@@ -21,8 +50,18 @@ class Settings(BaseSettings):
     trainer_image: str | None = None
     """Trainer image used when a ForgeJob does not set spec.resources.image."""
 
-    trainer_metrics_port: int = Field(default=9400, ge=1, le=65535)
-    """Port of the trainer's Prometheus endpoint (a named container port 'metrics')."""
+    trainer_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    """imagePullPolicy of the trainer container when a ForgeJob does not set spec.resources.imagePullPolicy; unset
+    or empty: the Kubernetes default."""
+
+    trainer_resources: TrainerResources | None = None
+    """Requests and limits (JSON, e.g. {"requests": {"cpu": "8", "memory": "64Gi"}}) of the trainer container when a
+    ForgeJob sets neither spec.resources.resources.requests nor .limits; nvidia.com/gpu is refused (GPUs come from
+    gpusPerNode)."""
+
+    trainer_metrics_port: int = Field(default=9400, ge=1, le=65535 - (MAX_LOCAL_RANKS - 1))
+    """Base port of the trainer's Prometheus endpoints: local rank i listens on this + i (container ports
+    'metrics', 'metrics-1', ...)."""
 
     report_min_interval_seconds: int = Field(default=5, ge=0, le=3600)
     """Minimum seconds between two status reports of the trainer."""
@@ -49,9 +88,41 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("trainer_image_pull_policy", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("trainer_resources", mode="before")
+    @classmethod
+    def _json(cls, value: object) -> Any:
+        """JSON text (the chart writes `trainer.resources | toJson`); empty, null and {} mean no default."""
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"not JSON: {error.msg} at column {error.colno}") from None
+        if value == {} or value == {"limits": {}, "requests": {}}:
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _metrics_ports_clear_of_rendezvous(self) -> Settings:
+        last = self.trainer_metrics_port + MAX_LOCAL_RANKS - 1
+        if self.trainer_metrics_port <= PYTORCH_PORT <= last:
+            raise ValueError(
+                f"trainer_metrics_port: ports {self.trainer_metrics_port}-{last} (one per local rank) would include "
+                f"the PyTorchJob port {PYTORCH_PORT}"
+            )
+        return self
+
     def render_options(self) -> RenderOptions:
         return RenderOptions(
             trainer_image=self.trainer_image,
             trainer_metrics_port=self.trainer_metrics_port,
             report_min_interval_seconds=self.report_min_interval_seconds,
+            trainer_resources=self.trainer_resources.to_api() if self.trainer_resources else {},
+            trainer_image_pull_policy=self.trainer_image_pull_policy,
         )

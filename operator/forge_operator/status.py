@@ -2,8 +2,14 @@
 
 Three inputs feed it: the reconcile outcome (Accepted, resolved values, observedGeneration), the PyTorchJob's
 conditions (mirrored as the training operator writes them), and the trainer's reports in the status itself
-(checkpoints -> selected, latest -> ForgettingWithinBudget, earlyStop -> EarlyStopped). The result is a merge patch
-holding only the fields that change, plus the transitions worth an Event.
+(checkpoints -> selected, latest -> ForgettingWithinBudget, earlyStop -> EarlyStopped or GuardWarning,
+rebalance -> Rebalanced). The result is a merge patch holding only the fields that change, plus the transitions
+worth an Event.
+
+An early stop is a purpose, not a failure. The trainer reports ``earlyStop`` (action stop) and then ends, with its
+early-stop exit code (the PyTorchJob then reports Failed) or with 0 (Succeeded): either way the ForgeJob ends
+``EarlyStopped``, and a Failed reported by the PyTorchJob is recorded as ``Failed=False`` with reason
+``EarlyStopped``, whichever of the two arrives first.
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forge_operator import conditions as cond
+from forge_operator.advice import advise
 from forge_operator.api import (
     TERMINAL_STATES,
     Condition,
     ConditionStatus,
+    EarlyStop,
     ForgeJobSpec,
     ForgeJobStatus,
     Resolved,
@@ -28,6 +36,8 @@ from forge_operator.selection import select
 ACCEPTED = "Accepted"
 FORGETTING = "ForgettingWithinBudget"
 EARLY_STOPPED = "EarlyStopped"
+GUARD_WARNING = "GuardWarning"
+REBALANCED = "Rebalanced"
 # The training operator's condition types, mirrored one to one.
 MIRRORED_TYPES = ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 
@@ -37,6 +47,11 @@ REASON_ACCEPTED = "Accepted"
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_SPEC_CHANGE_REFUSED = "SpecChangeRefused"
 REASON_CHILD_CONFLICT = "ChildConflict"
+REASON_WITHIN_BUDGET = "WithinBudget"
+REASON_BUDGET_EXCEEDED = "ForgettingBudgetExceeded"
+REASON_NOT_MEASURED = "NotMeasured"
+# Failed=False with this reason: the PyTorchJob failed because the trainer ended the run on purpose.
+REASON_EARLY_STOPPED = "EarlyStopped"
 
 
 @dataclass(frozen=True)
@@ -78,8 +93,17 @@ def _pytorchjob_conditions(pytorchjob: Mapping[str, Any]) -> dict[str, dict[str,
     return {c["type"]: c for c in status.get("conditions") or [] if isinstance(c, dict) and "type" in c}
 
 
+def _stopped_on_purpose(conditions: Sequence[Condition]) -> bool:
+    """The PyTorchJob failed, and the failure is the trainer's early stop (recorded as Failed=False)."""
+    failed = cond.find(conditions, "Failed")
+    return failed is not None and failed.status == "False" and failed.reason == REASON_EARLY_STOPPED
+
+
 def _terminal(conditions: Sequence[Condition]) -> bool:
-    return cond.is_true(conditions, "Succeeded") or cond.is_true(conditions, "Failed")
+    """The PyTorchJob ended: Succeeded or Failed True, or its Failed turned into an early stop."""
+    return (
+        cond.is_true(conditions, "Succeeded") or cond.is_true(conditions, "Failed") or _stopped_on_purpose(conditions)
+    )
 
 
 def mirror_pytorchjob(
@@ -122,6 +146,37 @@ def mirror_pytorchjob(
     return result
 
 
+def _percent(value: float) -> str:
+    """6.1 -> '6.1', 6.125 -> '6.13', 7.0 -> '7': figures for people."""
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+ACTION_CONSEQUENCE = {
+    "stop": "action stop: the trainer's guard stops the run if this persists",
+    "warn": "action warn: the run goes on",
+    "rebalance": "action rebalance: the trainer's guard raises the general share if this persists",
+}
+
+
+def over_budget_message(
+    forgetting: float,
+    budget: float,
+    learning_rate: str | None,
+    domain_percent: int,
+    action: str,
+    early_stop: EarlyStop | None = None,
+) -> str:
+    """'forgetting 6.1% > budget 2%: lower learningRate to 1.1e-5 or raise the general share to 50% (domainPercent
+    50) (<what the guard does>)'."""
+    advice = advise(forgetting, budget, learning_rate, domain_percent, early_stop.suggestion if early_stop else None)
+    message = f"forgetting {_percent(forgetting)}% > budget {_percent(budget)}%"
+    sentence = advice.sentence()
+    if sentence:
+        message += f": {sentence}"
+    consequence = ACTION_CONSEQUENCE.get(action)
+    return f"{message} ({consequence})" if consequence else message
+
+
 def forgetting_condition(
     conditions: Sequence[Condition],
     spec: ForgeJobSpec,
@@ -131,6 +186,7 @@ def forgetting_condition(
     at: str,
     generation: int | None,
 ) -> list[Condition]:
+    """ForgettingWithinBudget from the trainer's latest forgettingPercent against the accepted budget."""
     latest = status.latest.forgetting_percent if status.latest else None
     if latest is None:
         if cond.find(conditions, FORGETTING) is not None:
@@ -139,7 +195,7 @@ def forgetting_condition(
             conditions,
             FORGETTING,
             "Unknown",
-            "NotMeasured",
+            REASON_NOT_MEASURED,
             "no evaluation reported yet",
             at=at,
             observed_generation=generation,
@@ -149,31 +205,95 @@ def forgetting_condition(
             conditions,
             FORGETTING,
             "True",
-            "WithinBudget",
-            f"forgetting {latest:.2f}% is within the budget of {budget}%",
+            REASON_WITHIN_BUDGET,
+            f"forgetting {_percent(latest)}% is within the budget of {_percent(budget)}%",
             at=at,
             observed_generation=generation,
         )
-    return cond.upsert(
-        conditions,
-        FORGETTING,
-        "False",
-        "ForgettingBudgetExceeded",
-        f"forgetting {latest:.2f}% exceeds the budget of {budget}% (action: {spec.forgetting.action})",
-        at=at,
-        observed_generation=generation,
+    learning_rate = status.resolved.learning_rate if status.resolved else None
+    domain_percent = status.rebalance.domain_percent if status.rebalance else spec.data.domain_percent
+    message = over_budget_message(
+        latest, budget, learning_rate, domain_percent, spec.forgetting.action, status.early_stop
     )
+    return cond.upsert(
+        conditions, FORGETTING, "False", REASON_BUDGET_EXCEEDED, message, at=at, observed_generation=generation
+    )
+
+
+def guard_message(stop: EarlyStop, verb: str) -> str:
+    """'stopped at step 120 (rule forgetting-budget): <the trainer's message>; suggested: learningRate 6e-6, ...'."""
+    where = f" at step {stop.step}" if stop.step is not None else ""
+    rule = f" (rule {stop.rule})" if stop.rule else ""
+    message = f"{verb}{where}{rule}"
+    if stop.message:
+        message += f": {stop.message}"
+    suggestion = stop.suggestion
+    if suggestion is not None and (suggestion.learning_rate is not None or suggestion.domain_percent is not None):
+        parts = []
+        if suggestion.learning_rate is not None:
+            parts.append(f"learningRate {suggestion.learning_rate}")
+        if suggestion.domain_percent is not None:
+            parts.append(f"domainPercent {suggestion.domain_percent}")
+        message += f"; suggested for the next run: {', '.join(parts)}"
+    return message
 
 
 def early_stop_condition(
     conditions: Sequence[Condition], status: ForgeJobStatus, *, at: str, generation: int | None
 ) -> list[Condition]:
+    """EarlyStopped=True once the guard reports a stop; GuardWarning=True for a rule that only warned.
+
+    A Failed=True that the PyTorchJob reports for an early-stopped run becomes Failed=False, reason EarlyStopped:
+    the trainer ended on purpose (its early-stop exit code), which is no failure.
+    """
     stop = status.early_stop
     if stop is None:
         return list(conditions)
-    where = f" at step {stop.step}" if stop.step is not None else ""
-    message = stop.message or f"the trainer stopped the run early{where}"
-    return cond.upsert(conditions, EARLY_STOPPED, "True", stop.reason, message, at=at, observed_generation=generation)
+    if stop.action == "warn":
+        message = guard_message(stop, "the guard warned")
+        return cond.upsert(
+            conditions, GUARD_WARNING, "True", stop.reason, message, at=at, observed_generation=generation
+        )
+    if stop.action == "rebalance":
+        return list(conditions)  # recorded by the Rebalanced condition from status.rebalance
+    result = cond.upsert(
+        conditions,
+        EARLY_STOPPED,
+        "True",
+        stop.reason,
+        guard_message(stop, "the trainer's guard stopped the run"),
+        at=at,
+        observed_generation=generation,
+    )
+    failed = cond.find(result, "Failed")
+    if failed is not None and failed.status == "True":
+        result = cond.upsert(
+            result,
+            "Failed",
+            "False",
+            REASON_EARLY_STOPPED,
+            f"the trainer stopped the run on purpose ({stop.reason}); the PyTorchJob reported: {failed.message}",
+            at=at,
+            observed_generation=generation,
+        )
+    return result
+
+
+def rebalance_condition(
+    conditions: Sequence[Condition], spec: ForgeJobSpec, status: ForgeJobStatus, *, at: str, generation: int | None
+) -> list[Condition]:
+    """Rebalanced=True with the new mix once the trainer reports status.rebalance."""
+    rebalance = status.rebalance
+    if rebalance is None:
+        return list(conditions)
+    before = rebalance.previous_domain_percent or spec.data.domain_percent
+    message = (
+        f"from step {rebalance.step} the general share is {100 - rebalance.domain_percent}% "
+        f"(domainPercent {before} -> {rebalance.domain_percent})"
+    )
+    if rebalance.reason:
+        message += f": {rebalance.reason}"
+    return cond.upsert(conditions, REBALANCED, "True", "Rebalanced", message, at=at, observed_generation=generation)
 
 
 def derive_state(conditions: Sequence[Condition], started: bool) -> State:
@@ -181,10 +301,12 @@ def derive_state(conditions: Sequence[Condition], started: bool) -> State:
     accepted = cond.find(conditions, ACCEPTED)
     if not started and accepted is not None and accepted.status == "False" and accepted.reason == REASON_INVALID_SPEC:
         return "Invalid"
+    if cond.is_true(conditions, EARLY_STOPPED) and _terminal(conditions):
+        return "EarlyStopped"
     if cond.is_true(conditions, "Failed"):
         return "Failed"
     if cond.is_true(conditions, "Succeeded"):
-        return "EarlyStopped" if cond.is_true(conditions, EARLY_STOPPED) else "Succeeded"
+        return "Succeeded"
     if cond.is_true(conditions, "Suspended"):
         return "Suspended"
     if cond.is_true(conditions, "Restarting"):
@@ -244,8 +366,16 @@ def _transitions(
     new_stop = cond.find(after_conditions, EARLY_STOPPED)
     if new_stop is not None and new_stop.status == "True" and (old_stop is None or old_stop.status != "True"):
         events.append(Transition(EARLY_STOPPED, f"{new_stop.reason}: {new_stop.message}", warning=True))
+    for condition_type in (GUARD_WARNING, REBALANCED):
+        old = cond.find(before.conditions, condition_type)
+        new = cond.find(after_conditions, condition_type)
+        # Each new report is an Event: a later warning or rebalance changes the reason or the message.
+        if new is not None and (
+            old is None or (old.status, old.reason, old.message) != (new.status, new.reason, new.message)
+        ):
+            events.append(Transition(new.reason, new.message, warning=condition_type == GUARD_WARNING))
     if selected_changed and after is not None:
-        events.append(Transition("CheckpointSelected", f"step {after.step} ({after.uri}): {after.reason}"))
+        events.append(Transition("CheckpointSelected", f"{after.uri}: {after.reason}"))
     return events
 
 
@@ -296,16 +426,16 @@ def desired_status(
         budget = accepted_budget if accepted_budget is not None else spec.forgetting.budget_percent
         conditions = forgetting_condition(conditions, spec, status, budget, at=at, generation=generation)
         conditions = early_stop_condition(conditions, status, at=at, generation=generation)
+        conditions = rebalance_condition(conditions, spec, status, at=at, generation=generation)
         selection = select(status.checkpoints, status.baseline, spec.checkpoints.selection, budget)
         new_selected = selection.selected
         if new_selected != status.selected:
             selected_changed = new_selected is not None and (
-                status.selected is None
-                or (status.selected.step, status.selected.uri) != (new_selected.step, new_selected.uri)
+                status.selected is None or status.selected.uri != new_selected.uri
             )
             patch["selected"] = new_selected.to_api() if new_selected is not None else None
         if selection.pareto_front != status.pareto_front:
-            patch["paretoFront"] = selection.pareto_front
+            patch["paretoFront"] = [point.to_api() for point in selection.pareto_front]
     state = derive_state(conditions, started=pytorch_job_name is not None)
     if state != status.state:
         patch["state"] = state

@@ -10,12 +10,18 @@ import pytest
 from tests.conftest import LocalCluster
 from tests.operator.helpers import Kube, OperatorProcess
 
+# Operator-wide defaults for trainer pods, as the chart sets them (trainer.resources, trainer.image.pullPolicy).
+OPERATOR_DEFAULTS = {
+    "FORGE_TRAINER_RESOURCES": '{"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}}',
+    "FORGE_TRAINER_IMAGE_PULL_POLICY": "IfNotPresent",
+}
+
 
 @pytest.fixture(scope="module")
 def operator_process(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     """``forge-operator`` watching every namespace of the test cluster; stopped after the module."""
     log_path: Path = tmp_path_factory.mktemp("operator") / "operator.log"
-    process = OperatorProcess(cluster.kubeconfig, log_path)
+    process = OperatorProcess(cluster.kubeconfig, log_path, extra_env=OPERATOR_DEFAULTS)
     process.start()
     try:
         yield process

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from forge_operator.api import ForgeJobSpec, ModelSpec
 from forge_operator.defaults import (
     DEFAULTS,
+    domain_factor,
     format_decimal,
     model_parameters_millions,
     resolve,
@@ -58,13 +61,37 @@ def test_explicit_model_size_wins() -> None:
     assert size == 1300 and "parametersMillions" in why
 
 
-def test_auto_learning_rate_at_the_reference_point_is_the_table_value() -> None:
-    for technique in ("cpt", "sft"):
-        row = DEFAULTS[technique]
-        resolved = resolve(spec(technique=technique, training={"globalBatchTokens": row.global_batch_tokens}))
-        assert float(resolved.learning_rate) == pytest.approx(row.learning_rate)
-        assert resolved.learning_rate_source == "auto"
-        assert technique in resolved.learning_rate_why
+@pytest.mark.parametrize("technique", ["cpt", "sft", "lora"])
+def test_auto_learning_rate_at_the_reference_point_is_the_table_value(technique: str) -> None:
+    row = DEFAULTS[technique]  # type: ignore[index]
+    resolved = resolve(
+        spec(
+            technique=technique,
+            model={"base": "s3://m/any", "parametersMillions": row.reference_params_millions},
+            training={"globalBatchTokens": row.global_batch_tokens},
+        )
+    )
+    assert float(resolved.learning_rate) == pytest.approx(row.learning_rate)
+    assert resolved.learning_rate_source == "auto"
+    assert resolved.learning_rate_why.startswith(f"auto: {technique} table {format_decimal(row.learning_rate)} at ")
+
+
+@pytest.mark.parametrize(
+    ("technique", "base", "published"),
+    [
+        ("sft", "s3://m/llama-2-7b", 2e-5),  # Llama 2-Chat, Alpaca, Tülu 2 at 7B
+        ("sft", "s3://m/llama-2-70b", 1e-5),  # Tülu 2 at 70B
+        ("lora", "s3://m/llama-7b", 2e-4),  # QLoRA 7B
+        ("lora", "s3://m/llama-65b", 1e-4),  # QLoRA 65B
+    ],
+)
+def test_the_table_reproduces_the_published_points(technique: str, base: str, published: float) -> None:
+    """At the table's batch and 25% general replay, the size scaling lands on the rates the sources used."""
+    row = DEFAULTS[technique]  # type: ignore[index]
+    resolved = resolve(
+        spec(technique=technique, model={"base": base}, training={"globalBatchTokens": row.global_batch_tokens})
+    )
+    assert float(resolved.learning_rate) == pytest.approx(published, rel=0.03)
 
 
 def test_auto_learning_rate_falls_with_model_size_within_bounds() -> None:
@@ -75,6 +102,21 @@ def test_auto_learning_rate_falls_with_model_size_within_bounds() -> None:
     tiny = float(resolve(spec(model={"base": "s3://m/tiny", "parametersMillions": 3})).learning_rate)
     assert tiny == pytest.approx(2 * DEFAULTS["sft"].learning_rate)  # size factor clamped at 2
     assert rates[-1] >= 0.25 * DEFAULTS["sft"].learning_rate
+
+
+@pytest.mark.parametrize(("domain_percent", "factor"), [(50, 1.0), (75, 1.0), (90, 0.7), (100, 0.5)])
+def test_less_general_replay_lowers_the_auto_learning_rate(domain_percent: int, factor: float) -> None:
+    assert domain_factor(domain_percent) == pytest.approx(factor)
+    data = {"domainPercent": domain_percent, "domain": [{"uri": "s3://d/"}], "general": [{"uri": "s3://g/"}]}
+    resolved = resolve(spec(model={"base": "s3://m/llama-7b"}, data=data))
+    assert float(resolved.learning_rate) == pytest.approx(2e-5 * factor)
+    assert f"domain factor {factor:.3g}" in resolved.learning_rate_why
+
+
+def test_a_written_learning_rate_ignores_the_domain_factor() -> None:
+    data = {"domainPercent": 100, "domain": [{"uri": "s3://d/"}]}
+    resolved = resolve(spec(data=data, training={"learningRate": "3e-5"}, eval={"general": [{"uri": "s3://g/"}]}))
+    assert resolved.learning_rate == "3e-5"
 
 
 def test_lora_learning_rate_is_an_order_of_magnitude_above_full_fine_tuning() -> None:
@@ -121,3 +163,31 @@ def test_warmup_steps_and_notes() -> None:
     assert any("eval.domain not given" in note for note in resolved.notes)
     with_eval = resolve(spec(eval={"domain": [{"uri": "s3://held/d"}], "general": [{"uri": "s3://held/g"}]}))
     assert not any("not given" in note for note in with_eval.notes)
+
+
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "user-guide.md"
+
+
+def _defaults_section() -> str:
+    return GUIDE.read_text().split("## Defaults and their sources\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_every_source_of_the_table_is_a_reference_in_the_user_guide() -> None:
+    text, references = _defaults_section().split("References:", 1)
+    defined = set(re.findall(r"^- \[([a-z]+\d{4})\] ", references, re.MULTILINE))
+    cited_keys = set(re.findall(r"\[([a-z]+\d{4})\]", text))
+    for technique, row in DEFAULTS.items():
+        assert set(row.sources) <= defined, f"{technique}: {set(row.sources) - defined} not in the references"
+        assert set(row.sources) <= cited_keys, f"{technique}: {row.sources} not cited in the text"
+    assert cited_keys <= defined, f"cited but not listed: {cited_keys - defined}"
+    assert defined <= cited_keys, f"listed but never cited: {defined - cited_keys}"
+
+
+@pytest.mark.parametrize("technique", ["cpt", "sft", "lora"])
+def test_the_documented_table_matches_the_code(technique: str) -> None:
+    row = DEFAULTS[technique]  # type: ignore[index]
+    line = next(line for line in _defaults_section().splitlines() if line.startswith(f"| `{technique}` |"))
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[1].startswith(format_decimal(row.learning_rate)), cells
+    assert cells[2].startswith(f"{row.reference_params_millions // 1000}B"), cells
+    assert cells[3].startswith(f"{row.global_batch_tokens:,}"), cells

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -149,9 +150,15 @@ def test_apply_creates_owned_children_with_the_right_specs(
         assert container["name"] == "pytorch"
         assert container["image"] == "registry.example/forge-trainer:test"
         assert container["command"] == ["forge-trainer", "--config", "/etc/forge/config.json"]
-        assert {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"} in container["ports"]
+        assert container["ports"] == [
+            {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": 9400, "protocol": "TCP"},  # local rank 0
+            {"name": "metrics-1", "containerPort": 9401, "protocol": "TCP"},  # local rank 1
+        ]
+        # The ForgeJob's own resources: the operator's defaults (FORGE_TRAINER_RESOURCES) do not mix in.
         assert container["resources"]["limits"] == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 2}
         assert container["resources"]["requests"] == {"cpu": 4, "nvidia.com/gpu": 2}
+        assert container["imagePullPolicy"] == "IfNotPresent"  # FORGE_TRAINER_IMAGE_PULL_POLICY
         assert {"name": "forge-config", "mountPath": "/etc/forge", "readOnly": True} in container["volumeMounts"]
         assert {"name": "forge-config", "configMap": {"name": "support-bot-config"}} in pod["volumes"]
         env = {e["name"]: e for e in container["env"]}
@@ -175,6 +182,9 @@ def test_single_node_cpu_job_has_no_worker_and_no_gpu(
     assert job["nprocPerNode"] == "1"
     container = job["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in json.dumps(container.get("resources", {}))
+    # No spec.resources.resources: the operator's FORGE_TRAINER_RESOURCES apply.
+    assert container["resources"] == {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}}
+    assert [p["name"] for p in container["ports"]] == ["pytorchjob-port", "metrics"]
 
 
 @pytest.mark.parametrize(
@@ -397,11 +407,14 @@ def test_failed_pytorchjob_fails_the_forgejob(kube: Kube, operator_process: Oper
 
 
 def test_early_stop_reported_by_the_trainer(kube: Kube, operator_process: OperatorProcess, namespace: str) -> None:
+    """The guard reports earlyStop, the trainer exits with its early-stop code, the PyTorchJob fails: the ForgeJob
+    is EarlyStopped (not Failed), with the guard's reason, and an Event says why."""
     kube.create_forgejob(namespace, forgejob("stopped"))
     wait_accepted(kube, operator_process, namespace, "stopped")
     trainer_op = TrainingOperatorStatus(kube, namespace, "stopped")
     trainer_op.created()
     trainer_op.running()
+    wait_state(kube, operator_process, namespace, "stopped", "Running")
     kube.patch_forgejob_status(
         namespace,
         "stopped",
@@ -410,19 +423,69 @@ def test_early_stop_reported_by_the_trainer(kube: Kube, operator_process: Operat
                 "latest": {"forgettingPercent": 7.5, "domainGainPercent": 12.0},
                 "earlyStop": {
                     "step": 120,
-                    "reason": "ForgettingBudgetExceeded",
-                    "message": "forgetting 7.5% > 2%: lower learningRate to 1e-5",
+                    "reason": "LearningRateTooHigh",
+                    "rule": "forgetting-slope",
+                    "message": "forgetting 7.5% > budget 2% and rising with the cumulative learning rate",
+                    "action": "stop",
+                    "suggestion": {"learningRate": "1e-5", "domainPercent": 50},
                 },
             }
         },
     )
-    trainer_op.succeeded()
+    stopped = wait_for(
+        lambda: kube.condition(namespace, "stopped", "EarlyStopped"),
+        what="EarlyStopped condition",
+        context=operator_process.log_tail,
+    )
+    assert (stopped["status"], stopped["reason"]) == ("True", "LearningRateTooHigh")
+    assert stopped["message"] == (
+        "the trainer's guard stopped the run at step 120 (rule forgetting-slope): forgetting 7.5% > budget 2% and "
+        "rising with the cumulative learning rate; suggested for the next run: learningRate 1e-5, domainPercent 50"
+    )
+    _, _, message = kube.wait_event(namespace, "stopped", "EarlyStopped", kind="Warning")
+    assert message.startswith("LearningRateTooHigh: the trainer's guard stopped the run at step 120")
+
+    trainer_op.failed()  # exit code 10: the PyTorchJob fails
     wait_state(kube, operator_process, namespace, "stopped", "EarlyStopped")
-    stopped = kube.condition(namespace, "stopped", "EarlyStopped")
-    assert stopped is not None and stopped["reason"] == "ForgettingBudgetExceeded"
+    failed = kube.condition(namespace, "stopped", "Failed")
+    assert failed is not None and (failed["status"], failed["reason"]) == ("False", "EarlyStopped")
+    assert "1 Master replica(s) failed" in failed["message"]
+    assert not any(reason == "Failed" for _, reason, _ in kube.events(namespace, "stopped"))
     forgetting = kube.condition(namespace, "stopped", "ForgettingWithinBudget")
     assert forgetting is not None and forgetting["status"] == "False"
     assert forgetting["reason"] == "ForgettingBudgetExceeded"
+
+
+def test_forgetting_over_budget_is_flagged_with_what_to_change(
+    kube: Kube, operator_process: OperatorProcess, namespace: str
+) -> None:
+    kube.create_forgejob(namespace, forgejob("forgetful", model={"base": "s3://models/llama-2-7b/"}))
+    wait_accepted(kube, operator_process, namespace, "forgetful")
+    resolved = kube.forgejob(namespace, "forgetful")["status"]["resolved"]
+    # 2e-5 at 7B, 262144-token batch, general share 20% (domain factor 0.9).
+    assert resolved["learningRate"] == "1.8e-5"
+    kube.patch_forgejob_status(namespace, "forgetful", {"status": {"latest": {"forgettingPercent": 6.1}}})
+
+    def flagged() -> dict[str, Any] | None:
+        condition = kube.condition(namespace, "forgetful", "ForgettingWithinBudget")
+        return condition if condition and condition["status"] == "False" else None
+
+    condition = wait_for(flagged, what="ForgettingWithinBudget=False", context=operator_process.log_tail)
+    assert condition["reason"] == "ForgettingBudgetExceeded"
+    # 1.8e-5 x 2/6.1 = 5.9e-6; domainPercent 80 (general 20%) -> general 45%.
+    assert condition["message"] == (
+        "forgetting 6.1% > budget 2%: lower learningRate to 5.9e-6 or raise the general share to 45% "
+        "(domainPercent 55) (action stop: the trainer's guard stops the run if this persists)"
+    )
+    kube.wait_event(namespace, "forgetful", "ForgettingBudgetExceeded", kind="Warning", message=condition["message"])
+    kube.patch_forgejob_status(namespace, "forgetful", {"status": {"latest": {"forgettingPercent": 1.5}}})
+    wait_for(
+        lambda: (
+            (kube.condition(namespace, "forgetful", "ForgettingWithinBudget") or {}).get("reason") == "WithinBudget"
+        ),
+        what="back within budget",
+        context=operator_process.log_tail,
+    )
 
 
 # --- checkpoint selection -----------------------------------------------------------------------------------------
@@ -483,6 +546,7 @@ TRAINER_REPORT: dict[str, Any] = {
 @pytest.mark.parametrize(
     ("policy", "step", "front"),
     [("best-within-budget", 200, []), ("last", 300, []), ("pareto", 200, [100, 200, 300])],
+    ids=["best-within-budget", "last", "pareto"],
 )
 def test_trainer_report_selects_a_checkpoint(
     kube: Kube, operator_process: OperatorProcess, namespace: str, policy: str, step: int, front: list[int]
@@ -505,11 +569,85 @@ def test_trainer_report_selects_a_checkpoint(
     assert selected["uri"] == f"s3://acme/forge/sel/step-{step:08d}/"
     assert selected["policy"] == policy
     status = kube.forgejob(namespace, name)["status"]
-    assert status.get("paretoFront", []) == front
+    reported = {c["step"]: c for c in TRAINER_REPORT["checkpoints"]}
+    assert status.get("paretoFront", []) == [
+        {
+            "step": s,
+            "uri": reported[s]["uri"],
+            "kind": "checkpoint",
+            "forgettingPercent": reported[s]["forgettingPercent"],
+            "domainGainPercent": reported[s]["domainGainPercent"],
+        }
+        for s in front
+    ]
     assert status["progress"] == TRAINER_REPORT["progress"], "the operator must not touch the trainer's fields"
     forgetting = kube.condition(namespace, name, "ForgettingWithinBudget")
     assert forgetting is not None and forgetting["status"] == "False"  # latest 3.75% > 2%
     kube.wait_event(namespace, name, "CheckpointSelected")
+
+
+END_OF_RUN_CANDIDATES: list[dict[str, Any]] = [
+    {
+        "step": 300,
+        "uri": f"s3://acme/forge/sel/step-00000300-wise-{alpha}/",
+        "kind": "interpolation",
+        "alpha": alpha,
+        "forgettingPercent": forgetting,
+        "domainGainPercent": gain,
+        "complete": True,
+    }
+    for alpha, forgetting, gain in ((0.25, 0.4, 9.0), (0.5, 1.1, 21.5), (0.75, 2.4, 24.0))
+] + [
+    {
+        "step": 300,
+        "uri": "s3://acme/forge/sel/average-200-300/",
+        "kind": "average",
+        "averageOf": [200, 300],
+        "forgettingPercent": 2.2,
+        "domainGainPercent": 23.0,
+        "complete": True,
+    }
+]
+
+
+def test_end_of_run_candidates_are_selected_by_kind(
+    kube: Kube, operator_process: OperatorProcess, namespace: str
+) -> None:
+    """The trainer appends its end-of-run candidates; within the 2% budget the 0.5 interpolation beats every saved
+    checkpoint (21.5% gain vs 20% for step 200), and the metrics follow."""
+    kube.create_forgejob(namespace, forgejob("wise"))
+    wait_accepted(kube, operator_process, namespace, "wise")
+    kube.patch_forgejob_status(namespace, "wise", {"status": TRAINER_REPORT})
+    wait_for(
+        lambda: (kube.forgejob(namespace, "wise")["status"].get("selected") or {}).get("step") == 200,
+        what="step 200 selected before the candidates",
+        context=operator_process.log_tail,
+    )
+    checkpoints = [*TRAINER_REPORT["checkpoints"], *END_OF_RUN_CANDIDATES]
+    written = kube.patch_forgejob_status(namespace, "wise", {"status": {"checkpoints": checkpoints}})
+    assert written["status"]["checkpoints"] == checkpoints, "the CRD keeps kind, alpha and averageOf"
+    selected = wait_for(
+        lambda: (lambda s: s if s.get("kind") == "interpolation" else None)(
+            kube.forgejob(namespace, "wise")["status"].get("selected") or {}
+        ),
+        what="the interpolation selected",
+        context=operator_process.log_tail,
+    )
+    assert selected["uri"] == "s3://acme/forge/sel/step-00000300-wise-0.5/"
+    assert (selected["step"], selected["alpha"], selected["policy"]) == (300, 0.5, "best-within-budget")
+    assert selected["reason"].startswith("interpolation (alpha 0.5) of step 300 with the base model: largest domain")
+    assert (selected["forgettingPercent"], selected["domainGainPercent"]) == (1.1, 21.5)
+    kube.wait_event(namespace, "wise", "CheckpointSelected", message=f"{selected['uri']}: {selected['reason']}")
+
+    text = wait_for(
+        lambda: (
+            lambda t: (
+                t if f'forge_forgejob_selected_step{{forge_job="wise",namespace="{namespace}"}} 300.0' in t else None
+            )
+        )(operator_process.metrics()),
+        what="forge_forgejob_selected_step for wise",
+    )
+    assert f'forge_forgejob_checkpoints{{forge_job="wise",namespace="{namespace}"}} 3.0' in text  # 400 is incomplete
 
 
 def test_printer_columns_show_state_step_forgetting_selected(
@@ -676,7 +814,8 @@ def test_operator_metrics(kube: Kube, operator_process: OperatorProcess, namespa
     assert samples['forge_reconcile_duration_seconds_count{handler="reconcile"}'] >= 2
     assert samples['forge_reconcile_errors_total{kind="invalid_spec"}'] >= 1
     assert samples['forge_children_created_total{kind="PyTorchJob"}'] >= 1
-    assert not any('job="' in key for key in samples), "a label named job would be renamed on scrape"
+    assert not any(re.search(r'[{,]job="', key) for key in samples), "a label named job would be renamed on scrape"
+    assert any(key.startswith("forge_forgejob_checkpoints{forge_job=") for key in samples)
 
 
 # --- the trainer's credentials ------------------------------------------------------------------------------------

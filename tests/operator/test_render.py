@@ -146,3 +146,52 @@ def test_changed_paths_name_each_field() -> None:
     new = frozen_spec(spec(training={"learningRate": "1e-5"}, resources={"nodes": 4, "gpusPerNode": 4}))
     assert changed_paths(old, new) == ["spec.resources.nodes", "spec.training.learningRate"]
     assert changed_paths(old, old) == []
+
+
+def _container(job: dict[str, Any], replica: str = "Master") -> dict[str, Any]:
+    container: dict[str, Any] = job["spec"]["pytorchReplicaSpecs"][replica]["template"]["spec"]["containers"][0]
+    return container
+
+
+def test_every_local_rank_declares_its_metrics_port() -> None:
+    ports = _container(build_pytorchjob(OWNER, spec(), OPTIONS), "Worker")["ports"]
+    assert ports[1:] == [
+        {"name": "metrics", "containerPort": 9400, "protocol": "TCP"},
+        {"name": "metrics-1", "containerPort": 9401, "protocol": "TCP"},
+        {"name": "metrics-2", "containerPort": 9402, "protocol": "TCP"},
+        {"name": "metrics-3", "containerPort": 9403, "protocol": "TCP"},
+    ]
+    cpu = _container(build_pytorchjob(OWNER, spec(resources={"nodes": 1, "gpusPerNode": 0}), OPTIONS))["ports"]
+    assert [p["name"] for p in cpu] == ["pytorchjob-port", "metrics"]
+    big = _container(build_pytorchjob(OWNER, spec(resources={"nodes": 1, "gpusPerNode": 16}), OPTIONS))["ports"]
+    assert big[-1] == {"name": "metrics-15", "containerPort": 9415, "protocol": "TCP"}
+    assert all(len(p["name"]) <= 15 for p in big), "a container port name is at most 15 characters"
+
+
+DEFAULT_RESOURCES = {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "128Gi"}}
+
+
+def test_operator_default_resources_apply_when_the_forgejob_sets_none() -> None:
+    options = RenderOptions(trainer_image="t:1", trainer_resources=DEFAULT_RESOURCES)
+    resources = _container(build_pytorchjob(OWNER, spec(), options))["resources"]
+    assert resources == {
+        "limits": {"memory": "128Gi", "nvidia.com/gpu": 4},
+        "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": 4},
+    }
+    own = spec(resources={"nodes": 1, "gpusPerNode": 0, "resources": {"requests": {"cpu": "2"}}})
+    assert _container(build_pytorchjob(OWNER, own, options))["resources"] == {"requests": {"cpu": "2"}}
+    assert DEFAULT_RESOURCES["requests"] == {"cpu": "8", "memory": "64Gi"}, "the defaults are not mutated"
+
+
+def test_pull_policy_comes_from_the_spec_or_the_operator() -> None:
+    options = RenderOptions(trainer_image="t:1", trainer_image_pull_policy="Always")
+    assert _container(build_pytorchjob(OWNER, spec(), options))["imagePullPolicy"] == "Always"
+    own = spec(resources={"nodes": 2, "gpusPerNode": 4, "imagePullPolicy": "Never"})
+    assert _container(build_pytorchjob(OWNER, own, options))["imagePullPolicy"] == "Never"
+    assert "imagePullPolicy" not in _container(build_pytorchjob(OWNER, spec(), OPTIONS))
+
+
+def test_forgetting_budget_and_action_reach_the_trainer_config() -> None:
+    job_spec = spec(forgetting={"budgetPercent": 5, "action": "rebalance"})
+    config = build_trainer_config(OWNER, job_spec, resolve(job_spec), OPTIONS)
+    assert config["forgetting"] == {"budgetPercent": 5.0, "action": "rebalance"}

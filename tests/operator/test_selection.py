@@ -1,4 +1,4 @@
-"""Checkpoint selection policies (pure)."""
+"""Checkpoint selection policies (pure), with the end-of-run candidates (averages, WiSE-FT interpolations)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from forge_operator.api import Baseline, CheckpointReport
-from forge_operator.selection import candidates, pareto_front, select
+from forge_operator.api import Baseline, CheckpointReport, ForgeJobStatus
+from forge_operator.selection import candidates, complete_checkpoints, pareto_front, select
 
 
 def report(step: int, forgetting: float | None, gain: float | None, **extra: Any) -> CheckpointReport:
@@ -16,17 +16,48 @@ def report(step: int, forgetting: float | None, gain: float | None, **extra: Any
     )
 
 
+def interpolation(step: int, alpha: float, forgetting: float, gain: float, **extra: Any) -> CheckpointReport:
+    return CheckpointReport(
+        step=step,
+        uri=f"s3://o/step-{step:08d}-wise-{alpha}/",
+        kind="interpolation",
+        alpha=alpha,
+        forgetting_percent=forgetting,
+        domain_gain_percent=gain,
+        **extra,
+    )
+
+
+def average(steps: list[int], forgetting: float, gain: float, **extra: Any) -> CheckpointReport:
+    return CheckpointReport(
+        step=max(steps),
+        uri=f"s3://o/average-{'-'.join(map(str, steps))}/",
+        kind="average",
+        average_of=steps,
+        forgetting_percent=forgetting,
+        domain_gain_percent=gain,
+        **extra,
+    )
+
+
 REPORTS = [report(100, 0.5, 8.0), report(200, 1.5, 15.0), report(300, 2.5, 20.0), report(400, 1.9, 14.0)]
+# The trainer's end-of-run candidates: the interpolations trade gain for forgetting along the base-to-400 line, the
+# average of the last three checkpoints smooths them.
+CANDIDATES = [
+    interpolation(400, 0.25, 0.4, 5.0),
+    interpolation(400, 0.5, 0.9, 10.0),
+    interpolation(400, 0.75, 1.4, 12.0),
+    average([200, 300, 400], 1.7, 16.5),
+]
 
 
 def test_best_within_budget_takes_the_largest_gain_inside_the_budget() -> None:
     selection = select(REPORTS, None, "best-within-budget", 2)
     assert selection.selected is not None
-    assert selection.selected.step == 200
+    assert selection.selected.step == 200 and selection.selected.kind == "checkpoint"
     assert selection.selected.policy == "best-within-budget"
-    assert (
-        "largest domain gain (15.00%)" in selection.selected.reason and "3 checkpoint(s)" in selection.selected.reason
-    )
+    reason = selection.selected.reason
+    assert reason.startswith("checkpoint 200: largest domain gain (15.00%)") and "3 checkpoint(s)" in reason
     assert selection.pareto_front == []
 
 
@@ -38,7 +69,8 @@ def test_budget_is_inclusive() -> None:
 def test_when_nothing_fits_the_least_forgetting_wins_and_the_reason_says_so() -> None:
     selected = select(REPORTS, None, "best-within-budget", 0).selected
     assert selected is not None and selected.step == 100
-    assert "no checkpoint is within the forgetting budget of 0%" in selected.reason
+    assert selected.reason.startswith("no checkpoint or candidate is within the forgetting budget of 0%")
+    assert "checkpoint 100 has the least forgetting (0.50%" in selected.reason
 
 
 def test_ties_go_to_less_forgetting_then_to_the_later_step() -> None:
@@ -92,9 +124,15 @@ def test_pareto_front_keeps_only_non_dominated_checkpoints() -> None:
     # 400 (1.9%, 14) is dominated by 200 (1.5%, 15); the others trade gain for forgetting.
     assert [c.step for c in front] == [100, 200, 300]
     selection = select(REPORTS, None, "pareto", 2)
-    assert selection.pareto_front == [100, 200, 300]
+    assert [(p.step, p.kind, p.uri) for p in selection.pareto_front] == [
+        (100, "checkpoint", "s3://o/step-00000100/"),
+        (200, "checkpoint", "s3://o/step-00000200/"),
+        (300, "checkpoint", "s3://o/step-00000300/"),
+    ]
+    assert selection.pareto_front[1].forgetting_percent == 1.5
+    assert selection.pareto_front[1].domain_gain_percent == 15.0
     assert selection.selected is not None and selection.selected.step == 200
-    assert selection.selected.reason.startswith("pareto front [100, 200, 300]: ")
+    assert selection.selected.reason.startswith("pareto front of 3: checkpoint 200: ")
 
 
 def test_pareto_with_equal_points_keeps_both() -> None:
@@ -105,3 +143,91 @@ def test_pareto_with_equal_points_keeps_both() -> None:
 def test_last_takes_the_latest_complete_checkpoint() -> None:
     selected = select(REPORTS, None, "last", 2).selected
     assert selected is not None and selected.step == 400 and selected.policy == "last"
+
+
+# --- end-of-run candidates -----------------------------------------------------------------------------------
+
+
+def test_an_average_that_beats_every_checkpoint_wins_and_the_reason_names_it() -> None:
+    selected = select([*REPORTS, *CANDIDATES], None, "best-within-budget", 2).selected
+    assert selected is not None
+    assert (selected.kind, selected.step, selected.average_of) == ("average", 400, [200, 300, 400])
+    assert selected.uri == "s3://o/average-200-300-400/"
+    assert selected.reason.startswith("average of checkpoints [200, 300, 400]: largest domain gain (16.50%)")
+    assert "of 3 checkpoint(s) and 4 end-of-run candidate(s) within the forgetting budget of 2%" in selected.reason
+
+
+def test_an_interpolation_wins_when_only_it_fits_a_tight_budget() -> None:
+    selected = select([*REPORTS, *CANDIDATES], None, "best-within-budget", 1).selected
+    assert selected is not None
+    assert (selected.kind, selected.step, selected.alpha) == ("interpolation", 400, 0.5)
+    assert selected.reason.startswith("interpolation (alpha 0.5) of step 400 with the base model: largest domain gain")
+    assert selected.forgetting_percent == 0.9 and selected.domain_gain_percent == 10.0
+
+
+def test_when_nothing_fits_the_least_forgetting_candidate_is_named() -> None:
+    selected = select([*REPORTS, *CANDIDATES], None, "best-within-budget", 0).selected
+    assert selected is not None and (selected.kind, selected.alpha) == ("interpolation", 0.25)
+    assert "interpolation (alpha 0.25) of step 400 with the base model has the least forgetting" in selected.reason
+
+
+def test_pareto_front_includes_candidates() -> None:
+    selection = select([*REPORTS, *CANDIDATES], None, "pareto", 2)
+    front = [(p.kind, p.step, p.alpha) for p in selection.pareto_front]
+    # Only checkpoint 400 (1.9%, 14) is dominated (by 200: 1.5%, 15); every candidate trades gain for forgetting.
+    assert front == [
+        ("checkpoint", 100, None),
+        ("checkpoint", 200, None),
+        ("checkpoint", 300, None),
+        ("average", 400, None),
+        ("interpolation", 400, 0.25),
+        ("interpolation", 400, 0.5),
+        ("interpolation", 400, 0.75),
+    ]
+    assert selection.pareto_front[3].average_of == [200, 300, 400]
+    assert selection.selected is not None and selection.selected.kind == "average"
+    assert selection.selected.policy == "pareto"
+
+
+def test_exact_ties_prefer_the_plain_checkpoint() -> None:
+    tied = [report(400, 1.0, 10.0), interpolation(400, 0.75, 1.0, 10.0), average([300, 400], 1.0, 10.0)]
+    selected = select(tied, None, "best-within-budget", 2).selected
+    assert selected is not None and selected.kind == "checkpoint"
+    least = select(tied, None, "best-within-budget", 0).selected
+    assert least is not None and least.kind == "checkpoint"
+
+
+def test_last_ignores_end_of_run_candidates_and_says_so() -> None:
+    selected = select([*REPORTS, *CANDIDATES], None, "last", 2).selected
+    assert selected is not None and (selected.kind, selected.step) == ("checkpoint", 400)
+    assert "4 end-of-run candidate(s) not considered by 'last'" in selected.reason
+
+
+def test_candidates_of_the_same_step_are_distinct_entries() -> None:
+    pool = candidates([report(400, 1.9, 14.0), *CANDIDATES], None)
+    assert len(pool) == 5
+    # Step order, and within a step the checkpoint before what was built from it.
+    assert [(c.kind, c.alpha) for c in pool][:2] == [("checkpoint", None), ("average", None)]
+    again = candidates([*CANDIDATES, interpolation(400, 0.5, 0.8, 11.0)], None)
+    assert len(again) == 4 and next(c for c in again if c.alpha == 0.5).gain == 11.0
+    withdrawn = candidates([*CANDIDATES, interpolation(400, 0.5, 0.8, 11.0, complete=False)], None)
+    assert [c.alpha for c in withdrawn if c.kind == "interpolation"] == [0.25, 0.75]
+
+
+def test_without_metrics_the_fallback_is_a_plain_checkpoint() -> None:
+    reports = [
+        CheckpointReport(step=100, uri="s3://o/100"),
+        CheckpointReport(step=100, uri="s3://o/100-wise-0.5", kind="interpolation", alpha=0.5),
+    ]
+    selected = select(reports, None, "best-within-budget", 2).selected
+    assert selected is not None and selected.uri == "s3://o/100"
+
+
+def test_the_checkpoints_gauge_counts_complete_saved_checkpoints_only() -> None:
+    reports = [*REPORTS, report(500, 0.1, 50.0, complete=False), *CANDIDATES]
+    assert complete_checkpoints(reports) == 4
+
+
+def test_a_pareto_front_of_bare_steps_from_an_older_operator_is_dropped() -> None:
+    status = ForgeJobStatus.model_validate({"paretoFront": [100, 200]})
+    assert status.pareto_front == []

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 from prometheus_client import generate_latest
 from pydantic import ValidationError
 
 from forge_operator import metrics
+from forge_operator.api import ForgeJobStatus
 from forge_operator.handlers.common import guard
 from forge_operator.settings import Settings
 
@@ -68,3 +72,87 @@ def test_reconcile_latency_is_observed() -> None:
         'forge_reconcile_duration_seconds_count{handler="latency-unit"} 1.0'
         in generate_latest(metrics.REGISTRY).decode()
     )
+
+
+def _clean(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("FORGE_"):
+            monkeypatch.delenv(name)
+
+
+def test_trainer_resources_and_pull_policy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clean(monkeypatch)
+    monkeypatch.setenv(
+        "FORGE_TRAINER_RESOURCES", '{"requests":{"cpu":"8","memory":"64Gi"},"limits":{"memory":"128Gi"}}'
+    )
+    monkeypatch.setenv("FORGE_TRAINER_IMAGE_PULL_POLICY", "IfNotPresent")
+    options = Settings().render_options()
+    assert options.trainer_resources == {"limits": {"memory": "128Gi"}, "requests": {"cpu": "8", "memory": "64Gi"}}
+    assert options.trainer_image_pull_policy == "IfNotPresent"
+
+
+@pytest.mark.parametrize("empty", ["", "{}", "null", '{"limits": {}, "requests": {}}'])
+def test_empty_trainer_resources_mean_no_default(monkeypatch: pytest.MonkeyPatch, empty: str) -> None:
+    _clean(monkeypatch)
+    monkeypatch.setenv("FORGE_TRAINER_RESOURCES", empty)
+    monkeypatch.setenv("FORGE_TRAINER_IMAGE_PULL_POLICY", "")
+    settings = Settings()
+    assert settings.trainer_resources is None and settings.trainer_image_pull_policy is None
+    assert settings.render_options().trainer_resources == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("FORGE_TRAINER_RESOURCES", '{"requests": {"cpu": "lots"}}', "not a Kubernetes quantity"),
+        ("FORGE_TRAINER_RESOURCES", '{"requests": {"nvidia.com/gpu": 1}}', "gpusPerNode"),
+        ("FORGE_TRAINER_RESOURCES", '{"request": {"cpu": "1"}}', "trainer_resources.request"),
+        ("FORGE_TRAINER_RESOURCES", "cpu=8", "not JSON"),
+        ("FORGE_TRAINER_IMAGE_PULL_POLICY", "Sometimes", "trainer_image_pull_policy"),
+        ("FORGE_TRAINER_METRICS_PORT", "23450", "PyTorchJob port 23456"),
+        ("FORGE_TRAINER_METRICS_PORT", "65530", "trainer_metrics_port"),
+    ],
+)
+def test_bad_trainer_settings_fail_at_start(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    _clean(monkeypatch)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        Settings()
+
+
+def _samples(name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for family in metrics.REGISTRY.collect()
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def test_selected_step_and_checkpoints_per_forgejob() -> None:
+    status = ForgeJobStatus.model_validate(
+        {
+            "state": "Running",
+            "checkpoints": [
+                {"step": 100, "uri": "s3://o/100/", "complete": True},
+                {"step": 200, "uri": "s3://o/200/"},
+                {"step": 300, "uri": "s3://o/300/", "complete": False},
+                {"step": 200, "uri": "s3://o/200-wise-0.5/", "kind": "interpolation", "alpha": 0.5},
+            ],
+            "selected": {"step": 200, "uri": "s3://o/200/", "policy": "last", "reason": "r"},
+        }
+    )
+    metrics.record_status("team", "gauged", status)
+    labels = (("forge_job", "gauged"), ("namespace", "team"))
+    assert _samples("forge_forgejob_selected_step")[labels] == 200
+    assert _samples("forge_forgejob_checkpoints")[labels] == 2
+    text = generate_latest(metrics.REGISTRY).decode()
+    assert 'forge_forgejob_selected_step{forge_job="gauged",namespace="team"} 200.0' in text
+    assert not re.search(r'[{,]job="', text), "a label named job would be renamed on scrape"
+    metrics.record_status("team", "gauged", status.model_copy(update={"selected": None}))
+    assert labels not in _samples("forge_forgejob_selected_step"), "no selection: no series"
+    metrics.forget("team", "gauged")
+    assert labels not in _samples("forge_forgejob_checkpoints")
+    metrics.forget("team", "gauged")  # twice: nothing to remove, no error

@@ -185,15 +185,154 @@ def test_forgetting_is_unknown_until_measured() -> None:
     assert forgetting.status == "Unknown" and forgetting.reason == "NotMeasured"
 
 
+def with_report(status: ForgeJobStatus, **fields: Any) -> ForgeJobStatus:
+    """The status after a trainer-style merge patch of top-level fields."""
+    return ForgeJobStatus.model_validate({**status.to_api(), **fields})
+
+
+def by_type(status: ForgeJobStatus) -> dict[str, Condition]:
+    return {c.type: c for c in status.conditions}
+
+
+STOP = {
+    "step": 120,
+    "reason": "LearningRateTooHigh",
+    "rule": "forgetting-slope",
+    "message": "forgetting rises 0.8% per 1e-3 of cumulative learning rate",
+    "action": "stop",
+    "suggestion": {"learningRate": "6e-6", "domainPercent": 50},
+}
+RUNNING = pytorchjob(("Created", "True"), ("Running", "True"))
+
+
 def test_early_stop_makes_a_successful_run_early_stopped() -> None:
+    """The trainer may exit 0 after an early stop: the PyTorchJob Succeeded, the ForgeJob is EarlyStopped."""
     status = accepted()
-    stopped = ForgeJobStatus.model_validate(
-        {**status.to_api(), "earlyStop": {"step": 120, "reason": "LossDiverged", "message": "loss is NaN"}}
+    stopped = with_report(status, earlyStop={"step": 120, "reason": "LossDiverged", "message": "loss is NaN"})
+    after, change = step(stopped, pytorchjob=pytorchjob(("Succeeded", "True")))
+    assert after.state == "EarlyStopped" and is_terminal(after)
+    early = by_type(after)["EarlyStopped"]
+    assert (early.status, early.reason) == ("True", "LossDiverged")
+    assert early.message == "the trainer's guard stopped the run at step 120: loss is NaN"
+    assert by_type(after)["Succeeded"].status == "True"
+    assert [t.reason for t in change.transitions if t.reason == "EarlyStopped"] == ["EarlyStopped", "EarlyStopped"]
+
+
+def test_early_stop_exit_code_is_not_a_failure() -> None:
+    """Exit code 10 makes the PyTorchJob Failed: recorded as Failed=False, reason EarlyStopped, state EarlyStopped."""
+    status = step(accepted(), pytorchjob=RUNNING)[0]
+    reported = with_report(status, earlyStop=STOP)
+    during, change = step(reported, pytorchjob=RUNNING)
+    assert during.state == "Running", "still saving and exiting: not ended yet"
+    early = by_type(during)["EarlyStopped"]
+    assert (early.status, early.reason) == ("True", "LearningRateTooHigh")
+    assert early.message == (
+        "the trainer's guard stopped the run at step 120 (rule forgetting-slope): forgetting rises 0.8% per 1e-3 of "
+        "cumulative learning rate; suggested for the next run: learningRate 6e-6, domainPercent 50"
     )
-    after = step(stopped, pytorchjob=pytorchjob(("Succeeded", "True")))[0]
-    assert after.state == "EarlyStopped"
-    early = next(c for c in after.conditions if c.type == "EarlyStopped")
-    assert (early.status, early.reason, early.message) == ("True", "LossDiverged", "loss is NaN")
+    assert any(t.reason == "EarlyStopped" and t.warning for t in change.transitions)
+
+    failed_job = pytorchjob(("Created", "True"), ("Running", "False"), ("Failed", "True"))
+    ended, change = step(during, at="2026-01-01T00:10:00Z", pytorchjob=failed_job)
+    assert ended.state == "EarlyStopped" and is_terminal(ended)
+    failed = by_type(ended)["Failed"]
+    assert (failed.status, failed.reason) == ("False", "EarlyStopped")
+    assert "stopped the run on purpose (LearningRateTooHigh)" in failed.message and "Failed message" in failed.message
+    assert [t.reason for t in change.transitions] == ["EarlyStopped"]  # Running -> EarlyStopped, no Failed event
+    assert change.transitions[0].message.startswith("Running -> EarlyStopped: the trainer's guard stopped the run")
+
+    _, change = step(ended, at="2026-01-01T00:20:00Z", pytorchjob=failed_job)
+    assert change.empty, "final: later PyTorchJob events change nothing"
+
+
+def test_an_early_stop_reported_after_the_failure_still_wins() -> None:
+    """Whichever arrives first: a Failed PyTorchJob, then the trainer's (delayed) report."""
+    status = step(accepted(), pytorchjob=RUNNING)[0]
+    failed, _ = step(status, pytorchjob=pytorchjob(("Created", "True"), ("Running", "False"), ("Failed", "True")))
+    assert failed.state == "Failed"
+    late, change = step(with_report(failed, earlyStop=STOP))
+    assert late.state == "EarlyStopped"
+    assert by_type(late)["Failed"].status == "False" and by_type(late)["Failed"].reason == "EarlyStopped"
+    assert "Failed -> EarlyStopped" in next(t.message for t in change.transitions if t.reason == "EarlyStopped")
+
+
+def test_a_real_failure_stays_a_failure() -> None:
+    status = step(accepted(), pytorchjob=RUNNING)[0]
+    warned = with_report(status, earlyStop={**STOP, "action": "warn"})
+    failed, _ = step(warned, pytorchjob=pytorchjob(("Created", "True"), ("Failed", "True")))
+    assert failed.state == "Failed" and by_type(failed)["Failed"].status == "True"
+    assert "EarlyStopped" not in by_type(failed)
+
+
+def test_a_warning_from_the_guard_is_a_condition_and_an_event_per_report() -> None:
+    status = step(accepted(), pytorchjob=RUNNING)[0]
+    warn = {"step": 300, "reason": "GradNormSpikes", "message": "3 spikes over 10x the median", "action": "warn"}
+    warned, change = step(with_report(status, earlyStop=warn))
+    condition = by_type(warned)["GuardWarning"]
+    assert (condition.status, condition.reason) == ("True", "GradNormSpikes")
+    assert condition.message == "the guard warned at step 300: 3 spikes over 10x the median"
+    assert warned.state == "Running" and "EarlyStopped" not in by_type(warned)
+    assert [(t.reason, t.warning) for t in change.transitions] == [("GradNormSpikes", True)]
+    _, same = step(warned, at="2026-01-01T02:00:00Z")
+    assert same.empty, "the same report: no new Event"
+    later, change = step(with_report(warned, earlyStop={**warn, "step": 500}))
+    assert [t.reason for t in change.transitions] == ["GradNormSpikes"], "a new report: a new Event"
+    assert later.state == "Running"
+
+
+def test_a_rebalance_is_recorded_and_moves_the_suggested_mix() -> None:
+    status = step(accepted(), pytorchjob=RUNNING)[0]
+    rebalanced, change = step(
+        with_report(
+            status,
+            earlyStop={**STOP, "reason": "ForgettingBudgetExceeded", "action": "rebalance", "suggestion": None},
+            rebalance={"step": 400, "domainPercent": 50, "reason": "forgetting 3.1% > budget 2%"},
+            latest={"forgettingPercent": 3.1},
+        )
+    )
+    condition = by_type(rebalanced)["Rebalanced"]
+    assert condition.status == "True" and condition.reason == "Rebalanced"
+    assert condition.message == (
+        "from step 400 the general share is 50% (domainPercent 75 -> 50): forgetting 3.1% > budget 2%"
+    )
+    assert "EarlyStopped" not in by_type(rebalanced) and rebalanced.state == "Running"
+    assert ("Rebalanced", False) in [(t.reason, t.warning) for t in change.transitions]
+    forgetting = by_type(rebalanced)["ForgettingWithinBudget"]
+    # The suggestion starts from the rebalanced mix (50: already half general), not the spec's 75: only the rate
+    # (3.6e-5 halved: 2/3.1 is above the 0.5 cap).
+    assert forgetting.message.startswith("forgetting 3.1% > budget 2%: lower learningRate to 1.8e-5 (action stop")
+
+
+def test_forgetting_over_budget_says_what_to_change() -> None:
+    status = accepted()
+    assert RESOLVED.learning_rate == "3.6e-5" and SPEC.data.domain_percent == 75
+    over, change = step(with_report(status, latest={"forgettingPercent": 6.1}))
+    condition = by_type(over)["ForgettingWithinBudget"]
+    assert (condition.status, condition.reason) == ("False", "ForgettingBudgetExceeded")
+    # 3.6e-5 x 2/6.1 = 1.18e-5 -> 1.1e-5 (rounded down); general 25% -> 50%.
+    assert condition.message == (
+        "forgetting 6.1% > budget 2%: lower learningRate to 1.1e-5 or raise the general share to 50% "
+        "(domainPercent 50) (action stop: the trainer's guard stops the run if this persists)"
+    )
+    assert [(t.reason, t.warning) for t in change.transitions] == [("ForgettingBudgetExceeded", True)]
+    within, change = step(with_report(over, latest={"forgettingPercent": 1.25}))
+    condition = by_type(within)["ForgettingWithinBudget"]
+    assert (condition.status, condition.reason, condition.message) == (
+        "True",
+        "WithinBudget",
+        "forgetting 1.25% is within the budget of 2%",
+    )
+
+
+def test_the_guards_own_suggestion_wins_over_the_rule_of_thumb() -> None:
+    status = accepted()
+    report = with_report(
+        status,
+        latest={"forgettingPercent": 6.1},
+        earlyStop={**STOP, "action": "warn", "suggestion": {"learningRate": "8e-6"}},
+    )
+    message = by_type(step(report)[0])["ForgettingWithinBudget"].message
+    assert "lower learningRate to 8e-6 or raise the general share to 50% (domainPercent 50)" in message
 
 
 def test_selection_uses_the_accepted_budget_not_a_refused_new_one() -> None:
@@ -211,3 +350,35 @@ def test_selection_uses_the_accepted_budget_not_a_refused_new_one() -> None:
     loose = SPEC.model_copy(update={"forgetting": SPEC.forgetting.model_copy(update={"budget_percent": 50})})
     change = desired_status(report, loose, generation=2, at="t")
     assert change.patch["status"]["selected"]["step"] == 100
+
+
+def test_the_pareto_front_is_written_in_api_form() -> None:
+    status = accepted()
+    report = with_report(
+        status,
+        checkpoints=[
+            {"step": 100, "uri": "s3://acme/o/100/", "forgettingPercent": 0.5, "domainGainPercent": 5.0},
+            {"step": 200, "uri": "s3://acme/o/200/", "forgettingPercent": 1.5, "domainGainPercent": 9.0},
+        ],
+    )
+    pareto = SPEC.model_copy(update={"checkpoints": SPEC.checkpoints.model_copy(update={"selection": "pareto"})})
+    change = desired_status(report, pareto, generation=1, at="t")
+    assert change.patch["status"]["paretoFront"] == [
+        {
+            "step": 100,
+            "uri": "s3://acme/o/100/",
+            "kind": "checkpoint",
+            "forgettingPercent": 0.5,
+            "domainGainPercent": 5.0,
+        },
+        {
+            "step": 200,
+            "uri": "s3://acme/o/200/",
+            "kind": "checkpoint",
+            "forgettingPercent": 1.5,
+            "domainGainPercent": 9.0,
+        },
+    ]
+    assert change.patch["status"]["selected"]["kind"] == "checkpoint"
+    again = desired_status(apply(report, change), pareto, generation=1, at="later")
+    assert again.empty, "written back and read again: nothing changes"

@@ -78,9 +78,7 @@ def write_status(
     if not change.empty:
         metrics.STATUS_PATCHES.labels(handler=handler).inc()
         post_events(written, change.transitions)
-    state = parse_status(written.get("status")).state
-    if state is not None:
-        metrics.record_state(namespace, name, state)
+    metrics.record_status(namespace, name, parse_status(written.get("status")))
     return change
 
 

@@ -22,9 +22,7 @@ def sync_status(ctx: OperatorContext, event_type: str | None, body: Mapping[str,
     if event_type == "DELETED":
         metrics.forget(namespace, name)
         return
-    state = parse_status(body.get("status")).state
-    if state is not None:
-        metrics.record_state(namespace, name, state)
+    metrics.record_status(namespace, name, parse_status(body.get("status")))
     if compute_change(body).empty:
         return
     write_status(ctx, namespace, name, HANDLER, uid=metadata.get("uid"))
