@@ -95,6 +95,7 @@ class StandInSettings:
     stop_grace_cap_s: float = 10.0  # upper bound on terminationGracePeriodSeconds
     drain_s: float = 5.0  # once the Master succeeded, how long other replicas may finish by themselves
     token_expiration_s: int = 24 * 3600
+    remap_metrics_ports: bool = True  # off: every replica keeps its `metrics` container port (one replica per host)
     path_prefix: tuple[str, ...] = field(default_factory=lambda: (str(Path(sys.executable).parent),))
 
 
@@ -569,7 +570,8 @@ class TrainingOperatorStandIn:
             kubeconfig, kubeconfig_text(self._access, token, namespace, f"system:serviceaccount:{namespace}:{account}")
         )
         nproc = nproc_per_node(job.spec)
-        if replica.metrics_port is None and any(port.name == METRICS_PORT_NAME for port in container.ports):
+        wants_port = self.settings.remap_metrics_ports and any(p.name == METRICS_PORT_NAME for p in container.ports)
+        if replica.metrics_port is None and wants_port:
             replica.metrics_port = free_port_block(nproc)
         ranks: list[tuple[list[str], dict[str, str]]] = []
         for local_rank in range(nproc):

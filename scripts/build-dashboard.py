@@ -1,0 +1,477 @@
+#!/usr/bin/env python3
+"""Writes the Forge Grafana dashboard, charts/forge/dashboards/forge.json, from the panel list below.
+
+The dashboard is generated so that every panel follows the same conventions (datasource variable, ForgeJob and
+namespace filters, units): edit this file and run it (`python3 scripts/build-dashboard.py`), never the JSON by hand.
+It also writes the table of panels and their PromQL into docs/monitoring.md. tests/chart/test_dashboard.py fails
+when either differs from this script's output, and runs every PromQL expression against a real Prometheus that
+scraped a CPU training run.
+
+Metric names come from operator/forge_operator/metrics.py (forge_forgejobs, forge_reconcile_*, ...) and
+trainer_image/forge_trainer/metrics.py (forge_trainer_*, labels forge_job, namespace, rank).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "charts" / "forge" / "dashboards" / "forge.json"
+DOC = ROOT / "docs" / "monitoring.md"
+DOC_START, DOC_END = "<!-- dashboard-panels:start -->", "<!-- dashboard-panels:end -->"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+# Trainer series of the selected ForgeJobs.
+SEL = 'namespace=~"$namespace", forge_job=~"$forgejob"'
+BY_JOB = "namespace, forge_job"
+# Requested, not exported yet (see docs/monitoring.md, "Metrics the dashboard expects"): panels that use it show
+# nothing until the trainer exports it; tests/chart/test_dashboard.py knows it as pending.
+BUDGET = "forge_trainer_forgetting_budget_percent"  # trainer: spec.forgetting.budgetPercent of the run
+# Exported by the operator (operator/forge_operator/metrics.py), labels namespace, forge_job.
+SELECTED_STEP = "forge_forgejob_selected_step"  # status.selected.step
+REPORTED_CHECKPOINTS = "forge_forgejob_checkpoints"  # complete saved checkpoints in status.checkpoints
+
+
+def target(expr: str, legend: str, ref: str = "A", instant: bool = False) -> dict[str, Any]:
+    t: dict[str, Any] = {"datasource": DS, "expr": expr, "legendFormat": legend, "refId": ref, "range": not instant}
+    if instant:
+        t["instant"] = True
+    return t
+
+
+def timeseries(
+    title: str,
+    description: str,
+    targets: list[dict[str, Any]],
+    unit: str = "short",
+    decimals: int | None = None,
+    overrides: list[dict[str, Any]] | None = None,
+    stack: bool = False,
+    min_zero: bool = False,
+) -> dict[str, Any]:
+    defaults: dict[str, Any] = {
+        "unit": unit,
+        "color": {"mode": "palette-classic"},
+        "custom": {
+            "drawStyle": "line",
+            "lineWidth": 2,
+            "fillOpacity": 10 if stack else 0,
+            "showPoints": "never",
+            "spanNulls": True,
+            "stacking": {"mode": "normal" if stack else "none", "group": "A"},
+        },
+    }
+    if decimals is not None:
+        defaults["decimals"] = decimals
+    if min_zero:
+        defaults["min"] = 0
+    return {
+        "type": "timeseries",
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "targets": targets,
+        "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
+        "options": {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True, "calcs": []},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        },
+    }
+
+
+def stat(title: str, description: str, targets: list[dict[str, Any]], unit: str = "short") -> dict[str, Any]:
+    return {
+        "type": "stat",
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "targets": targets,
+        "fieldConfig": {
+            "defaults": {
+                "unit": unit,
+                "color": {"mode": "thresholds"},
+                "thresholds": {"mode": "absolute", "steps": [{"color": "blue", "value": None}]},
+            },
+            "overrides": [],
+        },
+        "options": {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "value",
+            "graphMode": "area",
+            "textMode": "auto",
+            "orientation": "auto",
+        },
+    }
+
+
+def dashed(name_regex: str, color: str) -> dict[str, Any]:
+    """An override drawing the series whose name matches as a dashed line of a fixed colour (a limit line)."""
+    return {
+        "matcher": {"id": "byRegexp", "options": name_regex},
+        "properties": [
+            {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+            {"id": "color", "value": {"mode": "fixed", "fixedColor": color}},
+        ],
+    }
+
+
+def row(title: str) -> dict[str, Any]:
+    return {"type": "row", "title": title, "collapsed": False, "panels": []}
+
+
+def forgetting_vs_step() -> dict[str, Any]:
+    """XY chart: forgetting % (y) against the optimizer step (x), with the budget as a second series."""
+    return {
+        "type": "xychart",
+        "title": "Forgetting % against step (with budget)",
+        "description": (
+            "Relative rise of the general held-out loss over the base model, in percent, at each evaluated step "
+            "(forge_trainer_forgetting_percent against forge_trainer_step), and the ForgeJob's forgetting budget "
+            "(spec.forgetting.budgetPercent). Select a single ForgeJob. Points above the budget line are over budget; "
+            "an early rise that recovers is the 'stability gap'."
+        ),
+        "datasource": DS,
+        "targets": [
+            target(f"max by ({BY_JOB}) (forge_trainer_step{{{SEL}}})", "step", "A"),
+            target(f"max by ({BY_JOB}) (forge_trainer_forgetting_percent{{{SEL}}})", "forgetting %", "B"),
+            target(f"max by ({BY_JOB}) ({BUDGET}{{{SEL}}})", "budget %", "C"),
+        ],
+        "transformations": [
+            {"id": "joinByField", "options": {"byField": "Time", "mode": "outer"}},
+        ],
+        "fieldConfig": {
+            "defaults": {
+                "unit": "percent",
+                "custom": {"show": "points", "pointSize": {"fixed": 5, "min": 1, "max": 20}},
+            },
+            "overrides": [dashed("budget.*", "red")],
+        },
+        "options": {
+            "seriesMapping": "auto",
+            "dims": {"frame": 0, "x": "step"},
+            "series": [],
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True, "calcs": []},
+            "tooltip": {"mode": "single"},
+        },
+    }
+
+
+def panels() -> list[dict[str, Any]]:
+    job = "{{forge_job}}"
+    rank = "{{forge_job}} rank {{rank}}"
+    return [
+        row("Forgetting and domain gain"),
+        forgetting_vs_step(),
+        timeseries(
+            "Forgetting % over time (with budget)",
+            "forge_trainer_forgetting_percent: (general eval loss - base general loss) / base general loss, in "
+            "percent; the dashed line is the ForgeJob's budget.",
+            [
+                target(f"max by ({BY_JOB}) (forge_trainer_forgetting_percent{{{SEL}}})", f"{job} forgetting %", "A"),
+                target(f"max by ({BY_JOB}) ({BUDGET}{{{SEL}}})", f"{job} budget %", "B"),
+            ],
+            unit="percent",
+            decimals=2,
+            overrides=[dashed(".*budget.*", "red")],
+        ),
+        timeseries(
+            "Domain gain %",
+            "forge_trainer_domain_gain_percent: (base domain loss - domain eval loss) / base domain loss, in percent. "
+            "Higher is better; a flat line means the run no longer learns the domain.",
+            [target(f"max by ({BY_JOB}) (forge_trainer_domain_gain_percent{{{SEL}}})", job)],
+            unit="percent",
+            decimals=2,
+        ),
+        timeseries(
+            "Held-out loss: general and domain",
+            "forge_trainer_eval_loss by set: mean loss on the fixed held-out general set (forgetting) and domain set "
+            "(domain gain).",
+            [target(f"max by ({BY_JOB}, set) (forge_trainer_eval_loss{{{SEL}}})", f"{job} {{{{set}}}}")],
+            decimals=3,
+        ),
+        timeseries(
+            "Training loss",
+            "forge_trainer_loss: token-mean training loss of the last step over all ranks (mixed domain + general "
+            "stream).",
+            [target(f"max by ({BY_JOB}) (forge_trainer_loss{{{SEL}}})", job)],
+            decimals=3,
+        ),
+        timeseries(
+            "Realised data mix (domain share of tokens)",
+            "forge_trainer_data_tokens: share of training tokens drawn from domain sources so far, in percent (the "
+            "spec's data.domainPercent is the target).",
+            [
+                target(
+                    f"100 * sum by ({BY_JOB}) (max by ({BY_JOB}, group, source) "
+                    f'(forge_trainer_data_tokens{{{SEL}, group="domain"}})) / sum by ({BY_JOB}) '
+                    f"(max by ({BY_JOB}, group, source) (forge_trainer_data_tokens{{{SEL}}}))",
+                    f"{job} domain %",
+                )
+            ],
+            unit="percent",
+            decimals=1,
+        ),
+        row("Optimisation"),
+        timeseries(
+            "Learning rate",
+            "forge_trainer_learning_rate: learning rate of the last step (warmup, then the schedule). Too high "
+            "forgets fast; too low wastes compute.",
+            [target(f"max by ({BY_JOB}) (forge_trainer_learning_rate{{{SEL}}})", job)],
+            unit="sci",
+        ),
+        timeseries(
+            "Gradient norm",
+            "forge_trainer_grad_norm: global gradient norm before clipping. Spikes precede divergence.",
+            [target(f"max by ({BY_JOB}) (forge_trainer_grad_norm{{{SEL}}})", job)],
+            decimals=3,
+        ),
+        timeseries(
+            "Progress (steps)",
+            "forge_trainer_step against forge_trainer_total_steps.",
+            [
+                target(f"max by ({BY_JOB}) (forge_trainer_step{{{SEL}}})", f"{job} step", "A"),
+                target(f"max by ({BY_JOB}) (forge_trainer_total_steps{{{SEL}}})", f"{job} total steps", "B"),
+            ],
+            overrides=[dashed(".*total steps", "text")],
+        ),
+        row("Throughput"),
+        timeseries(
+            "Tokens/s per rank",
+            "forge_trainer_tokens_per_second of each trainer process. A rank well below the others is a straggler "
+            "(slow node, throttled GPU, noisy neighbour).",
+            [target(f"forge_trainer_tokens_per_second{{{SEL}}}", rank)],
+            unit="short",
+            min_zero=True,
+        ),
+        timeseries(
+            "Tokens/s total",
+            "Sum of forge_trainer_tokens_per_second over the ranks of each ForgeJob, and the same from the token "
+            "counter (rate of forge_trainer_tokens_total).",
+            [
+                target(f"sum by ({BY_JOB}) (forge_trainer_tokens_per_second{{{SEL}}})", f"{job} (gauge)", "A"),
+                target(
+                    f"sum by ({BY_JOB}) (rate(forge_trainer_tokens_total{{{SEL}}}[$__rate_interval]))",
+                    f"{job} (counter rate)",
+                    "B",
+                ),
+            ],
+            unit="short",
+            min_zero=True,
+        ),
+        timeseries(
+            "MFU",
+            "forge_trainer_mfu_ratio: model FLOPs utilisation of each rank against its GPU's dense bf16 peak "
+            "(FORGE_PEAK_TFLOPS overrides the peak). Around 0.35-0.45 is good for a 1B model on H100/H200.",
+            [
+                target(f"forge_trainer_mfu_ratio{{{SEL}}}", rank, "A"),
+                target(f"avg by ({BY_JOB}) (forge_trainer_mfu_ratio{{{SEL}}})", f"{job} mean", "B"),
+            ],
+            unit="percentunit",
+            min_zero=True,
+        ),
+        stat(
+            "Tokens trained",
+            "Training tokens processed so far over all ranks (forge_trainer_tokens_total).",
+            [target(f"sum by ({BY_JOB}) (forge_trainer_tokens_total{{{SEL}}})", job)],
+            unit="short",
+        ),
+        row("Checkpoints"),
+        timeseries(
+            "Checkpoints saved",
+            "forge_trainer_checkpoints_saved_total: complete checkpoints written by each ForgeJob; "
+            f"{REPORTED_CHECKPOINTS}: checkpoints recorded in the ForgeJob's status.",
+            [
+                target(f"max by ({BY_JOB}) (forge_trainer_checkpoints_saved_total{{{SEL}}})", f"{job} saved", "A"),
+                target(f"max by ({BY_JOB}) ({REPORTED_CHECKPOINTS}{{{SEL}}})", f"{job} in status", "B"),
+            ],
+            decimals=0,
+            min_zero=True,
+        ),
+        timeseries(
+            "Checkpoint selected (step)",
+            f"{SELECTED_STEP}: optimizer step of the checkpoint the ForgeJob's selection policy chose "
+            "(status.selected.step); it moves when a better checkpoint within the forgetting budget arrives.",
+            [target(f"max by ({BY_JOB}) ({SELECTED_STEP}{{{SEL}}})", f"{job} selected step")],
+            decimals=0,
+            min_zero=True,
+        ),
+        row("Jobs and operator"),
+        timeseries(
+            "ForgeJobs by state",
+            "forge_forgejobs: ForgeJobs seen by the operator in each state (Pending, Running, Succeeded, "
+            "EarlyStopped, Failed, ...).",
+            [target("sum by (state) (forge_forgejobs)", "{{state}}")],
+            decimals=0,
+            stack=True,
+            min_zero=True,
+        ),
+        timeseries(
+            "Reconcile latency (p50, p95)",
+            "forge_reconcile_duration_seconds: duration of the operator's handler runs, by handler.",
+            [
+                target(
+                    "histogram_quantile(0.95, sum by (le, handler) "
+                    "(rate(forge_reconcile_duration_seconds_bucket[$__rate_interval])))",
+                    "p95 {{handler}}",
+                    "A",
+                ),
+                target(
+                    "histogram_quantile(0.5, sum by (le, handler) "
+                    "(rate(forge_reconcile_duration_seconds_bucket[$__rate_interval])))",
+                    "p50 {{handler}}",
+                    "B",
+                ),
+            ],
+            unit="s",
+            min_zero=True,
+        ),
+        timeseries(
+            "Reconcile errors",
+            "forge_reconcile_errors_total: handler errors and refusals per second, by kind (invalid_spec, "
+            "spec_change_refused, child_conflict, conflict, api, internal).",
+            [target("sum by (kind) (rate(forge_reconcile_errors_total[$__rate_interval]))", "{{kind}}")],
+            unit="reqps",
+            min_zero=True,
+        ),
+        timeseries(
+            "Operator writes",
+            "forge_children_created_total (by kind) and forge_status_patches_total (by handler), per second.",
+            [
+                target("sum by (kind) (rate(forge_children_created_total[$__rate_interval]))", "created {{kind}}", "A"),
+                target(
+                    "sum by (handler) (rate(forge_status_patches_total[$__rate_interval]))",
+                    "status patch {{handler}}",
+                    "B",
+                ),
+            ],
+            unit="reqps",
+            min_zero=True,
+        ),
+    ]
+
+
+def layout(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows span the width; other panels flow two per line (12 columns each, 8 high)."""
+    out, y, col, pid = [], 0, 0, 1
+    for p in items:
+        p = dict(p, id=pid)
+        pid += 1
+        if p["type"] == "row":
+            if col:
+                y, col = y + 8, 0
+            p["gridPos"] = {"h": 1, "w": 24, "x": 0, "y": y}
+            y += 1
+        else:
+            w = 6 if p["type"] == "stat" else 12
+            if col + w > 24:
+                y, col = y + 8, 0
+            p["gridPos"] = {"h": 8, "w": w, "x": col, "y": y}
+            col += w
+        out.append(p)
+    return out
+
+
+def variable(name: str, label: str, query: str, multi: bool = True) -> dict[str, Any]:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DS,
+        "query": {"query": query, "refId": f"{name}-var"},
+        "definition": query,
+        "refresh": 2,
+        "sort": 1,
+        "multi": multi,
+        "includeAll": True,
+        "allValue": ".*",
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "hide": 0,
+    }
+
+
+def dashboard() -> dict[str, Any]:
+    return {
+        "uid": "forge-overview",
+        "title": "Forge",
+        "description": "Forge ForgeJobs: forgetting, domain gain, losses, throughput, checkpoints, operator health.",
+        "tags": ["forge", "training", "kubeflow"],
+        "timezone": "browser",
+        "editable": True,
+        "graphTooltip": 1,
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "30s",
+        "time": {"from": "now-6h", "to": "now"},
+        "annotations": {"list": []},
+        "links": [],
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                    "refresh": 1,
+                },
+                variable("namespace", "Namespace", "label_values(forge_trainer_step, namespace)"),
+                variable(
+                    "forgejob", "ForgeJob", 'label_values(forge_trainer_step{namespace=~"$namespace"}, forge_job)'
+                ),
+            ]
+        },
+        "panels": layout(panels()),
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+def panel_table() -> str:
+    """The Markdown table of panels and their PromQL, for docs/monitoring.md."""
+    rows = ["| Panel | PromQL |", "| --- | --- |"]
+    for panel in panels():
+        if panel["type"] == "row":
+            rows.append(f"| **{panel['title']}** | |")
+            continue
+        exprs = "<br>".join(f"`{t['expr']}`".replace("|", "\\|") for t in panel["targets"])
+        rows.append(f"| {panel['title']} | {exprs} |")
+    return "\n".join(rows) + "\n"
+
+
+def with_panel_table(doc: str) -> str | None:
+    before, start, rest = doc.partition(DOC_START)
+    _, end, after = rest.partition(DOC_END)
+    if not start or not end:
+        return None
+    return f"{before}{DOC_START}\n{panel_table()}{DOC_END}{after}"
+
+
+def main() -> int:
+    text = render()
+    doc = DOC.read_text() if DOC.is_file() else ""
+    updated = with_panel_table(doc)
+    if updated is None:
+        print(f"{DOC}: markers {DOC_START} ... {DOC_END} not found", file=sys.stderr)
+        return 1
+    if "--check" in sys.argv[1:]:
+        if not OUT.is_file() or OUT.read_text() != text:
+            print(f"{OUT} is out of date: run python3 scripts/build-dashboard.py", file=sys.stderr)
+            return 1
+        if updated != doc:
+            print(f"{DOC}: the panel table is out of date: run python3 scripts/build-dashboard.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(text)
+    DOC.write_text(updated)
+    print(f"wrote {OUT} and the panel table of {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""A real Prometheus server (Debian's package) on loopback, scraping static targets, and its HTTP query API."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from forge_dev.controlplane import free_port
+from tests.chart.helm import wait_for
+
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").is_file() else None)
+    if found is None:
+        raise AssertionError("prometheus not found: `make system-packages` installs Debian's prometheus")
+    return found
+
+
+@dataclass
+class Prometheus:
+    url: str
+    log_path: Path
+
+    def api(self, path: str, params: Mapping[str, str]) -> Any:
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as response:
+            doc = json.loads(response.read())
+        if doc.get("status") != "success":
+            raise AssertionError(f"Prometheus {path} {params}: {doc}")
+        return doc["data"]
+
+    def query_range(self, expr: str, start: float, end: float, step: str = "1s") -> list[dict[str, Any]]:
+        data = self.api("query_range", {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": step})
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.api("query", {"query": expr})["result"]
+        return result
+
+    def series(self, match: str, start: float, end: float) -> list[dict[str, str]]:
+        result: list[dict[str, str]] = self.api("series", {"match[]": match, "start": str(start), "end": str(end)})
+        return result
+
+    def targets_up(self) -> dict[str, float]:
+        """``{job: value of up}`` for every target."""
+        return {r["metric"]["job"]: float(r["value"][1]) for r in self.query("up")}
+
+
+@contextmanager
+def prometheus(workdir: Path, targets: Mapping[str, str], scrape_interval: str = "500ms") -> Iterator[Prometheus]:
+    """Run Prometheus scraping ``{job name: host:port}``; stopped (and its data removed) on exit."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval, "evaluation_interval": "5s"},
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": [target]}]} for job, target in targets.items()
+        ],
+    }
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log_path = workdir / "prometheus.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                prometheus_binary(),
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--storage.tsdb.retention.time=1h",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = Prometheus(f"http://127.0.0.1:{port}", log_path)
+    try:
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"prometheus exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as response:
+                return bool(response.status == 200)
+
+        wait_for("Prometheus ready", ready, timeout=30)
+        yield server
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(workdir / "data", ignore_errors=True)

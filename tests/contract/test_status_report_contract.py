@@ -1,0 +1,155 @@
+"""The other half of the contract: the status the trainer reports is kept, unpruned, by the ForgeJob CRD, and
+the operator's models read it. The patches are built by the trainer's own report functions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from forge_operator.api import ForgeJobStatus
+from forge_operator.selection import select
+from forge_trainer.evaluate import EvalResult
+from forge_trainer.report import baseline_status, checkpoint_entry, latest_status, progress_status, status_patch
+from tests.conftest import LocalCluster
+
+FORGEJOB: dict[str, Any] = {
+    "apiVersion": "forge.dev/v1alpha1",
+    "kind": "ForgeJob",
+    "metadata": {"name": "reported"},
+    "spec": {
+        "model": {"base": "s3://models/llama-3.2-1b/"},
+        "technique": "sft",
+        "data": {"domain": [{"uri": "s3://acme/d/"}], "general": [{"uri": "s3://acme/g/"}]},
+        "checkpoints": {"output": "s3://acme/o/"},
+    },
+}
+
+
+def trainer_patch() -> dict[str, Any]:
+    base = EvalResult(0, 2.0, 1.6, None, None)
+    early = EvalResult.against(100, 1.8, 1.61, base)
+    late = EvalResult.against(200, 1.5, 1.7, base)
+    return status_patch(
+        baseline=baseline_status(base),
+        progress=progress_status(200, 400, 52_428_800, 311.7),
+        latest=latest_status(late, 48_123.25, 0.351, 1.7e-5, 79.8),
+        checkpoints=[
+            checkpoint_entry(100, "s3://acme/o/step-00000100/", early),
+            checkpoint_entry(200, "s3://acme/o/step-00000200/", late),
+        ],
+    )
+
+
+def test_trainer_status_report_round_trips_through_the_crd(cluster: LocalCluster, namespace: str) -> None:
+    patch = trainer_patch()
+    with cluster.api_client() as api:
+        custom = client.CustomObjectsApi(api)
+        custom.create_namespaced_custom_object("forge.dev", "v1alpha1", namespace, "forgejobs", FORGEJOB)
+        written = custom.patch_namespaced_custom_object_status(
+            "forge.dev", "v1alpha1", namespace, "forgejobs", "reported", patch
+        )
+    assert written["status"] == patch["status"], "the CRD pruned or changed part of the trainer's report"
+    status = ForgeJobStatus.model_validate(written["status"])
+    assert status.progress is not None and status.progress.step == 200
+    selected = select(status.checkpoints, status.baseline, "best-within-budget", 2).selected
+    assert selected is not None and selected.step == 100  # 200 forgets 6.25% > 2%
+
+
+def test_reports_without_evaluation_are_accepted(cluster: LocalCluster, namespace: str) -> None:
+    patch = status_patch(
+        progress=progress_status(3, 400, 1000, None),
+        latest=latest_status(None, None, None, None, None),
+        checkpoints=[checkpoint_entry(3, "s3://acme/o/step-00000003/", None)],
+    )
+    with cluster.api_client() as api:
+        custom = client.CustomObjectsApi(api)
+        custom.create_namespaced_custom_object("forge.dev", "v1alpha1", namespace, "forgejobs", FORGEJOB)
+        written = custom.patch_namespaced_custom_object_status(
+            "forge.dev", "v1alpha1", namespace, "forgejobs", "reported", patch
+        )
+    status = ForgeJobStatus.model_validate(written["status"])
+    assert [c.step for c in status.checkpoints] == [3]
+    selected = select(status.checkpoints, status.baseline, "best-within-budget", 2).selected
+    assert selected is not None and "no checkpoint has evaluation metrics" in selected.reason
+
+
+# The guard's reports, in the shapes agreed for issue 5 (docs/user-guide.md, "Status"). forge_trainer.report has no
+# builders for them yet: when it grows them, build these patches with them, as trainer_patch() does above.
+GUARD_REPORT: dict[str, Any] = {
+    "status": {
+        "earlyStop": {
+            "step": 420,
+            "reason": "ForgettingBudgetExceeded",
+            "rule": "forgetting-budget",
+            "message": "forgetting 3.1% > budget 2% for 3 evaluations",
+            "action": "rebalance",
+            "suggestion": {"learningRate": "1e-5", "domainPercent": 50},
+        },
+        "rebalance": {
+            "step": 420,
+            "domainPercent": 50,
+            "previousDomainPercent": 75,
+            "reason": "forgetting 3.1% > budget 2%",
+        },
+        "checkpoints": [
+            {"step": 400, "uri": "s3://acme/o/step-00000400/", "forgettingPercent": 1.9, "domainGainPercent": 20.0},
+            {
+                "step": 400,
+                "uri": "s3://acme/o/step-00000400-wise-0.5/",
+                "kind": "interpolation",
+                "alpha": 0.5,
+                "forgettingPercent": 0.8,
+                "domainGainPercent": 14.0,
+                "complete": True,
+            },
+            {
+                "step": 400,
+                "uri": "s3://acme/o/average-00000300-00000400/",
+                "kind": "average",
+                "averageOf": [300, 400],
+                "forgettingPercent": 1.5,
+                "domainGainPercent": 21.0,
+                "complete": True,
+            },
+        ],
+    }
+}
+
+
+def test_guard_reports_and_candidates_round_trip_through_the_crd(cluster: LocalCluster, namespace: str) -> None:
+    with cluster.api_client() as api:
+        custom = client.CustomObjectsApi(api)
+        custom.create_namespaced_custom_object("forge.dev", "v1alpha1", namespace, "forgejobs", FORGEJOB)
+        written = custom.patch_namespaced_custom_object_status(
+            "forge.dev", "v1alpha1", namespace, "forgejobs", "reported", GUARD_REPORT
+        )
+    assert written["status"] == GUARD_REPORT["status"], "the CRD pruned or changed part of the guard's report"
+    status = ForgeJobStatus.model_validate(written["status"])
+    assert status.early_stop is not None and status.early_stop.suggestion is not None
+    assert status.rebalance is not None and status.rebalance.domain_percent == 50
+    selected = select(status.checkpoints, status.baseline, "best-within-budget", 2).selected
+    assert selected is not None and (selected.kind, selected.average_of) == ("average", [300, 400])
+
+
+def test_an_unknown_reason_is_kept_but_a_malformed_one_is_refused(cluster: LocalCluster, namespace: str) -> None:
+    """Reasons are open (a newer trainer may add one) but must be CamelCase words; actions are an enum."""
+    with cluster.api_client() as api:
+        custom = client.CustomObjectsApi(api)
+        custom.create_namespaced_custom_object("forge.dev", "v1alpha1", namespace, "forgejobs", FORGEJOB)
+
+        def patch(early_stop: dict[str, Any]) -> dict[str, Any]:
+            result: dict[str, Any] = custom.patch_namespaced_custom_object_status(
+                "forge.dev", "v1alpha1", namespace, "forgejobs", "reported", {"status": {"earlyStop": early_stop}}
+            )
+            return result
+
+        assert (
+            patch({"reason": "EvalLossPlateau", "action": "warn"})["status"]["earlyStop"]["reason"] == "EvalLossPlateau"
+        )
+        for bad in ({"reason": "loss diverged"}, {"reason": "LossDiverged", "action": "pause"}):
+            with pytest.raises(ApiException) as error:
+                patch(bad)
+            assert error.value.status == 422

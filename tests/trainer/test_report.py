@@ -1,0 +1,285 @@
+"""Status reports: the pure patch builders, throttling/coalescing, and the sender against a real API server."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from forge_trainer.config import ForgeJobRef
+from forge_trainer.evaluate import EvalResult, domain_gain_percent, forgetting_percent
+from forge_trainer.report import (
+    StatusReporter,
+    baseline_status,
+    checkpoint_entry,
+    kube_patcher,
+    latest_status,
+    merge,
+    progress_status,
+    status_patch,
+)
+
+BASE = EvalResult(0, 2.0, 3.0, None, None)
+
+
+def test_forgetting_and_gain() -> None:
+    assert forgetting_percent(3.0, 3.06) == pytest.approx(2.0)
+    assert domain_gain_percent(2.0, 1.5) == pytest.approx(25.0)
+    assert forgetting_percent(None, 3.0) is None and domain_gain_percent(2.0, None) is None
+    ev = EvalResult.against(10, 1.5, 3.06, BASE)
+    assert ev.forgetting_percent == pytest.approx(2.0) and ev.domain_gain_percent == pytest.approx(25.0)
+
+
+def test_progress_and_latest_are_camel_case_and_rounded() -> None:
+    assert progress_status(25, 100, 51200, 12.6) == {
+        "step": 25,
+        "totalSteps": 100,
+        "tokens": 51200,
+        "percent": 25.0,
+        "etaSeconds": 13,
+    }
+    latest = latest_status(EvalResult.against(10, 1.234567, 3.0912345, BASE), 1234.56789, None, 2.5e-5, 69.99)
+    assert latest == {
+        "domainLoss": 1.2346,
+        "generalLoss": 3.0912,
+        "forgettingPercent": 3.0412,
+        "domainGainPercent": 38.2717,
+        "tokensPerSecond": 1234.5679,
+        "learningRate": 2.5e-05,
+        "realisedDomainPercent": 69.99,
+    }
+    # Unknown figures are left out: null in a merge patch would erase the last value reported.
+    assert latest_status(None, None, float("nan"), None, None) == {}
+
+
+def test_checkpoint_entry_and_patch() -> None:
+    entry = checkpoint_entry(200, "s3://b/run/step-00000200", EvalResult.against(200, 1.0, 3.3, BASE))
+    assert entry == {
+        "step": 200,
+        "uri": "s3://b/run/step-00000200",
+        "domainLoss": 1.0,
+        "generalLoss": 3.3,
+        "forgettingPercent": 10.0,
+        "domainGainPercent": 50.0,
+        "complete": True,
+    }
+    patch = status_patch(checkpoints=[entry], baseline=baseline_status(BASE), progress=None)
+    assert patch == {"status": {"checkpoints": [entry], "baseline": {"domainLoss": 2.0, "generalLoss": 3.0}}}
+
+
+def test_merge_coalesces_like_a_merge_patch() -> None:
+    a = status_patch(progress={"step": 1, "etaSeconds": 9}, checkpoints=[{"step": 5}])
+    b = status_patch(progress={"step": 2}, latest={"mfu": None})
+    assert merge(a, b) == {
+        "status": {"progress": {"step": 2, "etaSeconds": 9}, "checkpoints": [{"step": 5}], "latest": {"mfu": None}}
+    }
+    assert a["status"]["progress"]["step"] == 1  # inputs untouched
+
+
+class Sink:
+    """Records what the reporter sends; can be made to fail."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, dict[str, Any]]] = []
+        self.down = False
+        self.lock = threading.Lock()
+
+    def __call__(self, body: dict[str, Any]) -> None:
+        if self.down:
+            raise ConnectionError("API server unreachable")
+        with self.lock:
+            self.sent.append((time.monotonic(), body))
+
+
+def test_reporter_throttles_and_never_loses_a_checkpoint() -> None:
+    sink = Sink()
+    rep = StatusReporter(lambda: sink, min_interval=0.3)
+    checkpoints: list[dict[str, Any]] = []
+    start = time.monotonic()
+    for step in range(1, 41):
+        rep.submit(status_patch(progress={"step": step}))
+        if step % 10 == 0:
+            checkpoints.append({"step": step})
+            rep.submit(status_patch(checkpoints=list(checkpoints)))
+        time.sleep(0.025)
+    assert rep.close(timeout=5)
+    elapsed = time.monotonic() - start
+    times = [t for t, _ in sink.sent]
+    assert len(times) <= elapsed / 0.3 + 2
+    assert all(b - a >= 0.3 - 0.02 for a, b in itertools.pairwise(times[:-1]))
+    last = sink.sent[-1][1]["status"]
+    assert last["progress"] == {"step": 40}
+    assert [c["step"] for c in last["checkpoints"]] == [10, 20, 30, 40]
+
+
+def test_reporter_survives_an_outage_without_blocking() -> None:
+    sink = Sink()
+    rep = StatusReporter(lambda: sink, min_interval=0.05, max_backoff=0.2)
+    sink.down = True
+    worst = 0.0
+    for step in range(30):
+        t = time.monotonic()
+        rep.submit(status_patch(progress={"step": step}, checkpoints=[{"step": 0}]))
+        worst = max(worst, time.monotonic() - t)
+        time.sleep(0.02)
+    assert rep.errors >= 2 and not sink.sent
+    assert worst < 0.05
+    sink.down = False
+    assert rep.close(timeout=5)
+    assert sink.sent[-1][1] == {"status": {"progress": {"step": 29}, "checkpoints": [{"step": 0}]}}
+
+
+# ---- against the real API server --------------------------------------------------------------------------------
+
+
+class TcpProxy:
+    """A loopback TCP relay to the API server that can be taken down and brought back (an outage)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def up(self) -> None:
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        ls.listen(16)
+        self.port = ls.getsockname()[1]
+        self._listener = ls
+        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
+
+    def down(self) -> None:
+        if self._listener is not None:
+            # shutdown() wakes the thread blocked in accept(); close() alone would leave it listening.
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            for c in self._conns:
+                with contextlib.suppress(OSError):
+                    c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            self._conns.clear()
+
+    def _accept(self, ls: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = ls.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+def forgejob_body(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "forge.dev/v1alpha1",
+        "kind": "ForgeJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"base": "s3://models/tiny/"},
+            "technique": "cpt",
+            "data": {"domainPercent": 100, "domain": [{"uri": "s3://acme/tickets/"}], "seqLength": 128},
+            "training": {"maxSteps": 40, "microBatchSize": 2},
+            "checkpoints": {"everySteps": 10, "output": "s3://acme/forge/x/"},
+        },
+    }
+
+
+@pytest.fixture
+def forgejob(cluster: Any, namespace: str) -> Iterator[ForgeJobRef]:
+    from kubernetes import client
+
+    with cluster.api_client() as api:
+        client.CustomObjectsApi(api).create_namespaced_custom_object(
+            "forge.dev", "v1alpha1", namespace, "forgejobs", forgejob_body("report-test")
+        )
+    yield ForgeJobRef(namespace=namespace, name="report-test")
+
+
+def read_status(cluster: Any, ref: ForgeJobRef) -> dict[str, Any]:
+    from kubernetes import client
+
+    with cluster.api_client() as api:
+        obj = client.CustomObjectsApi(api).get_namespaced_custom_object(
+            ref.group, ref.version, ref.namespace, ref.plural, ref.name
+        )
+    status: dict[str, Any] = obj.get("status") or {}
+    return status
+
+
+@pytest.mark.timeout(120)
+def test_sender_patches_a_real_forgejob_through_an_outage(
+    cluster: Any, forgejob: ForgeJobRef, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kubeconfig = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    server = kubeconfig["clusters"][0]["cluster"]["server"]
+    host, port = server.removeprefix("https://").rsplit(":", 1)
+    proxy = TcpProxy((host, int(port)))
+    proxy.up()
+    kubeconfig["clusters"][0]["cluster"]["server"] = f"https://{host}:{proxy.port}"
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    try:
+        rep = StatusReporter(lambda: kube_patcher(forgejob), min_interval=1.0, max_backoff=2.0)
+        base = EvalResult(0, 2.5, 3.5, None, None)
+        rep.submit(status_patch(baseline=baseline_status(base)))
+        for step in range(1, 21):
+            rep.submit(status_patch(progress=progress_status(step, 40, step * 512, 40.0 - step)))
+            time.sleep(0.1)
+        deadline = time.monotonic() + 15
+        while read_status(cluster, forgejob).get("progress", {}).get("step") != 20:
+            assert time.monotonic() < deadline, read_status(cluster, forgejob)
+            time.sleep(0.2)
+        assert rep.sent <= 4  # 2 s of submissions at one patch per second at most (+ the first)
+
+        proxy.down()
+        ev = EvalResult.against(10, 2.0, 3.6, base)
+        entry = checkpoint_entry(10, "s3://acme/forge/x/step-00000010", ev)
+        t = time.monotonic()
+        rep.submit(status_patch(checkpoints=[entry], latest=latest_status(ev, 1000.0, None, 1e-4, 70.0)))
+        for step in range(21, 31):
+            rep.submit(status_patch(progress=progress_status(step, 40, step * 512, 40.0 - step)))
+            time.sleep(0.1)
+        assert time.monotonic() - t < 2.0  # submitting never waited for the API
+        deadline = time.monotonic() + 20
+        while rep.errors < 1:
+            assert time.monotonic() < deadline, "the outage was never noticed"
+            time.sleep(0.1)
+        proxy.up()  # the API server is reachable again on the same address
+        assert rep.close(timeout=30)
+    finally:
+        proxy.down()
+    status = read_status(cluster, forgejob)
+    assert status["baseline"] == {"domainLoss": 2.5, "generalLoss": 3.5}
+    assert status["progress"] == {"step": 30, "totalSteps": 40, "tokens": 15360, "percent": 75.0, "etaSeconds": 10}
+    assert status["checkpoints"] == [entry]
+    assert status["latest"]["forgettingPercent"] == pytest.approx(2.8571)
+    assert status["latest"]["learningRate"] == pytest.approx(1e-4)

@@ -1,0 +1,302 @@
+"""Checkpoints: DeepSpeed save to node-local disk, upload, manifest last, resume, export, prune.
+
+Layout, locally (``checkpoints.localDir``) and in ``checkpoints.output`` alike::
+
+    step-00000200/
+      global_step200/...          DeepSpeed files (module, optimizer shards, scheduler)
+      forge/state.json            trainer state: step, tokens, data-stream state, baseline, reports
+      forge/rng_rank_<r>.pt       RNG state of rank r (dropout)
+      hf/                         Hugging Face safetensors export (checkpoints.exportHf)
+      forge-manifest.json         written LAST: the list of files (with sizes) and the checkpoint's metrics
+
+A checkpoint is complete only when its manifest exists; without one it is never resumed from nor reported.
+Each rank uploads the files it wrote (its ZeRO shards and RNG file; rank 0 everything else) so that ranks on
+different nodes with separate local disks together upload the whole checkpoint; rank 0 then writes the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forge_trainer import storage
+from forge_trainer.errors import StorageError
+from forge_trainer.model import file_lock
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "forge-manifest.json"
+STATE_FILE = "forge/state.json"
+MANIFEST_VERSION = 1
+_TAG_RE = re.compile(r"^step-(\d{8})$")
+_OWNER_RE = re.compile(r"(?:zero_pp_rank_|rng_rank_)(\d+)(?:_|\.)")
+_SAVE_MARK = ".forge-save-id"
+
+
+def tag_for(step: int) -> str:
+    """Folder name of the checkpoint after ``step`` optimizer steps."""
+    return f"step-{step:08d}"
+
+
+def step_of(tag: str) -> int | None:
+    """Inverse of tag_for; None for other names."""
+    m = _TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def owner_rank(relpath: str) -> int:
+    """The rank that writes and uploads a checkpoint file."""
+    m = _OWNER_RE.search(relpath.rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else 0
+
+
+def _is_internal(relpath: str) -> bool:
+    name = relpath.rsplit("/", 1)[-1]
+    return name == MANIFEST or name.startswith(".") or relpath == "latest"
+
+
+def owned_files(tag_dir: Path, rank: int) -> list[tuple[str, int]]:
+    """(relative path, size) of the files under a local checkpoint folder that ``rank`` uploads."""
+    out = []
+    for p in sorted(tag_dir.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(tag_dir).as_posix()
+        if not _is_internal(rel) and owner_rank(rel) == rank:
+            out.append((rel, p.stat().st_size))
+    return out
+
+
+def make_manifest(
+    step: int, files: list[tuple[str, int]], metrics: dict[str, Any], meta: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest document."""
+    return {
+        "version": MANIFEST_VERSION,
+        "step": step,
+        "tag": tag_for(step),
+        "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": [{"path": p, "size": s} for p, s in sorted(files)],
+        "metrics": metrics,
+        **meta,
+    }
+
+
+def read_manifest(uri: str) -> dict[str, Any] | None:
+    """A checkpoint's manifest, or None when it is missing or unreadable (an incomplete checkpoint)."""
+    try:
+        raw = storage.read_bytes(storage.join(uri, MANIFEST))
+    except Exception as err:
+        log.warning("cannot read manifest of %s: %s", uri, err)
+        return None
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError:
+        log.warning("ignoring checkpoint %s: corrupt manifest", uri)
+        return None
+    return doc if isinstance(doc, dict) and doc.get("version") == MANIFEST_VERSION else None
+
+
+def list_tags(location: str) -> list[str]:
+    """Checkpoint folder names directly under a local folder or S3 prefix, oldest first."""
+    tags: set[str] = set()
+    if storage.is_s3(location):
+        url = storage.parse_s3(location)
+        prefix = url.key.rstrip("/") + "/" if url.key else ""
+        paginator = storage.s3_client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=url.bucket, Prefix=prefix, Delimiter="/"):
+            for cp in page.get("CommonPrefixes", []):
+                name = cp["Prefix"][len(prefix) :].strip("/")
+                tags.add(name)
+    else:
+        root = Path(location)
+        if root.is_dir():
+            tags = {p.name for p in root.iterdir() if p.is_dir()}
+    return sorted(t for t in tags if step_of(t) is not None)
+
+
+def complete_checkpoints(output: str) -> list[dict[str, Any]]:
+    """Manifests of the complete checkpoints in ``output``, oldest first."""
+    out = []
+    for tag in list_tags(output):
+        manifest = read_manifest(storage.join(output, tag))
+        if manifest is not None and manifest.get("tag") == tag:
+            out.append(manifest)
+        else:
+            log.info("ignoring incomplete checkpoint %s", storage.join(output, tag))
+    return out
+
+
+def latest_complete(output: str) -> dict[str, Any] | None:
+    """The newest complete checkpoint's manifest."""
+    found = complete_checkpoints(output)
+    return found[-1] if found else None
+
+
+@dataclass(frozen=True)
+class Places:
+    """Where checkpoints go: node-local folder and durable output."""
+
+    local_dir: Path
+    output: str
+
+    def local(self, step: int) -> Path:
+        """Local folder of a checkpoint."""
+        return self.local_dir / tag_for(step)
+
+    def remote(self, step: int) -> str:
+        """Output URI of a checkpoint."""
+        return storage.join(self.output, tag_for(step))
+
+    @property
+    def lock(self) -> Path:
+        """Lock file for the ranks sharing ``local_dir``."""
+        return self.local_dir / ".forge.lock"
+
+
+def new_save_id() -> str:
+    """A fresh id for one save (rank 0 draws it, every rank gets it by broadcast)."""
+    return uuid.uuid4().hex
+
+
+def prepare_local(places: Places, step: int, save_id: str) -> None:
+    """Clear leftovers of an earlier crashed save of the same step, once per node (the first rank to come)."""
+    tag_dir = places.local(step)
+    with file_lock(places.lock):
+        mark = tag_dir / _SAVE_MARK
+        if mark.is_file() and mark.read_text() == save_id:
+            return
+        if tag_dir.exists():
+            shutil.rmtree(tag_dir)
+        tag_dir.mkdir(parents=True)
+        mark.write_text(save_id)
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write JSON (parents created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, sort_keys=True))
+
+
+def save_rng(tag_dir: Path, rank: int) -> None:
+    """This rank's RNG states (for dropout; bit-exact resume)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    path = tag_dir / "forge" / f"rng_rank_{rank}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def load_rng(tag_dir: Path, rank: int) -> None:
+    """Restore this rank's RNG states if the checkpoint has them (same world size)."""
+    path = tag_dir / "forge" / f"rng_rank_{rank}.pt"
+    if not path.is_file():
+        return
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def upload_owned(places: Places, step: int, rank: int) -> list[tuple[str, int]]:
+    """Upload the files this rank owns; returns them for the manifest."""
+    tag_dir = places.local(step)
+    files = owned_files(tag_dir, rank)
+    if storage.same_place(str(places.local_dir), places.output):
+        return files
+    try:
+        for rel, _ in files:
+            storage.upload(tag_dir / rel, storage.join(places.remote(step), rel))
+    except Exception as err:
+        raise StorageError(
+            f"checkpoints.output: upload of {tag_for(step)} failed: {type(err).__name__}: {err}"
+        ) from err
+    return files
+
+
+def write_local_manifest(places: Places, step: int, manifest: dict[str, Any]) -> None:
+    """The manifest in the local copy (atomic)."""
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    storage.write_bytes(str(places.local(step) / MANIFEST), data)
+
+
+def publish_manifest(places: Places, step: int, manifest: dict[str, Any]) -> None:
+    """Write the manifest locally, then to the output: the output's manifest is the very last write."""
+    write_local_manifest(places, step, manifest)
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    if not storage.same_place(str(places.local_dir), places.output):
+        try:
+            storage.write_bytes(storage.join(places.remote(step), MANIFEST), data)
+        except Exception as err:
+            raise StorageError(f"checkpoints.output: manifest of {tag_for(step)}: {err}") from err
+
+
+def materialise(places: Places, manifest: dict[str, Any]) -> Path:
+    """Make every file of a complete checkpoint present in the local folder (download what is missing)."""
+    step = int(manifest["step"])
+    tag_dir = places.local(step)
+    with file_lock(places.lock):
+        local_manifest = read_manifest(str(tag_dir))
+        for f in manifest["files"]:
+            dest = tag_dir / f["path"]
+            if local_manifest is not None and dest.is_file() and dest.stat().st_size == f["size"]:
+                continue
+            try:
+                storage.download(storage.join(places.remote(step), f["path"]), dest)
+            except Exception as err:
+                raise StorageError(f"checkpoint {places.remote(step)}: cannot download {f['path']}: {err}") from err
+            if dest.stat().st_size != f["size"]:
+                raise StorageError(f"checkpoint {places.remote(step)}: {f['path']} has the wrong size")
+        write_json(tag_dir / MANIFEST, manifest)
+    return tag_dir
+
+
+def prune_local(places: Places, keep: int) -> list[str]:
+    """Delete local checkpoints beyond the newest ``keep`` complete ones (and incomplete older ones)."""
+    removed = []
+    with file_lock(places.lock):
+        tags = list_tags(str(places.local_dir))
+        complete = [t for t in tags if (places.local_dir / t / MANIFEST).is_file()]
+        keep_set = set(complete[-keep:])
+        newest_complete = complete[-1] if complete else None
+        for t in tags:
+            incomplete_old = t not in complete and newest_complete is not None and t < newest_complete
+            if (t in complete and t not in keep_set) or incomplete_old:
+                shutil.rmtree(places.local_dir / t, ignore_errors=True)
+                removed.append(t)
+    return removed
+
+
+def read_state(tag_dir: Path) -> dict[str, Any]:
+    """The trainer state saved with a checkpoint."""
+    doc: dict[str, Any] = json.loads((tag_dir / STATE_FILE).read_text())
+    return doc
+
+
+def zero_state_dict(tag_dir: Path, zero_stage: int, exclude_frozen: bool) -> dict[str, torch.Tensor]:
+    """Full (fp32 where available) model weights out of a local DeepSpeed checkpoint folder."""
+    ds_tags = [p.name for p in tag_dir.iterdir() if p.is_dir() and p.name.startswith("global_step")]
+    if len(ds_tags) != 1:
+        raise StorageError(f"{tag_dir}: expected one DeepSpeed folder, found {ds_tags}")
+    if zero_stage == 0:
+        sd = torch.load(tag_dir / ds_tags[0] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        module: dict[str, torch.Tensor] = sd["module"]
+        return module
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    result: dict[str, torch.Tensor] = get_fp32_state_dict_from_zero_checkpoint(
+        str(tag_dir), tag=ds_tags[0], exclude_frozen_parameters=exclude_frozen
+    )
+    return result

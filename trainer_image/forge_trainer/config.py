@@ -1,0 +1,349 @@
+"""The trainer config: the one written contract between the operator (which renders it) and the trainer.
+
+The operator renders a JSON document (camelCase keys) into the ConfigMap ``<job>-config``; every rank reads it
+with :func:`load_config`. Every "auto" value of the ForgeJob spec is already resolved to a number here. Unknown
+keys are rejected so that a typo or a version skew between operator and trainer fails at start, naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from forge_trainer.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+Technique = Literal["cpt", "sft", "lora"]
+Schedule = Literal["cosine", "constant", "wsd"]
+Precision = Literal["fp32", "bf16"]
+ForgettingAction = Literal["stop", "warn", "rebalance"]
+
+# A URI is a local path (absolute or relative to the working directory) or "s3://bucket/key-or-prefix".
+Uri = Annotated[str, Field(min_length=1, max_length=2048)]
+
+
+class _Model(BaseModel):
+    """Base of every config block: camelCase JSON keys, snake_case attributes, unknown keys rejected."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+        validate_default=True,
+    )
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The camelCase JSON form, as the operator renders it."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class Source(_Model):
+    """One data source: a file, a local folder or an S3 prefix, with its weight inside its group."""
+
+    uri: Uri = Field(
+        description=(
+            "Local file or folder, or s3://bucket/prefix (a prefix ending in '/' is a folder; files are read in "
+            'sorted key order). Files: *.jsonl with {"text": ...} or {"messages": [{"role", "content"}]}, '
+            "*.txt (one document per file); a '.gz' suffix is decompressed. Other files are ignored."
+        )
+    )
+    weight: int = Field(
+        default=1,
+        ge=1,
+        le=1_000_000,
+        description="Relative share of this source's group, in tokens (weights are normalised within the group).",
+    )
+
+
+class LoraSettings(_Model):
+    """LoRA adapter settings (peft); used only with technique 'lora'."""
+
+    rank: int = Field(default=16, ge=1, le=1024, description="Adapter rank r.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="Scaling numerator: updates are scaled by alpha/rank.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Names (suffixes) of the linear modules that get adapters, e.g. q_proj, v_proj.",
+    )
+
+
+class ModelSettings(_Model):
+    """The base model and how it is trained."""
+
+    base: Uri = Field(
+        description=(
+            "Hugging Face model folder (config.json, *.safetensors, tokenizer files): a local path or "
+            "s3://bucket/prefix/, copied to local disk first."
+        )
+    )
+    technique: Technique = Field(
+        description=(
+            "cpt: language-model loss on every token. sft: loss on assistant tokens of chat records only (text "
+            "records keep every token). lora: as sft, training LoRA adapters only (merged into the weights on export)."
+        )
+    )
+    lora: LoraSettings | None = Field(
+        default=None, description="LoRA settings; required when technique is 'lora', forbidden otherwise."
+    )
+
+    @model_validator(mode="after")
+    def _lora_matches_technique(self) -> ModelSettings:
+        if self.technique == "lora" and self.lora is None:
+            raise ValueError("technique 'lora' needs a 'lora' block")
+        if self.technique != "lora" and self.lora is not None:
+            raise ValueError(f"a 'lora' block is only allowed with technique 'lora', not {self.technique!r}")
+        return self
+
+
+class DataSettings(_Model):
+    """Training data and how domain and general tokens are mixed."""
+
+    domain_percent: int = Field(
+        ge=1, le=100, description="Share of training TOKENS drawn from the domain sources, in percent."
+    )
+    domain: list[Source] = Field(min_length=1, description="Domain sources (the user's data).")
+    general: list[Source] = Field(
+        default_factory=list,
+        description="General (curated) sources that protect general abilities; may be empty only at domainPercent 100.",
+    )
+    seq_length: int = Field(ge=8, le=1_048_576, description="Tokens per packed training sequence.")
+    max_repetition: float = Field(
+        default=4.0,
+        ge=1.0,
+        le=1000.0,
+        description=(
+            "How many passes over a source are allowed to fill its share (1 = never repeat). A source that runs "
+            "out beyond this fails the run with an 'insufficient tokens' error."
+        ),
+    )
+    max_bad_lines: int = Field(
+        default=100,
+        ge=0,
+        description=(
+            "Malformed records (bad JSON, missing text/messages, invalid UTF-8) skipped per source before the run "
+            "fails, naming the file and line of the record that crossed the limit."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _general_needed(self) -> DataSettings:
+        if self.domain_percent < 100 and not self.general:
+            raise ValueError(f"general sources are required when domainPercent is {self.domain_percent} (< 100)")
+        return self
+
+
+class EvalSettings(_Model):
+    """Held-out evaluation sets, fixed for the whole run (the first maxTokens tokens of each group)."""
+
+    every_steps: int = Field(default=100, ge=1, description="Evaluate every this many optimizer steps.")
+    domain: list[Source] = Field(default_factory=list, description="Held-out domain sources.")
+    general: list[Source] = Field(default_factory=list, description="Held-out general sources (forgetting).")
+    max_tokens: int = Field(
+        default=262_144, ge=1, description="Tokens evaluated per group (domain, general), split by source weight."
+    )
+
+
+class TrainingSettings(_Model):
+    """Optimisation settings, already resolved by the operator (no 'auto' here)."""
+
+    learning_rate: float = Field(gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
+    min_learning_rate: float = Field(default=0.0, ge=0.0, description="Floor the cosine and wsd schedules decay to.")
+    schedule: Schedule = Field(
+        default="cosine",
+        description=(
+            "Learning-rate schedule after linear warmup: cosine decay to minLearningRate, constant, or wsd "
+            "(warmup-stable-decay: constant, then linear decay over the last decayPercent of steps)."
+        ),
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup steps from 0 to the peak rate.")
+    decay_percent: int = Field(
+        default=20, ge=1, le=100, description="wsd only: share of maxSteps spent in the final decay, in percent."
+    )
+    micro_batch_size: int = Field(ge=1, le=4096, description="Sequences per rank per forward pass.")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, le=65536, description="Micro-batches accumulated per optimizer step."
+    )
+    global_batch_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "If set, checked at start: must equal microBatchSize * gradientAccumulationSteps * worldSize * seqLength."
+        ),
+    )
+    max_steps: int = Field(ge=1, description="Optimizer steps of the run.")
+    precision: Precision = Field(default="bf16", description="Training precision: fp32, or bf16 (mixed, fp32 master).")
+    zero_stage: int = Field(default=2, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3.")
+    seed: int = Field(default=1234, ge=0, le=2**32 - 1, description="Seed of model init noise, dropout and data order.")
+    gradient_clipping: float = Field(default=1.0, ge=0.0, description="Global gradient-norm clip (0 = off).")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW decoupled weight decay.")
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(default=0.95, ge=0.0, lt=1.0, description="AdamW beta2.")
+    adam_epsilon: float = Field(default=1e-8, gt=0.0, le=1.0, description="AdamW epsilon.")
+    activation_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass (less memory, ~30% more compute)."
+    )
+    compile: bool = Field(default=False, description="torch.compile the model (GPU; slow first steps).")
+    log_every_steps: int = Field(
+        default=1,
+        ge=1,
+        description="Steps between loss read-backs (each is a device sync); losses of every step are still logged.",
+    )
+
+    @model_validator(mode="after")
+    def _schedule_bounds(self) -> TrainingSettings:
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmupSteps ({self.warmup_steps}) exceeds maxSteps ({self.max_steps})")
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(f"minLearningRate ({self.min_learning_rate}) exceeds learningRate ({self.learning_rate})")
+        return self
+
+
+class ForgettingSettings(_Model):
+    """Forgetting budget (extended by the guard, issue 5)."""
+
+    budget_percent: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=1000.0,
+        description="Largest allowed relative rise of the general eval loss over the base model, in percent.",
+    )
+    action: ForgettingAction = Field(
+        default="stop", description="What happens when the budget is exceeded: stop, warn, or rebalance the mix."
+    )
+
+
+class CheckpointSettings(_Model):
+    """Where and how often checkpoints are written."""
+
+    every_steps: int = Field(ge=1, description="Save a checkpoint every this many optimizer steps (and at the end).")
+    output: Uri = Field(
+        description=(
+            "Durable destination: local path or s3://bucket/prefix/. Each checkpoint is <output>/step-NNNNNNNN/ "
+            "and is complete only once its forge-manifest.json exists (written last)."
+        )
+    )
+    keep: int = Field(default=3, ge=1, le=10_000, description="Complete checkpoints kept on local disk (newest).")
+    local_dir: str = Field(
+        default="/tmp/forge/checkpoints",
+        min_length=1,
+        description="Node-local scratch folder for checkpoints (shared by the ranks of one node).",
+    )
+    export_hf: bool = Field(
+        default=True,
+        description="Also write a Hugging Face safetensors folder (hf/) into every checkpoint (LoRA merged).",
+    )
+
+
+class ForgeJobRef(_Model):
+    """The ForgeJob whose /status the trainer patches."""
+
+    group: Literal["forge.dev"] = Field(default="forge.dev", description="API group of the ForgeJob CRD.")
+    version: Literal["v1alpha1"] = Field(default="v1alpha1", description="API version of the ForgeJob CRD.")
+    plural: Literal["forgejobs"] = Field(default="forgejobs", description="Plural resource name.")
+    namespace: str = Field(min_length=1, max_length=253, description="Namespace of the ForgeJob.")
+    name: str = Field(min_length=1, max_length=253, description="Name of the ForgeJob.")
+
+
+class ReportSettings(_Model):
+    """Status reporting (rank 0) and the Prometheus endpoint (every rank)."""
+
+    forge_job: ForgeJobRef | None = Field(
+        default=None, description="ForgeJob to report progress and checkpoints to; null disables status reports."
+    )
+    min_interval_seconds: float = Field(
+        default=5.0, ge=0.0, le=3600.0, description="At most one status patch per this many seconds."
+    )
+    metrics_port: int = Field(
+        default=9400,
+        ge=0,
+        le=65535,
+        description=(
+            "Prometheus /metrics port; each local process listens on metricsPort + LOCAL_RANK. 0 picks a free port "
+            "(logged). Environment FORGE_METRICS_PORT overrides it."
+        ),
+    )
+
+
+class TrainerConfig(_Model):
+    """The whole trainer config (JSON, camelCase)."""
+
+    version: Literal[1] = Field(description="Contract version; this trainer reads version 1.")
+    job_name: str = Field(min_length=1, max_length=253, description="Name of the ForgeJob (used in logs and metrics).")
+    namespace: str = Field(min_length=1, max_length=253, description="Namespace of the ForgeJob.")
+    model: ModelSettings = Field(description="Base model and technique.")
+    data: DataSettings = Field(description="Training data and mixing.")
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="Held-out evaluation sets.")
+    training: TrainingSettings = Field(description="Optimisation.")
+    forgetting: ForgettingSettings = Field(default_factory=ForgettingSettings, description="Forgetting budget.")
+    checkpoints: CheckpointSettings = Field(description="Checkpoint cadence and destination.")
+    report: ReportSettings = Field(default_factory=ReportSettings, description="Status reports and metrics.")
+
+    def global_batch_sequences(self, world_size: int) -> int:
+        """Sequences per optimizer step over all ranks."""
+        return self.training.micro_batch_size * self.training.gradient_accumulation_steps * world_size
+
+    def check_world(self, world_size: int) -> None:
+        """Checks that hold only once the world size is known; raises ConfigError naming the field."""
+        gbt = self.training.global_batch_tokens
+        if gbt is None:
+            return
+        actual = self.global_batch_sequences(world_size) * self.data.seq_length
+        if actual != gbt:
+            raise ConfigError(
+                f"training.globalBatchTokens: {gbt} != microBatchSize {self.training.micro_batch_size} * "
+                f"gradientAccumulationSteps {self.training.gradient_accumulation_steps} * worldSize {world_size} * "
+                f"seqLength {self.data.seq_length} = {actual}"
+            )
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts) or "(root)"
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    """One line per problem: '<origin>: <field.path>: <message>'."""
+    lines = []
+    for e in err.errors():
+        path = _field_path(tuple(e["loc"]))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        lines.append(f"{origin}: {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, origin: str = "<config>") -> TrainerConfig:
+    """Validate a decoded JSON document; raises ConfigError naming the origin and the field path."""
+    try:
+        return TrainerConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, origin)) from None
+
+
+def load_config(path: str | Path) -> TrainerConfig:
+    """Read and validate the trainer config file; errors name the file and the field path."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read config: {err.strerror or err}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{p}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    return parse_config(data, str(p))

@@ -1,0 +1,1 @@
+"""Data: sources, tokenisation, packing, the token-exact mixer and per-rank batches."""

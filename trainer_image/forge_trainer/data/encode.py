@@ -1,0 +1,162 @@
+"""Records -> token ids (+ loss mask), with the base model's tokenizer.
+
+Text records: [BOS] text [EOS], loss on every token.
+
+Chat records are rendered with the tokenizer's chat template. Under sft and lora only assistant turns carry loss:
+each assistant turn's character span is found by rendering the conversation up to the turn with the generation
+prompt and up to the end of the turn, and tokens overlapping those spans get loss (so the end-of-turn marker the
+template emits after an assistant message is learned too). A template for which these renderings are not prefixes
+of the full rendering makes that record bad (counted, reason given).
+
+Without a chat template the documented fallback is used::
+
+    [BOS]<|system|>\\n{content}\\n<|user|>\\n{content}\\n<|assistant|>\\n{content}\\n[EOS]
+
+with loss on each assistant "{content}\\n" and on the final EOS when the last message is the assistant's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from forge_trainer.data.records import BadRecordError, ChatRecord, Record, TextRecord
+from forge_trainer.errors import ModelError
+
+IdArray = npt.NDArray[np.int32]
+MaskArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class Doc:
+    """A tokenised record. ``mask`` marks tokens that carry loss; None means every token."""
+
+    ids: IdArray
+    mask: MaskArray | None
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+Span = tuple[int, int]
+
+
+class DocEncoder:
+    """Tokenises batches of records; ``assistant_only`` selects the SFT loss mask for chat records."""
+
+    def __init__(self, tokenizer: Any, assistant_only: bool) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ModelError("the tokenizer must be a fast (Rust) tokenizer: offsets are needed for loss masks")
+        self.tokenizer = tokenizer
+        self.assistant_only = assistant_only
+        self.bos: int | None = tokenizer.bos_token_id
+        self.eos: int | None = tokenizer.eos_token_id
+        self.template: str | None = getattr(tokenizer, "chat_template", None) or None
+
+    def encode(self, records: list[Record]) -> list[Doc | BadRecordError]:
+        """Tokenise records in one batch; a record that cannot be used becomes a BadRecordError in its slot."""
+        out: list[Doc | BadRecordError | None] = [None] * len(records)
+        text_idx = [i for i, r in enumerate(records) if isinstance(r, TextRecord)]
+        if text_idx:
+            texts = [records[i].text for i in text_idx]  # type: ignore[union-attr]
+            for i, ids in zip(text_idx, self._ids(texts), strict=True):
+                out[i] = Doc(self._wrap(ids, bos=True, eos=True), None)
+        chats: list[tuple[int, str, list[Span], bool]] = []
+        for i, r in enumerate(records):
+            if isinstance(r, ChatRecord):
+                try:
+                    text, spans, templated = self._render(r)
+                except BadRecordError as bad:
+                    out[i] = bad
+                else:
+                    chats.append((i, text, spans, templated))
+        if chats:
+            enc = self.tokenizer([c[1] for c in chats], add_special_tokens=False, return_offsets_mapping=True)
+            for (i, _, spans, templated), ids, offs in zip(chats, enc["input_ids"], enc["offset_mapping"], strict=True):
+                out[i] = self._chat_doc(ids, offs, spans, templated, records[i])
+        return [o for o in out if o is not None]
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch_fast"):
+            # Same ids as tokenizer(texts, add_special_tokens=False), without offsets or Python-side wrapping.
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        ids: list[list[int]] = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> IdArray:
+        head = [self.bos] if bos and self.bos is not None else []
+        tail = [self.eos] if eos and self.eos is not None else []
+        return np.asarray(head + ids + tail, dtype=np.int32)
+
+    def _chat_doc(
+        self, ids: list[int], offs: list[tuple[int, int]], spans: list[Span], templated: bool, rec: Record
+    ) -> Doc | BadRecordError:
+        wrap = not templated
+        arr = self._wrap(ids, bos=wrap, eos=wrap)
+        if not self.assistant_only:
+            return Doc(arr, None)
+        off = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
+        mask = np.zeros(len(ids), dtype=np.bool_)
+        for a, b in spans:
+            mask |= (off[:, 1] > a) & (off[:, 0] < b)
+        if wrap:
+            last_is_assistant = isinstance(rec, ChatRecord) and rec.messages[-1][0] == "assistant"
+            head = [False] if self.bos is not None else []
+            tail = [last_is_assistant] if self.eos is not None else []
+            mask = np.concatenate([np.asarray(head, np.bool_), mask, np.asarray(tail, np.bool_)])
+        if not mask.any():
+            return BadRecordError("no assistant tokens to train on")
+        return Doc(arr, mask)
+
+    def _render(self, rec: ChatRecord) -> tuple[str, list[Span], bool]:
+        if self.template is None:
+            text, spans = render_fallback(rec)
+            return text, spans, False
+        full = self._apply(_as_dicts(rec), gen=False)
+        return full, self._template_spans(rec, full), True
+
+    def _apply(self, msgs: list[dict[str, str]], gen: bool) -> str:
+        try:
+            text: str = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except Exception as err:
+            raise BadRecordError(f"chat template failed: {err}") from None
+        return text
+
+    def _template_spans(self, rec: ChatRecord, full: str) -> list[Span]:
+        if not self.assistant_only:
+            return []
+        msgs = _as_dicts(rec)
+        spans = []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            before = self._apply(msgs[:i], gen=True) if i else ""
+            upto = self._apply(msgs[: i + 1], gen=False)
+            if not (full.startswith(before) and full.startswith(upto) and len(before) <= len(upto)):
+                raise BadRecordError("the chat template does not render conversations prefix by prefix")
+            spans.append((len(before), len(upto)))
+        return spans
+
+
+def _as_dicts(rec: ChatRecord) -> list[dict[str, str]]:
+    return [{"role": r, "content": c} for r, c in rec.messages]
+
+
+def render_fallback(rec: ChatRecord) -> tuple[str, list[Span]]:
+    """The fallback chat format (no template): text and the character spans of assistant turns."""
+    parts: list[str] = []
+    spans: list[Span] = []
+    pos = 0
+    for role, content in rec.messages:
+        header, body = f"<|{role}|>\n", f"{content}\n"
+        parts.append(header)
+        pos += len(header)
+        if role == "assistant":
+            spans.append((pos, pos + len(body)))
+        parts.append(body)
+        pos += len(body)
+    return "".join(parts), spans

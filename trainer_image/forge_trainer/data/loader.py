@@ -1,0 +1,264 @@
+"""From the config to per-rank step batches: preflight checks, the mixer, rank slices, prefetching, eval sets."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from forge_trainer.config import DataSettings, Source, TrainerConfig
+from forge_trainer.data.encode import DocEncoder, IdArray, MaskArray
+from forge_trainer.data.mixer import DOMAIN, GENERAL, Mixer, integer_shares, mix_report, source_states
+from forge_trainer.data.pack import PackedSource, SourceExhaustedError, SourceLimits, SourceState
+from forge_trainer.data.sources import SourceFiles, resolve_source
+from forge_trainer.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+# Sources up to this size are tokenised whole at start, so "too small for its share" fails before training.
+PREFLIGHT_COUNT_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class MixPlan:
+    """The training sources in mixer order (domain first) with their group, share and resolved files."""
+
+    sources: list[Source]
+    groups: list[str]
+    shares: list[int]
+    files: list[SourceFiles]
+
+    def fingerprint(self, seed: int, seq_len: int) -> str:
+        """Identifies the stream: a data state only resumes the stream it came from."""
+        desc = [(s.uri, s.weight, g, sh) for s, g, sh in zip(self.sources, self.groups, self.shares, strict=True)]
+        raw = json.dumps({"sources": desc, "seed": seed, "seqLength": seq_len}, sort_keys=True)
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    def source_id(self, i: int) -> str:
+        """Stable id of source i within the plan (seeds its file order)."""
+        return f"{self.groups[i]}/{i}"
+
+
+def plan_mix(data: DataSettings) -> MixPlan:
+    """Resolve every training source's files; at domainPercent 100 general sources are not used."""
+    general = data.general if data.domain_percent < 100 else []
+    sources = [*data.domain, *general]
+    groups = [DOMAIN] * len(data.domain) + [GENERAL] * len(general)
+    shares = integer_shares([s.weight for s in data.domain], [s.weight for s in general], data.domain_percent)
+    files = [resolve_source(s.uri) for s in sources]
+    return MixPlan(sources, groups, shares, files)
+
+
+def needed_sequences(plan: MixPlan, total_sequences: int) -> list[int]:
+    """Upper bound of the sequences each source gives over the run (round robin is within one of exact)."""
+    total = sum(plan.shares)
+    return [math.ceil(total_sequences * s / total) + 1 for s in plan.shares]
+
+
+def limits(data: DataSettings, single_pass: bool = False) -> SourceLimits:
+    """Per-source limits from the config."""
+    return SourceLimits(data.max_repetition, data.max_bad_lines, single_pass)
+
+
+def preflight(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, total_sequences: int) -> None:
+    """Fail before training on sources that are empty, malformed or too small for their share.
+
+    Sources up to PREFLIGHT_COUNT_BYTES are tokenised whole; larger ones only have their first record read
+    here, and are checked as they stream.
+    """
+    data = cfg.data
+    for i, need in enumerate(needed_sequences(plan, total_sequences)):
+        src = PackedSource(plan.files[i], plan.source_id(i), encoder, data.seq_length, cfg.training.seed, limits(data))
+        if plan.files[i].total_bytes > PREFLIGHT_COUNT_BYTES:
+            src.next_sequence()
+            continue
+        tokens = src.count_pass_tokens()
+        need_tokens = need * data.seq_length
+        if need_tokens > data.max_repetition * tokens:
+            raise DataError(
+                f"source {plan.sources[i].uri}: insufficient tokens: it holds {tokens} tokens; its share of "
+                f"{total_sequences} sequences x {data.seq_length} tokens needs up to {need_tokens} tokens "
+                f"({need_tokens / tokens:.1f} passes > data.maxRepetition={data.max_repetition:g})"
+            )
+        log.info("source %s: %d tokens per pass, needs %.2f passes", plan.sources[i].uri, tokens, need_tokens / tokens)
+
+
+def build_mixer(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, state: dict[str, Any] | None = None) -> Mixer:
+    """The training mixer, fresh or resumed from a data state."""
+    if state is not None:
+        expect = plan.fingerprint(cfg.training.seed, cfg.data.seq_length)
+        if state.get("fingerprint") != expect:
+            raise DataError(
+                "data.domain/data.general/data.seqLength/training.seed changed since the checkpoint: its data "
+                "state cannot resume this stream (use a new output location to start over)"
+            )
+    states: list[SourceState | None] = source_states(state, len(plan.sources))
+    packed = [
+        PackedSource(
+            plan.files[i], plan.source_id(i), encoder, cfg.data.seq_length, cfg.training.seed, limits(cfg.data), st
+        )
+        for i, st in enumerate(states)
+    ]
+    return Mixer(packed, plan.groups, plan.shares, state)
+
+
+def plan_report(plan: MixPlan, state: dict[str, Any]) -> dict[str, Any]:
+    """The realised mix at a data state."""
+    return mix_report(state, plan.groups, plan.shares, [s.uri for s in plan.sources])
+
+
+def data_state(mixer: Mixer, plan: MixPlan, cfg: TrainerConfig) -> dict[str, Any]:
+    """The mixer state plus the stream fingerprint."""
+    st = mixer.state()
+    st["fingerprint"] = plan.fingerprint(cfg.training.seed, cfg.data.seq_length)
+    return st
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the global stream is split: per step, micro-batch m of rank r is a contiguous block."""
+
+    world_size: int
+    rank: int
+    micro_batch: int
+    accumulation: int
+
+    @property
+    def step_sequences(self) -> int:
+        """Global sequences per optimizer step."""
+        return self.world_size * self.micro_batch * self.accumulation
+
+    def owner(self, index_in_step: int) -> tuple[int, int]:
+        """(rank, micro-batch) that trains the sequence at this index of the step."""
+        block = index_in_step // self.micro_batch
+        return block % self.world_size, block // self.world_size
+
+
+@dataclass
+class StepBatch:
+    """One optimizer step for one rank: its micro-batches, and the data state after the whole step."""
+
+    step: int
+    micro: list[tuple[torch.Tensor, torch.Tensor]]
+    state: dict[str, Any]
+    global_loss_tokens: int
+
+
+def to_tensors(seqs: list[tuple[IdArray, MaskArray | None]], pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and labels (IGNORE_INDEX where no loss) for a micro-batch; ``pin`` for async copies to a GPU."""
+    ids = torch.from_numpy(np.stack([s[0] for s in seqs]).astype(np.int64))
+    labels = ids.clone()
+    for row, (_, mask) in enumerate(seqs):
+        if mask is not None:
+            labels[row, torch.from_numpy(~mask)] = IGNORE_INDEX
+    if pin:
+        return ids.pin_memory(), labels.pin_memory()
+    return ids, labels
+
+
+def labelled_positions(mask: MaskArray | None, seq_len: int) -> int:
+    """Next-token positions of a sequence that carry loss (position 0 predicts nothing)."""
+    return seq_len - 1 if mask is None else int(mask[1:].sum())
+
+
+def step_batches(
+    mixer: Mixer, plan: MixPlan, cfg: TrainerConfig, layout: Layout, first_step: int
+) -> Iterator[StepBatch]:
+    """Endless step batches for ``layout.rank``; every rank walks the same global stream and keeps its slice."""
+    step = first_step
+    pin = torch.cuda.is_available()
+    while True:
+        mine: list[list[tuple[IdArray, MaskArray | None]]] = [[] for _ in range(layout.accumulation)]
+        loss_tokens = 0
+        for j in range(layout.step_sequences):
+            seq = mixer.next()
+            loss_tokens += labelled_positions(seq.mask, cfg.data.seq_length)
+            rank, micro = layout.owner(j)
+            if rank == layout.rank:
+                mine[micro].append((seq.ids, seq.mask))
+        tensors = [to_tensors(m, pin=pin) for m in mine]
+        yield StepBatch(step, tensors, data_state(mixer, plan, cfg), loss_tokens)
+        step += 1
+
+
+_END = object()
+
+
+class Prefetcher:
+    """Builds step batches in a background thread (tokenisation overlaps the device's work).
+
+    Errors raised while building (DataError) are re-raised in the consumer at the step they belong to.
+    """
+
+    def __init__(self, batches: Iterator[StepBatch], depth: int = 2) -> None:
+        self._batches = batches
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="forge-data", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for batch in self._batches:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(batch, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as err:
+            self._queue.put(err)
+        else:
+            self._queue.put(_END)
+
+    def next(self) -> StepBatch:
+        """The next step batch (blocks while it is being built)."""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is _END:
+            raise StopIteration
+        assert isinstance(item, StepBatch)
+        return item
+
+    def close(self) -> None:
+        """Stop the background thread."""
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.1)
+            self._thread.join(timeout=0.1)
+
+
+def eval_sequences(
+    sources: list[Source], max_tokens: int, cfg: TrainerConfig, encoder: DocEncoder, pad_id: int
+) -> list[tuple[IdArray, MaskArray | None]]:
+    """A fixed held-out set: from each source (one pass, no repetition) its weight's share of ``max_tokens``."""
+    seq_len = cfg.data.seq_length
+    total_w = sum(s.weight for s in sources)
+    out: list[tuple[IdArray, MaskArray | None]] = []
+    for i, src in enumerate(sources):
+        n = max(1, (max_tokens * src.weight // total_w) // seq_len)
+        packed = PackedSource(
+            resolve_source(src.uri), f"eval/{i}", encoder, seq_len, cfg.training.seed, limits(cfg.data, True)
+        )
+        for _ in range(n):
+            try:
+                ids, mask = packed.next_sequence(pad_id)
+            except SourceExhaustedError:
+                break
+            out.append((ids, mask))
+    return out

@@ -1,0 +1,79 @@
+"""A data source: its files, their order in each pass (seeded), and an endless resumable record stream."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from forge_trainer import storage
+from forge_trainer.data.records import EpochEnd, FileKind, Item, Position, file_kind, iter_file
+from forge_trainer.errors import DataError
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One readable file of a source."""
+
+    uri: str
+    size: int
+    kind: FileKind
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """The files behind a source URI."""
+
+    uri: str
+    files: tuple[SourceFile, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of file sizes (compressed size for .gz)."""
+        return sum(f.size for f in self.files)
+
+
+def resolve_source(uri: str) -> SourceFiles:
+    """List a source's files; raises DataError if there are none it can read."""
+    try:
+        listed = storage.list_files(uri)
+    except Exception as err:
+        raise DataError(f"source {uri}: cannot list: {type(err).__name__}: {err}") from err
+    files, ignored = [], []
+    for file_uri, size in listed:
+        kind = file_kind(file_uri)
+        if kind is None:
+            ignored.append(file_uri)
+        else:
+            files.append(SourceFile(file_uri, size, kind))
+    if not files:
+        detail = f" (ignored, unsupported names: {', '.join(ignored[:5])})" if ignored else ""
+        raise DataError(f"source {uri}: empty source: no .jsonl or .txt files{detail}")
+    return SourceFiles(uri, tuple(files))
+
+
+def epoch_order(n_files: int, seed: int, source_id: str, epoch: int) -> list[int]:
+    """File order for one pass: a permutation that depends only on (seed, source, pass)."""
+    order = list(range(n_files))
+    # A string seed is hashed with SHA-512 by `random`: stable across processes and PYTHONHASHSEED.
+    random.Random(f"forge:{seed}:{source_id}:{epoch}").shuffle(order)
+    return order
+
+
+def iter_source(files: SourceFiles, seed: int, source_id: str, start: Position | None = None) -> Iterator[Item]:
+    """Records of the source pass after pass (an EpochEnd after each pass), starting at ``start``."""
+    epoch = start.epoch if start else 0
+    first = start
+    while True:
+        order = epoch_order(len(files.files), seed, source_id, epoch)
+        begin = first.file_pos if first else 0
+        for file_pos in range(begin, len(order)):
+            f = files.files[order[file_pos]]
+            if first is not None and file_pos == first.file_pos:
+                yield from iter_file(f.uri, f.kind, epoch, file_pos, first.line, first.offset)
+            else:
+                yield from iter_file(f.uri, f.kind, epoch, file_pos)
+            first = None
+        first = None
+        yield EpochEnd(epoch)
+        epoch += 1

@@ -1,0 +1,464 @@
+"""One training run on one rank: set up, resume, train, evaluate, checkpoint, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from forge_trainer import checkpoint as ckpt
+from forge_trainer import storage
+from forge_trainer.config import TrainerConfig
+from forge_trainer.data.encode import DocEncoder, IdArray, MaskArray
+from forge_trainer.data.loader import (
+    Layout,
+    MixPlan,
+    Prefetcher,
+    build_mixer,
+    eval_sequences,
+    plan_mix,
+    plan_report,
+    preflight,
+    step_batches,
+)
+from forge_trainer.data.mixer import Mixer
+from forge_trainer.engine import (
+    DistEnv,
+    build_engine,
+    dist_env,
+    evaluate,
+    init_distributed,
+    seed_everything,
+    train_step,
+)
+from forge_trainer.errors import StorageError
+from forge_trainer.evaluate import EvalResult
+from forge_trainer.metrics import (
+    TrainerMetrics,
+    create_metrics,
+    device_peak_flops,
+    flops_per_token,
+    metrics_port,
+    serve,
+)
+from forge_trainer.model import count_params, export_hf, fetch_model, load_model, load_tokenizer, pad_token_id
+from forge_trainer.report import (
+    StatusReporter,
+    baseline_status,
+    checkpoint_entry,
+    kube_patcher,
+    latest_status,
+    progress_status,
+    status_patch,
+)
+
+log = logging.getLogger(__name__)
+
+EvalSet = list[tuple[IdArray, MaskArray | None]]
+
+
+def emit(event: str, **fields: Any) -> None:
+    """A structured event on stdout (one JSON object per line), from rank 0."""
+    sys.stdout.write(json.dumps({"event": event, **fields}, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+@dataclass
+class Progress:
+    """Run state that is saved with every checkpoint."""
+
+    step: int = 0
+    tokens: int = 0
+    baseline: EvalResult | None = None
+    last_eval: EvalResult | None = None
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (without the data state, added by the caller)."""
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "baseline": None if self.baseline is None else self.baseline.__dict__,
+            "lastEval": None if self.last_eval is None else self.last_eval.__dict__,
+            "checkpoints": self.checkpoints,
+        }
+
+    @staticmethod
+    def from_json(doc: dict[str, Any]) -> Progress:
+        """Inverse of to_json."""
+        base, last = doc.get("baseline"), doc.get("lastEval")
+        return Progress(
+            step=int(doc["step"]),
+            tokens=int(doc["tokens"]),
+            baseline=EvalResult(**base) if base else None,
+            last_eval=EvalResult(**last) if last else None,
+            checkpoints=list(doc.get("checkpoints", [])),
+        )
+
+
+@dataclass
+class Throughput:
+    """Training tokens per second over windows of steps (evaluation and checkpoints excluded)."""
+
+    started: float = field(default_factory=time.perf_counter)
+
+    def update(self, tokens: int) -> float:
+        """Close a window in which ``tokens`` global tokens were trained; returns tokens per second."""
+        now = time.perf_counter()
+        elapsed = max(1e-9, now - self.started)
+        self.started = now
+        return tokens / elapsed
+
+    def restart(self) -> None:
+        """Start a new window now (evaluation and checkpoints are not training time)."""
+        self.started = time.perf_counter()
+
+
+class Run:
+    """Everything one rank needs for a run."""
+
+    def __init__(self, cfg: TrainerConfig, denv: DistEnv) -> None:
+        self.cfg = cfg
+        self.denv = denv
+        self.places = ckpt.Places(Path(cfg.checkpoints.local_dir), cfg.checkpoints.output)
+        self.layout = Layout(
+            denv.world_size, denv.rank, cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps
+        )
+        self.metrics: TrainerMetrics = create_metrics(cfg.job_name, cfg.namespace, denv.rank)
+        self.reporter: StatusReporter | None = None
+        self.progress = Progress()
+        self.latest_eval: EvalResult | None = None
+        self.engine: Any = None
+        self.model_dir = Path()
+        self.tokenizer: Any = None
+        self.plan: MixPlan | None = None
+        self.mixer: Mixer | None = None
+        self.eval_domain: EvalSet = []
+        self.eval_general: EvalSet = []
+        self.flops_token = 0.0
+        self.peak = device_peak_flops()
+        self.tps: float | None = None
+        self.last_data_state: dict[str, Any] | None = None
+
+    # ---- setup -------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Join the job, load model and data, resume if a complete checkpoint exists."""
+        cfg, denv = self.cfg, self.denv
+        cfg.check_world(denv.world_size)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        init_distributed(denv, int(os.environ.get("FORGE_DIST_TIMEOUT_S", "1800")))
+        seed_everything(cfg.training.seed, denv.rank)
+        serve(self.metrics, metrics_port(cfg.report.metrics_port, denv.local_rank))
+        self.metrics.set(self.metrics.total_steps, cfg.training.max_steps)
+        if denv.is_main and cfg.report.forge_job is not None:
+            ref = cfg.report.forge_job
+            self.reporter = StatusReporter(lambda: kube_patcher(ref), cfg.report.min_interval_seconds)
+        self.model_dir = fetch_model(cfg.model.base, self.places.local_dir / "base-model")
+        self.tokenizer = load_tokenizer(self.model_dir)
+        encoder = DocEncoder(self.tokenizer, assistant_only=cfg.model.technique in ("sft", "lora"))
+        self.plan = plan_mix(cfg.data)
+        manifest = self._find_resume()
+        state: dict[str, Any] | None = None
+        if manifest is not None:
+            tag_dir = ckpt.materialise(self.places, manifest)
+            doc = ckpt.read_state(tag_dir)
+            self.progress = Progress.from_json(doc)
+            state = doc["data"]
+            self.last_data_state = state
+            self.latest_eval = self.progress.last_eval
+        else:
+            total = cfg.training.max_steps * self.layout.step_sequences
+            preflight(self.plan, cfg, encoder, total)
+        model = load_model(self.model_dir, cfg.model, cfg.training.activation_checkpointing)
+        self._set_flops(model)
+        self.engine = build_engine(model, cfg, denv.world_size)
+        if manifest is not None:
+            self._load(manifest)
+        pad = pad_token_id(self.tokenizer)
+        self.eval_domain = eval_sequences(cfg.eval.domain, cfg.eval.max_tokens, cfg, encoder, pad)
+        self.eval_general = eval_sequences(cfg.eval.general, cfg.eval.max_tokens, cfg, encoder, pad)
+        if not self.eval_general and denv.is_main:
+            log.warning("no general held-out set (eval.general): forgetting cannot be measured")
+        self.mixer = build_mixer(self.plan, cfg, encoder, state)
+
+    def _find_resume(self) -> dict[str, Any] | None:
+        found = [ckpt.latest_complete(self.cfg.checkpoints.output) if self.denv.is_main else None]
+        if self.denv.world_size > 1:
+            dist.broadcast_object_list(found, src=0)
+        if found[0] is not None and self.denv.is_main:
+            log.info("resuming from %s", self.places.remote(int(found[0]["step"])))
+        return found[0]
+
+    def _load(self, manifest: dict[str, Any]) -> None:
+        step = int(manifest["step"])
+        tag_dir = self.places.local(step)
+        lora = self.cfg.model.technique == "lora"
+        path, _ = self.engine.load_checkpoint(str(tag_dir), tag=f"global_step{step}", load_module_strict=not lora)
+        if path is None:
+            raise StorageError(f"{tag_dir}: DeepSpeed could not load the checkpoint")
+        ckpt.load_rng(tag_dir, self.denv.rank)
+        if self.denv.is_main:
+            emit("resumed", step=step, uri=self.places.remote(step))
+
+    def _set_flops(self, model: torch.nn.Module) -> None:
+        total, trainable = count_params(model)
+        mcfg: Any = getattr(model, "config", None)
+        layers = int(getattr(mcfg, "num_hidden_layers", 0) or 0)
+        hidden = int(getattr(mcfg, "hidden_size", 0) or 0)
+        get_emb: Any = getattr(model, "get_input_embeddings", None)
+        emb: Any = get_emb() if get_emb is not None else None
+        tied = bool(getattr(mcfg, "tie_word_embeddings", False))
+        emb_params = int(emb.weight.numel()) if emb is not None and not tied else 0
+        self.flops_token = flops_per_token(total - emb_params, layers, hidden, self.cfg.data.seq_length)
+        if self.denv.is_main:
+            log.info("model: %d parameters, %d trainable", total, trainable)
+
+    # ---- training ------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """The step loop, from the resumed step to maxSteps."""
+        cfg = self.cfg
+        t = cfg.training
+        assert self.mixer is not None and self.plan is not None
+        if self.progress.step == 0 and self.progress.baseline is None:
+            self.progress.baseline = self._evaluate(0)
+            self.latest_eval = self.progress.baseline
+            if self.denv.is_main:
+                self._report_baseline()
+        prefetch = Prefetcher(step_batches(self.mixer, self.plan, cfg, self.layout, self.progress.step))
+        pending: list[tuple[int, torch.Tensor, float]] = []
+        window = Throughput()
+        step_tokens = self.layout.step_sequences * cfg.data.seq_length
+        try:
+            while self.progress.step < t.max_steps:
+                batch = prefetch.next()
+                lr = float(self.engine.lr_scheduler.get_last_lr()[0])
+                part = train_step(self.engine, batch.micro, batch.global_loss_tokens, self.denv.world_size)
+                self.progress.step += 1
+                self.progress.tokens += step_tokens
+                self.last_data_state = batch.state
+                pending.append((self.progress.step, part, lr))
+                step = self.progress.step
+                due_eval = step % cfg.eval.every_steps == 0
+                due_ckpt = step % cfg.checkpoints.every_steps == 0 or step == t.max_steps
+                if len(pending) >= t.log_every_steps or due_eval or due_ckpt:
+                    self._flush(pending, window)
+                    pending = []
+                if due_eval or due_ckpt:
+                    self.latest_eval = self._evaluate(step)
+                if due_ckpt:
+                    self._checkpoint(step)
+                if due_eval or due_ckpt:
+                    window.restart()
+                if self.denv.is_main:
+                    self._report_progress()
+        finally:
+            prefetch.close()
+        if self.denv.is_main:
+            emit("finished", step=self.progress.step, mix=self.mix_report())
+
+    def mix_report(self) -> dict[str, Any] | None:
+        """The realised mix of the data trained on so far (the prefetcher runs ahead of training)."""
+        if self.last_data_state is None or self.plan is None:
+            return None
+        return plan_report(self.plan, self.last_data_state)
+
+    def _flush(self, pending: list[tuple[int, torch.Tensor, float]], window: Throughput) -> None:
+        parts = torch.stack([p for _, p, _ in pending])
+        if self.denv.world_size > 1:
+            dist.all_reduce(parts)
+        losses = parts.tolist()
+        step_tokens = self.layout.step_sequences * self.cfg.data.seq_length
+        self.tps = window.update(step_tokens * len(pending))
+        rank_tps = self.tps / self.denv.world_size
+        m = self.metrics
+        m.set(m.step, self.progress.step)
+        m.inc(m.tokens, step_tokens * len(pending) / self.denv.world_size)
+        m.set(m.tokens_per_second, rank_tps)
+        m.set(m.loss, losses[-1])
+        m.set(m.learning_rate, pending[-1][2])
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            m.set(m.grad_norm, float(grad_norm))
+        mfu = self.mfu()
+        if mfu is not None:
+            m.set(m.mfu, mfu)
+        mix = self.mix_report()
+        for row in mix["sources"] if mix else []:
+            m.set(m.data_tokens, row["tokens"], group=row["group"], source=row["uri"])
+        if self.denv.is_main:
+            for (step, _, lr), loss in zip(pending, losses, strict=True):
+                emit("step", step=step, loss=loss, lr=lr, tokensPerSecond=round(self.tps, 1))
+
+    def mfu(self) -> float | None:
+        """Model FLOPs utilisation of this rank's device, or None on CPU."""
+        if self.peak is None or self.tps is None:
+            return None
+        return self.tps / self.denv.world_size * self.flops_token / self.peak
+
+    def _evaluate(self, step: int) -> EvalResult | None:
+        if not self.eval_domain and not self.eval_general:
+            return None
+        mb, rank, world = self.cfg.training.micro_batch_size, self.denv.rank, self.denv.world_size
+        domain = evaluate(self.engine, self.eval_domain, mb, rank, world)
+        general = evaluate(self.engine, self.eval_general, mb, rank, world)
+        ev = EvalResult.against(step, domain, general, self.progress.baseline if step else None)
+        m = self.metrics
+        if domain is not None:
+            m.set(m.eval_loss, domain, set="domain")
+        if general is not None:
+            m.set(m.eval_loss, general, set="general")
+        if ev.forgetting_percent is not None:
+            m.set(m.forgetting, ev.forgetting_percent)
+        if ev.domain_gain_percent is not None:
+            m.set(m.domain_gain, ev.domain_gain_percent)
+        if self.denv.is_main:
+            emit("eval", **ev.__dict__)
+        return ev
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def _broadcast(self, value: Any) -> Any:
+        box = [value]
+        if self.denv.world_size > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _barrier(self) -> None:
+        if self.denv.world_size > 1:
+            dist.barrier()
+
+    def _checkpoint(self, step: int) -> None:
+        cfg, denv, places = self.cfg, self.denv, self.places
+        save_id = self._broadcast(ckpt.new_save_id() if denv.is_main else None)
+        ckpt.prepare_local(places, step, save_id)
+        self._barrier()
+        tag_dir = places.local(step)
+        self.engine.save_checkpoint(
+            str(tag_dir),
+            tag=f"global_step{step}",
+            save_latest=False,
+            exclude_frozen_parameters=cfg.model.technique == "lora",
+        )
+        ckpt.save_rng(tag_dir, denv.rank)
+        if cfg.checkpoints.export_hf:
+            self._export_live(tag_dir / "hf")
+        entry = checkpoint_entry(step, places.remote(step), self.latest_eval)
+        if denv.is_main:
+            self.progress.last_eval = self.latest_eval
+            state = self.progress.to_json()
+            state["checkpoints"] = [*self.progress.checkpoints, entry]
+            state["data"] = self.last_data_state
+            state["mix"] = self.mix_report()
+            ckpt.write_json(tag_dir / ckpt.STATE_FILE, state)
+        self._barrier()
+        files = ckpt.upload_owned(places, step, denv.rank)
+        gathered: list[Any] = [None] * denv.world_size
+        if denv.world_size > 1:
+            dist.all_gather_object(gathered, files)
+        else:
+            gathered = [files]
+        manifest: dict[str, Any] | None = None
+        if denv.is_main:
+            all_files = sorted({tuple(f) for fs in gathered for f in fs})
+            meta = {
+                "worldSize": denv.world_size,
+                "zeroStage": cfg.training.zero_stage,
+                "technique": cfg.model.technique,
+                "tokens": self.progress.tokens,
+            }
+            manifest = ckpt.make_manifest(step, [(p, s) for p, s in all_files], entry, meta)
+            ckpt.publish_manifest(places, step, manifest)
+            self.progress.checkpoints.append(entry)
+            emit("checkpoint", step=step, uri=places.remote(step), files=len(all_files))
+            if self.reporter is not None:
+                self.reporter.submit(status_patch(checkpoints=list(self.progress.checkpoints)))
+        manifest = self._broadcast(manifest)
+        if not denv.is_main:
+            # Nodes other than rank 0's hold only their own shards; marking their copy complete lets prune work
+            # there (resume still checks every file against the manifest and downloads what a node lacks).
+            ckpt.write_local_manifest(places, step, manifest)
+        self.progress.checkpoints = self._broadcast(self.progress.checkpoints)
+        self.metrics.inc(self.metrics.checkpoints)
+        ckpt.prune_local(places, cfg.checkpoints.keep)
+
+    def _export_live(self, out_dir: Path) -> None:
+        cfg = self.cfg
+        if cfg.training.zero_stage == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            sd = self.engine.module.state_dict() if self.denv.is_main else None
+        if not self.denv.is_main:
+            return
+        if cfg.model.technique == "lora":
+            export_hf(sd, self.model_dir, cfg.model, out_dir, self.tokenizer)
+        else:
+            self.engine.module.save_pretrained(str(out_dir), state_dict=sd, safe_serialization=True)
+            self.tokenizer.save_pretrained(str(out_dir))
+
+    # ---- reports -------------------------------------------------------------------------------------------
+
+    def _report_baseline(self) -> None:
+        if self.reporter is not None and self.progress.baseline is not None:
+            self.reporter.submit(status_patch(baseline=baseline_status(self.progress.baseline)))
+
+    def _report_progress(self) -> None:
+        if self.reporter is None:
+            return
+        t = self.cfg.training
+        eta = None
+        if self.tps:
+            remaining_tokens = (
+                (t.max_steps - self.progress.step) * self.layout.step_sequences * self.cfg.data.seq_length
+            )
+            eta = remaining_tokens / self.tps
+        lr = float(self.engine.lr_scheduler.get_last_lr()[0])
+        mix = self.mix_report()
+        self.reporter.submit(
+            status_patch(
+                progress=progress_status(self.progress.step, t.max_steps, self.progress.tokens, eta),
+                latest=latest_status(
+                    self.latest_eval, self.tps, self.mfu(), lr, mix["realisedDomainPercent"] if mix else None
+                ),
+            )
+        )
+
+    def close(self, ok: bool) -> None:
+        """Flush reports and leave the process group (after a barrier when every rank got here cleanly)."""
+        flush_s = float(os.environ.get("FORGE_REPORT_FLUSH_S", "30"))
+        if self.reporter is not None and not self.reporter.close(timeout=flush_s):
+            log.warning("some status reports could not be delivered")
+        if dist.is_initialized():
+            try:
+                if ok:
+                    self._barrier()
+            finally:
+                dist.destroy_process_group()
+
+
+def output_uri(cfg: TrainerConfig, step: int) -> str:
+    """Where the checkpoint of ``step`` lands."""
+    return storage.join(cfg.checkpoints.output, ckpt.tag_for(step))
+
+
+def run(cfg: TrainerConfig) -> None:
+    """Train this rank to the end (raises ForgeError subclasses on failure)."""
+    r = Run(cfg, dist_env())
+    ok = False
+    try:
+        r.setup()
+        r.train()
+        ok = True
+    finally:
+        r.close(ok)

@@ -1,0 +1,159 @@
+"""The base model: fetch (local or S3), load, wrap with LoRA, and export to a Hugging Face folder."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forge_trainer import storage
+from forge_trainer.config import ModelSettings
+from forge_trainer.errors import ModelError, StorageError
+
+log = logging.getLogger(__name__)
+
+_COMPLETE = ".forge-complete"
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock shared by the processes of one node (ranks that share a local folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def fetch_model(base: str, cache_dir: Path) -> Path:
+    """A local folder holding the base model: the path itself, or an S3 prefix copied once per node."""
+    if not storage.is_s3(base):
+        path = Path(base)
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.base: {base}: not a Hugging Face model folder (no config.json)")
+        return path
+    url = storage.parse_s3(base)
+    prefix = url.key.rstrip("/") + "/" if url.key else ""
+    dest = cache_dir / url.bucket / prefix.rstrip("/")
+    with file_lock(cache_dir / ".model.lock"):
+        if (dest / _COMPLETE).is_file():
+            return dest
+        try:
+            files = storage.list_files(f"s3://{url.bucket}/{prefix}")
+            if not any(u.endswith("/config.json") for u, _ in files):
+                raise ModelError(f"model.base: {base}: no config.json under this prefix")
+            for uri, _ in files:
+                rel = storage.parse_s3(uri).key[len(prefix) :]
+                storage.download(uri, dest / rel)
+        except ModelError:
+            raise
+        except Exception as err:
+            raise StorageError(f"model.base: {base}: download failed: {type(err).__name__}: {err}") from err
+        (dest / _COMPLETE).write_text("ok\n")
+    return dest
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The base model's tokenizer (must be loadable with AutoTokenizer from the model folder)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:
+        raise ModelError(f"model.base: cannot load the tokenizer from {path}: {err}") from err
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """Token used to pad held-out sequences (never carries loss)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def load_model(path: Path, settings: ModelSettings, activation_checkpointing: bool = False) -> torch.nn.Module:
+    """The causal LM in fp32 (DeepSpeed casts for bf16), with LoRA adapters for technique 'lora'."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except Exception as err:
+        raise ModelError(f"model.base: cannot load the model from {path}: {err}") from err
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if settings.technique == "lora":
+        model = wrap_lora(model, settings)
+    return model  # type: ignore[no-any-return]
+
+
+def wrap_lora(model: torch.nn.Module, settings: ModelSettings) -> torch.nn.Module:
+    """Add LoRA adapters (peft); only adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = settings.lora
+    assert lora is not None
+    cfg = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        wrapped: torch.nn.Module = get_peft_model(model, cfg)
+    except ValueError as err:
+        raise ModelError(f"model.lora.targetModules: {err}") from err
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()  # type: ignore[operator]
+    return wrapped
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def export_hf(
+    state_dict: Mapping[str, torch.Tensor],
+    base_path: Path,
+    settings: ModelSettings,
+    out_dir: Path,
+    tokenizer: Any,
+) -> None:
+    """Write a Hugging Face safetensors folder from a trained state dict (LoRA adapters merged)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    if settings.technique == "lora":
+        peft_model: Any = wrap_lora(model, settings)
+        adapters = {k: v for k, v in state_dict.items() if "lora_" in k}
+        missing = [k for k in peft_model.state_dict() if "lora_" in k and k not in adapters]
+        if missing:
+            raise ModelError(f"checkpoint lacks LoRA weights, e.g. {missing[0]}")
+        peft_model.load_state_dict(adapters, strict=False)
+        model = peft_model.merge_and_unload()
+    else:
+        result = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
+        # Tied output embeddings are saved once; anything else missing is an error.
+        missing = [k for k in result.missing_keys if not _is_tied(model, k)]
+        if missing or result.unexpected_keys:
+            raise ModelError(
+                f"checkpoint does not match the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def _is_tied(model: Any, key: str) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")

@@ -1,0 +1,219 @@
+"""Status reports to the ForgeJob's /status subresource: pure patch builders, and a throttled sender.
+
+The sender runs in a thread on rank 0. It sends at most one JSON merge patch per ``minIntervalSeconds``; patches
+submitted in between are coalesced (merged, later values win). The checkpoint list is always sent whole (a merge
+patch replaces lists), so coalescing never loses a checkpoint. An unreachable API server only delays reports:
+errors are logged and retried with backoff, and training never waits for the API.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from forge_trainer.config import ForgeJobRef
+from forge_trainer.evaluate import EvalResult
+
+log = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+Patch = dict[str, Any]
+
+
+def r4(x: float | None) -> float | None:
+    """Round to 4 decimals; NaN and infinities become None (JSON has no such numbers)."""
+    if x is None or not math.isfinite(x):
+        return None
+    return round(float(x), 4)
+
+
+def progress_status(step: int, total_steps: int, tokens: int, eta_seconds: float | None) -> dict[str, Any]:
+    """status.progress."""
+    return {
+        "step": step,
+        "totalSteps": total_steps,
+        "tokens": tokens,
+        "percent": round(100.0 * step / total_steps, 2) if total_steps else 0.0,
+        "etaSeconds": None if eta_seconds is None else max(0, round(eta_seconds)),
+    }
+
+
+def eval_fields(ev: EvalResult | None) -> dict[str, Any]:
+    """The four held-out figures, rounded, camelCase."""
+    if ev is None:
+        return {"domainLoss": None, "generalLoss": None, "forgettingPercent": None, "domainGainPercent": None}
+    return {
+        "domainLoss": r4(ev.domain_loss),
+        "generalLoss": r4(ev.general_loss),
+        "forgettingPercent": r4(ev.forgetting_percent),
+        "domainGainPercent": r4(ev.domain_gain_percent),
+    }
+
+
+def latest_status(
+    ev: EvalResult | None,
+    tokens_per_second: float | None,
+    mfu: float | None,
+    learning_rate: float | None,
+    realised_domain_percent: float | None,
+) -> dict[str, Any]:
+    """status.latest: the last held-out figures, throughput, learning rate and the realised mix.
+
+    Unknown values are left out rather than sent as null: in a merge patch null deletes, and a figure not known
+    yet (no evaluation since a restart, no MFU on CPU) must not erase the last one reported.
+    """
+    out = eval_fields(ev)
+    out["tokensPerSecond"] = r4(tokens_per_second)
+    out["mfu"] = r4(mfu)
+    out["learningRate"] = None if learning_rate is None else float(f"{learning_rate:.6g}")
+    out["realisedDomainPercent"] = r4(realised_domain_percent)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def checkpoint_entry(step: int, uri: str, ev: EvalResult | None) -> dict[str, Any]:
+    """One item of status.checkpoints (only complete checkpoints are ever reported)."""
+    return {"step": step, "uri": uri, **eval_fields(ev), "complete": True}
+
+
+def baseline_status(ev: EvalResult) -> dict[str, Any]:
+    """status.baseline: the base model's held-out losses."""
+    return {"domainLoss": r4(ev.domain_loss), "generalLoss": r4(ev.general_loss)}
+
+
+def status_patch(**fields: Any) -> Patch:
+    """{"status": {...}} with the given camelCase fields (None-valued fields are left out)."""
+    return {"status": {k: v for k, v in fields.items() if v is not None}}
+
+
+def merge(base: Patch, newer: Patch) -> Patch:
+    """Coalesce two merge patches into one with the same effect (RFC 7386: objects merge, the rest replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in newer.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+PatchFn = Callable[[Patch], None]
+
+
+def kube_patcher(ref: ForgeJobRef) -> PatchFn:
+    """A function that merge-patches the ForgeJob's status, with in-cluster credentials or KUBECONFIG."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    api = client.CustomObjectsApi()
+
+    def patch(body: Patch) -> None:
+        api.patch_namespaced_custom_object_status(
+            ref.group,
+            ref.version,
+            ref.namespace,
+            ref.plural,
+            ref.name,
+            body,
+            _content_type=MERGE_PATCH,
+            _request_timeout=(5, 15),
+        )
+
+    return patch
+
+
+class StatusReporter:
+    """Sends coalesced status patches from a background thread, at most one per ``min_interval`` seconds."""
+
+    def __init__(
+        self,
+        make_patcher: Callable[[], PatchFn],
+        min_interval: float = 5.0,
+        max_backoff: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._make_patcher = make_patcher
+        self._patcher: PatchFn | None = None
+        self.min_interval = min_interval
+        self.max_backoff = max_backoff
+        self._clock = clock
+        self._pending: Patch | None = None
+        self._cond = threading.Condition()
+        self._closing = False
+        self._last_sent = -math.inf
+        self._failures = 0
+        self.sent = 0
+        self.errors = 0
+        self._thread = threading.Thread(target=self._run, name="forge-status", daemon=True)
+        self._thread.start()
+
+    def submit(self, patch: Patch) -> None:
+        """Queue a patch; it is merged with any not yet sent. Never blocks on the API."""
+        with self._cond:
+            self._pending = patch if self._pending is None else merge(self._pending, patch)
+            self._cond.notify()
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Try to send what is pending (ignoring the interval) for up to ``timeout`` s; True if nothing is left."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        with self._cond:
+            return self._pending is None
+
+    def _wait_for_work(self) -> Patch | None:
+        with self._cond:
+            while True:
+                if self._pending is not None:
+                    wait = self._next_send_at() - self._clock()
+                    if wait <= 0 or (self._closing and self._failures == 0):
+                        patch, self._pending = self._pending, None
+                        return patch
+                    if self._closing and wait > 0:
+                        wait = min(wait, 1.0)
+                elif self._closing:
+                    return None
+                else:
+                    wait = None
+                self._cond.wait(wait)
+
+    def _next_send_at(self) -> float:
+        backoff = min(self.max_backoff, 2.0 ** (self._failures - 1)) if self._failures else 0.0
+        return self._last_sent + max(self.min_interval, backoff)
+
+    def _run(self) -> None:
+        while True:
+            patch = self._wait_for_work()
+            if patch is None:
+                return
+            try:
+                if self._patcher is None:
+                    self._patcher = self._make_patcher()
+                self._patcher(patch)
+            except Exception as err:
+                self._failed(patch, err)
+            else:
+                with self._cond:
+                    self._failures = 0
+                    self._last_sent = self._clock()
+                    self.sent += 1
+
+    def _failed(self, patch: Patch, err: Exception) -> None:
+        with self._cond:
+            self._failures += 1
+            self.errors += 1
+            self._last_sent = self._clock()
+            self._pending = patch if self._pending is None else merge(patch, self._pending)
+            if self._failures in (1, 2) or self._failures % 20 == 0:
+                log.warning("status report failed (%d in a row), will retry: %s", self._failures, err)
+            if self._patcher is not None and self._failures % 5 == 0:
+                self._patcher = None  # rebuild the client: credentials or endpoint may have changed

@@ -1,0 +1,114 @@
+"""Entry point: ``forge-trainer --config PATH`` (the pod command) and ``forge-trainer export ...``.
+
+Exit codes: 0 done; 1 unexpected error; 2 config; 3 data; 4 model; 5 checkpoint storage; 6 distributed
+environment; 10 stopped early on purpose (reserved for the guard). See docs/trainer.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from forge_trainer.errors import EXIT_OK, EXIT_UNEXPECTED, ForgeError
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=os.environ.get("FORGE_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="forge-trainer", description="Forge mixed-data DeepSpeed trainer.")
+    p.add_argument("--config", required=True, help="trainer config JSON (rendered by the Forge operator)")
+    return p
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="forge-trainer export", description="Export a checkpoint to a HF folder.")
+    p.add_argument("--config", required=True, help="the run's trainer config (for the base model and technique)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or URI (.../step-NNNNNNNN)")
+    p.add_argument("--out", required=True, type=Path, help="destination folder (safetensors + tokenizer)")
+    return p
+
+
+def export_checkpoint(config_path: str, checkpoint: str, out: Path) -> None:
+    """Write a Hugging Face folder from a complete checkpoint (local folder, or URI copied to a temp folder)."""
+    from forge_trainer import checkpoint as ckpt
+    from forge_trainer import storage
+    from forge_trainer.config import load_config
+    from forge_trainer.errors import StorageError
+    from forge_trainer.model import export_hf, fetch_model, load_tokenizer
+
+    cfg = load_config(config_path)
+    manifest = ckpt.read_manifest(checkpoint)
+    if manifest is None:
+        raise StorageError(f"{checkpoint}: not a complete checkpoint (no {ckpt.MANIFEST})")
+    with tempfile.TemporaryDirectory(prefix="forge-export-") as tmp:
+        parent = checkpoint.rstrip("/").rsplit("/", 1)[0]
+        if not storage.is_s3(checkpoint) and Path(checkpoint).is_dir():
+            tag_dir = Path(checkpoint)
+        else:
+            tag_dir = ckpt.materialise(ckpt.Places(Path(tmp), parent), manifest)
+        sd = ckpt.zero_state_dict(tag_dir, int(manifest["zeroStage"]), manifest.get("technique") == "lora")
+        model_dir = fetch_model(cfg.model.base, Path(tmp) / "base-model")
+        export_hf(sd, model_dir, cfg.model, out, load_tokenizer(model_dir))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the trainer (or the export command); returns the process exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
+    log = logging.getLogger("forge_trainer")
+    try:
+        if args[:1] == ["export"]:
+            ea = _export_parser().parse_args(args[1:])
+            export_checkpoint(ea.config, ea.checkpoint, ea.out)
+            return EXIT_OK
+        a = _parser().parse_args(args)
+        from forge_trainer.config import load_config
+        from forge_trainer.launch import maybe_launch
+
+        cfg = load_config(a.config)
+        code = maybe_launch(args)
+        if code is not None:
+            return code
+        from forge_trainer.loop import run
+
+        run(cfg)
+        return EXIT_OK
+    except ForgeError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        return err.exit_code
+    except Exception:
+        log.exception("unexpected error")
+        return EXIT_UNEXPECTED
+
+
+def entry() -> None:
+    """Console-script entry point.
+
+    After a successful run every checkpoint is durable and the process group is gone, so the process ends with
+    os._exit: a crash in interpreter teardown (C++ threads of the communication libraries being destroyed, seen
+    once as SIGABRT on CPU) must not turn a finished run into a failed pod.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    if code == EXIT_OK:
+        os._exit(EXIT_OK)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    entry()
