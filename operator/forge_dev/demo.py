@@ -179,6 +179,9 @@ def step(message: str) -> Iterator[None]:
 
 
 def run_demo(repo_root: Path, out: Path, timeout_s: float) -> int:
+    import urllib3
+
+    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # the local API server's own certificate
     out.mkdir(parents=True, exist_ok=True)
     manifest = yaml.safe_load((repo_root / DEMO_MANIFEST).read_text())
     name = manifest["metadata"]["name"]

@@ -1,0 +1,213 @@
+"""The whole path on one machine, with real parts only.
+
+kubectl-style apply of a ForgeJob -> the real operator -> PyTorchJob -> the local training-operator stand-in -> two
+real forge-trainer ranks (DeepSpeed over gloo) reading data from and writing checkpoints to an S3 server on
+loopback -> status.checkpoints -> status.selected -> Succeeded, while a real Prometheus scrapes the operator and
+both ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from kubernetes import client
+
+from forge_dev.demo import s3_client, s3_secret, upload_folder
+from forge_dev.services import OperatorService, PrometheusServer, operator_process, prometheus_server, s3_server
+from forge_dev.standin import StandInSettings, standin_thread
+from forge_trainer.checkpoint import MANIFEST
+from tests.conftest import LocalCluster
+
+T = TypeVar("T")
+GROUP, VERSION, PLURAL = "forge.dev", "v1alpha1", "forgejobs"
+BUCKET = "forge-e2e"
+
+
+def wait_for(probe: Callable[[], T | None], what: str, timeout_s: float, context: Callable[[], str]) -> T:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{context()}")
+
+
+@dataclass
+class Stack:
+    """The running services of one end-to-end test."""
+
+    cluster: LocalCluster
+    namespace: str
+    workdir: Path
+    api: client.ApiClient
+    operator: OperatorService
+    prometheus: PrometheusServer
+    file_sd: Path
+    s3: Any
+
+    def forgejob(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = client.CustomObjectsApi(self.api).get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+        return result
+
+    def logs(self) -> str:
+        parts = []
+        for path in sorted(self.workdir.rglob("*.log")):
+            parts.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-25:]))
+        return "\n".join(parts)[-15000:]
+
+    def scrape_trainers(self, job: str) -> list[str]:
+        """Point Prometheus at every replica's metrics port (from the stand-in's state.json); returns the targets."""
+        state_path = self.workdir / "standin" / self.namespace / job / "state.json"
+        if not state_path.is_file():
+            return []
+        replicas = json.loads(state_path.read_text())["replicas"]
+        targets = [f"127.0.0.1:{r['metricsPort']}" for r in replicas.values() if r.get("metricsPort")]
+        operator_target = f"127.0.0.1:{self.operator.metrics_port}"
+        self.file_sd.write_text(json.dumps([{"targets": [operator_target, *targets]}]))
+        return targets
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        url = f"{self.prometheus.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = json.loads(response.read())
+        assert body["status"] == "success", body
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+
+@pytest.fixture
+def stack(cluster: LocalCluster, namespace: str, tmp_path: Path) -> Iterator[Stack]:
+    with ExitStack() as services, cluster.api_client() as api:
+        s3 = services.enter_context(s3_server(tmp_path / "s3.log"))
+        file_sd = tmp_path / "targets.json"
+        file_sd.write_text("[]")
+        prometheus = services.enter_context(prometheus_server(tmp_path / "prometheus", file_sd, "1s"))
+        operator = services.enter_context(operator_process(cluster.kubeconfig, tmp_path / "operator.log", [namespace]))
+        services.enter_context(standin_thread(api, StandInSettings(workdir=tmp_path / "standin", namespace=namespace)))
+        s3_api = s3_client(s3)
+        _upload_inputs(s3_api, tmp_path / "inputs")
+        client.CoreV1Api(api).create_namespaced_secret(namespace, s3_secret(s3))
+        yield Stack(cluster, namespace, tmp_path, api, operator, prometheus, file_sd, s3_api)
+
+
+def _upload_inputs(s3: Any, folder: Path) -> None:
+    from forge_trainer import tiny
+
+    s3.create_bucket(Bucket=BUCKET)
+    upload_folder(s3, tiny.make_model_folder(folder / "model"), BUCKET, "model")
+    tiny.write_corpus(folder / "data" / "domain.jsonl", "chat", 3000, seed=1)
+    tiny.write_corpus(folder / "data" / "general.jsonl", "general", 2000, seed=2)
+    tiny.write_corpus(folder / "data" / "eval-domain.jsonl", "chat", 80, seed=3)
+    tiny.write_corpus(folder / "data" / "eval-general.jsonl", "general", 80, seed=4)
+    upload_folder(s3, folder / "data", BUCKET, "data")
+
+
+def forgejob(name: str, learning_rate: str, max_steps: int) -> dict[str, Any]:
+    env = [
+        {"name": "AWS_ENDPOINT_URL", "valueFrom": {"secretKeyRef": {"name": "forge-demo-s3", "key": "endpoint"}}},
+        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "forge-demo-s3", "key": "accessKeyId"}}},
+        {
+            "name": "AWS_SECRET_ACCESS_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "forge-demo-s3", "key": "secretAccessKey"}},
+        },
+        {"name": "AWS_DEFAULT_REGION", "value": "us-east-1"},
+        {"name": "OMP_NUM_THREADS", "value": "1"},
+        {"name": "FORGE_REPORT_FLUSH_S", "value": "2"},
+    ]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ForgeJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"base": f"s3://{BUCKET}/model/"},
+            "technique": "sft",
+            "data": {
+                "domainPercent": 75,
+                "domain": [{"uri": f"s3://{BUCKET}/data/domain.jsonl"}],
+                "general": [{"uri": f"s3://{BUCKET}/data/general.jsonl"}],
+                "seqLength": 128,
+            },
+            "eval": {
+                "everySteps": 5,
+                "maxTokens": 2048,
+                "domain": [{"uri": f"s3://{BUCKET}/data/eval-domain.jsonl"}],
+                "general": [{"uri": f"s3://{BUCKET}/data/eval-general.jsonl"}],
+            },
+            "training": {
+                "learningRate": learning_rate,
+                "maxSteps": max_steps,
+                "microBatchSize": 4,
+                "globalBatchTokens": 1024,
+                "precision": "fp32",
+                "warmupPercent": 10,
+            },
+            "forgetting": {"budgetPercent": 50, "action": "stop"},
+            "checkpoints": {"everySteps": 10, "output": f"s3://{BUCKET}/checkpoints/{name}/", "keep": 2},
+            "resources": {"nodes": 2, "gpusPerNode": 0},
+            "env": env,
+        },
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_apply_to_selected_checkpoint_with_prometheus(stack: Stack) -> None:
+    name = "e2e"
+    client.CustomObjectsApi(stack.api).create_namespaced_custom_object(
+        GROUP, VERSION, stack.namespace, PLURAL, forgejob(name, "3e-3", 30)
+    )
+    wait_for(lambda: stack.scrape_trainers(name), "both trainer ranks to start", 120, stack.logs)
+    wait_for(
+        lambda: stack.query(f'forge_trainer_tokens_per_second{{forge_job="{name}"}} > 0'),
+        "Prometheus to scrape tokens/s from a trainer rank",
+        120,
+        stack.logs,
+    )
+
+    def finished() -> dict[str, Any] | None:
+        status: dict[str, Any] = stack.forgejob(name).get("status") or {}
+        if status.get("state") in ("Failed", "EarlyStopped", "Invalid"):
+            raise AssertionError(f"the run ended {status.get('state')}: {json.dumps(status, indent=1)}\n{stack.logs()}")
+        return status if status.get("state") == "Succeeded" and status.get("selected") else None
+
+    status = wait_for(finished, "the ForgeJob to succeed with a selected checkpoint", 300, stack.logs)
+
+    # Both ranks trained: the PyTorchJob had a master and a worker, and both report tokens/s to Prometheus.
+    ranks = {
+        series["metric"]["rank"] for series in stack.query(f'forge_trainer_tokens_per_second{{forge_job="{name}"}}')
+    }
+    assert ranks == {"0", "1"}, ranks
+
+    # Checkpoints landed in S3 with their manifests; status lists them; the selected one is one of them.
+    steps = sorted(c["step"] for c in status["checkpoints"] if c.get("kind", "checkpoint") == "checkpoint")
+    assert steps[-1] == 30 and set(steps) <= {10, 20, 30}
+    selected = status["selected"]
+    assert selected["uri"] in {c["uri"] for c in status["checkpoints"]}
+    assert selected.get("reason")
+    keys = {o["Key"] for o in stack.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"checkpoints/{name}/")["Contents"]}
+    for step in steps:
+        assert f"checkpoints/{name}/step-{step:08d}/{MANIFEST}" in keys, sorted(keys)[:20]
+    assert status["baseline"]["generalLoss"] > 0
+    assert status["progress"]["step"] == 30
+
+    # Forgetting and domain gain were measured against the base model and exported.
+    assert stack.query(f'forge_trainer_forgetting_percent{{forge_job="{name}"}}'), "no forgetting series"
+    assert status["latest"]["domainGainPercent"] > 0, status["latest"]
+
+    # The operator's job-state gauge counts this ForgeJob as Succeeded.
+    def succeeded_gauge() -> list[dict[str, Any]]:
+        return stack.query('forge_forgejobs{state="Succeeded"} >= 1')
+
+    wait_for(succeeded_gauge, "the operator's forge_forgejobs{state=Succeeded} in Prometheus", 30, stack.logs)
