@@ -211,3 +211,43 @@ def test_apply_to_selected_checkpoint_with_prometheus(stack: Stack) -> None:
         return stack.query('forge_forgejobs{state="Succeeded"} >= 1')
 
     wait_for(succeeded_gauge, "the operator's forge_forgejobs{state=Succeeded} in Prometheus", 30, stack.logs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_an_aggressive_learning_rate_is_stopped_early_with_its_reason(stack: Stack) -> None:
+    from forge_dev.basemodel import build_base_model
+
+    # A base model with a general ability to lose (pretrained on general prose, cached), fine-tuned on support chats
+    # at the highest learning rate the API accepts.
+    base = build_base_model()
+    upload_folder(stack.s3, base.folder, BUCKET, "pretrained")
+    upload_folder(stack.s3, base.general, BUCKET, "corpora/general")
+    upload_folder(stack.s3, base.domain, BUCKET, "corpora/domain")
+    name = "too-hot"
+    max_steps = 60
+    manifest = forgejob(name, "1e-2", max_steps, budget_percent=5)
+    spec = manifest["spec"]
+    spec["model"]["base"] = f"s3://{BUCKET}/pretrained/"
+    spec["data"]["domain"] = [{"uri": f"s3://{BUCKET}/corpora/domain/train.jsonl"}]
+    spec["data"]["general"] = [{"uri": f"s3://{BUCKET}/corpora/general/train.jsonl"}]
+    spec["eval"]["domain"] = [{"uri": f"s3://{BUCKET}/corpora/domain/eval.jsonl"}]
+    spec["eval"]["general"] = [{"uri": f"s3://{BUCKET}/corpora/general/eval.jsonl"}]
+    client.CustomObjectsApi(stack.api).create_namespaced_custom_object(
+        GROUP, VERSION, stack.namespace, PLURAL, manifest
+    )
+
+    def stopped() -> dict[str, Any] | None:
+        status: dict[str, Any] = stack.forgejob(name).get("status") or {}
+        if status.get("state") in ("Succeeded", "Failed", "Invalid"):
+            raise AssertionError(f"the run ended {status.get('state')}: {json.dumps(status, indent=1)}\n{stack.logs()}")
+        return status if status.get("state") == "EarlyStopped" else None
+
+    status = wait_for(stopped, "the ForgeJob to be stopped early", 300, stack.logs)
+    early = status["earlyStop"]
+    assert early["reason"] in {"LearningRateTooHigh", "ForgettingBudgetExceeded", "LossDiverged", "NonFiniteLoss"}
+    assert early["step"] <= max_steps // 3, early
+    condition = {c["type"]: c for c in status["conditions"]}["EarlyStopped"]
+    assert condition["status"] == "True" and condition["reason"] == early["reason"]
+    assert condition["message"], condition
+    assert status["progress"]["step"] < max_steps

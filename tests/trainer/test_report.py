@@ -137,6 +137,38 @@ def test_reporter_survives_an_outage_without_blocking() -> None:
     assert sink.sent[-1][1] == {"status": {"progress": {"step": 29}, "checkpoints": [{"step": 0}]}}
 
 
+class RejectedError(Exception):
+    """Like kubernetes.client.ApiException: carries the HTTP status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def test_reporter_drops_a_patch_the_api_rejects() -> None:
+    sent: list[dict[str, Any]] = []
+    calls = {"n": 0}
+
+    def patch(body: dict[str, Any]) -> None:
+        calls["n"] += 1
+        if "earlyStop" in body["status"] and body["status"]["earlyStop"].get("reason") == "bad reason":
+            raise RejectedError(422)
+        if calls["n"] == 2:
+            raise RejectedError(429)  # throttled: retried
+        sent.append(body)
+
+    rep = StatusReporter(lambda: patch, min_interval=0.01, max_backoff=0.05)
+    rep.submit(status_patch(earlyStop={"reason": "bad reason"}))
+    time.sleep(0.2)
+    rep.submit(status_patch(progress={"step": 1}))
+    time.sleep(0.2)
+    rep.submit(status_patch(progress={"step": 2}))
+    assert rep.close(timeout=5)
+    assert rep.dropped == 1
+    assert sent[-1] == {"status": {"progress": {"step": 2}}}
+    assert all("earlyStop" not in b["status"] for b in sent)
+
+
 # ---- against the real API server --------------------------------------------------------------------------------
 
 
@@ -283,3 +315,28 @@ def test_sender_patches_a_real_forgejob_through_an_outage(
     assert status["checkpoints"] == [entry]
     assert status["latest"]["forgettingPercent"] == pytest.approx(2.8571)
     assert status["latest"]["learningRate"] == pytest.approx(1e-4)
+
+
+def test_guard_status_is_accepted_by_the_crd_and_a_rejected_patch_is_dropped(
+    cluster: Any, forgejob: ForgeJobRef
+) -> None:
+    from forge_operator.api import ForgeJobStatus
+    from forge_trainer.guard import Verdict
+
+    verdict = Verdict(
+        9, "LearningRateTooHigh", "forgetting-budget", "lower learningRate to 9e-05", "rebalance", "9e-05", 75
+    )
+    rebalance = {"step": 9, "domainPercent": 75, "previousDomainPercent": 100, "reason": "LearningRateTooHigh: ..."}
+    rep = StatusReporter(lambda: kube_patcher(forgejob), min_interval=0.1, max_backoff=0.5)
+    rep.submit(status_patch(earlyStop=verdict.status(), rebalance=rebalance))
+    time.sleep(1.0)
+    rep.submit(status_patch(earlyStop={**verdict.status(), "reason": "not camel case"}))  # the CRD refuses it
+    time.sleep(1.0)
+    rep.submit(status_patch(progress=progress_status(10, 30, 100, None)))
+    assert rep.close(timeout=15)
+    assert rep.dropped == 1
+    status = read_status(cluster, forgejob)
+    assert status["earlyStop"] == verdict.status() and status["rebalance"] == rebalance
+    assert status["progress"]["step"] == 10
+    parsed = ForgeJobStatus.model_validate(status)
+    assert parsed.early_stop is not None

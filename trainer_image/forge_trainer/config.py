@@ -217,6 +217,47 @@ class ForgettingSettings(_Model):
     action: ForgettingAction = Field(
         default="stop", description="What happens when the budget is exceeded: stop, warn, or rebalance the mix."
     )
+    grace_steps: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Steps before the forgetting, progress, divergence and grad-norm rules may fire (the stability gap); "
+            "null = 10% of maxSteps. A non-finite loss always fires at once."
+        ),
+    )
+    grace_evals: int = Field(
+        default=2, ge=0, le=1000, description="Evaluations after the baseline before forgetting/progress rules fire."
+    )
+    divergence_factor: float = Field(
+        default=3.0, gt=1.0, le=1000.0, description="Loss divergence: train loss above this x its best smoothed value."
+    )
+    grad_spike_factor: float = Field(
+        default=10.0, gt=1.0, le=1e6, description="Grad-norm spike: a norm above this x the running median."
+    )
+    grad_spike_steps: int = Field(
+        default=5, ge=1, le=100_000, description="Consecutive observed spike steps before the rule fires."
+    )
+    slope_window_evals: int = Field(
+        default=3,
+        ge=2,
+        le=1000,
+        description="Evaluations over which the slope of forgetting against the cumulative learning rate is fitted.",
+    )
+    lr_too_high_factor: float = Field(
+        default=3.0,
+        ge=1.0,
+        le=1000.0,
+        description=(
+            "Reason LearningRateTooHigh (else ForgettingBudgetExceeded) when the forgetting projected to the end of "
+            "the run exceeds this x the budget."
+        ),
+    )
+    no_progress_evals: int = Field(
+        default=5, ge=1, le=1000, description="No domain progress: evaluations without a gain improvement."
+    )
+    min_domain_gain_percent: float = Field(
+        default=0.1, ge=0.0, le=100.0, description="Improvement of the domain gain (points) that counts as progress."
+    )
 
 
 class CheckpointSettings(_Model):

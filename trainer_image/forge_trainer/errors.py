@@ -14,7 +14,7 @@ EXIT_DATA = 3
 EXIT_MODEL = 4
 EXIT_STORAGE = 5
 EXIT_DISTRIBUTED = 6
-# Reserved for the guard (issue 5): the run was stopped early on purpose (e.g. forgetting over budget).
+# The guard (issue 5) stopped the run early on purpose (e.g. forgetting over budget); a rerun exits 0 at once.
 EXIT_EARLY_STOP = 10
 
 
@@ -52,3 +52,9 @@ class DistributedError(ForgeError):
     """The distributed environment (Kubeflow variables, rendezvous) is inconsistent."""
 
     exit_code = EXIT_DISTRIBUTED
+
+
+class EarlyStopError(ForgeError):
+    """The guard stopped the run on purpose (a checkpoint was saved and the reason reported)."""
+
+    exit_code = EXIT_EARLY_STOP

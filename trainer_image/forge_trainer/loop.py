@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from forge_trainer.data.loader import (
     MixPlan,
     Prefetcher,
     build_mixer,
+    data_state,
     eval_sequences,
     plan_mix,
     plan_report,
@@ -36,11 +38,13 @@ from forge_trainer.engine import (
     dist_env,
     evaluate,
     init_distributed,
+    lr_factor,
     seed_everything,
     train_step,
 )
-from forge_trainer.errors import StorageError
+from forge_trainer.errors import EarlyStopError, StorageError
 from forge_trainer.evaluate import EvalResult
+from forge_trainer.guard import Guard, Verdict
 from forge_trainer.metrics import (
     TrainerMetrics,
     create_metrics,
@@ -80,6 +84,9 @@ class Progress:
     baseline: EvalResult | None = None
     last_eval: EvalResult | None = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    guard: dict[str, Any] | None = None
+    domain_percent: int | None = None  # the mix after a rebalance (None: data.domainPercent)
+    rebalance: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (without the data state, added by the caller)."""
@@ -89,6 +96,9 @@ class Progress:
             "baseline": None if self.baseline is None else self.baseline.__dict__,
             "lastEval": None if self.last_eval is None else self.last_eval.__dict__,
             "checkpoints": self.checkpoints,
+            "guard": self.guard,
+            "domainPercent": self.domain_percent,
+            "rebalance": self.rebalance,
         }
 
     @staticmethod
@@ -101,6 +111,9 @@ class Progress:
             baseline=EvalResult(**base) if base else None,
             last_eval=EvalResult(**last) if last else None,
             checkpoints=list(doc.get("checkpoints", [])),
+            guard=doc.get("guard"),
+            domain_percent=doc.get("domainPercent"),
+            rebalance=doc.get("rebalance"),
         )
 
 
@@ -147,6 +160,11 @@ class Run:
         self.peak = device_peak_flops()
         self.tps: float | None = None
         self.last_data_state: dict[str, Any] | None = None
+        self.encoder: DocEncoder | None = None
+        self.prefetch: Prefetcher | None = None
+        self.guard = Guard(cfg.forgetting, cfg.training.max_steps, cfg.training.learning_rate, cfg.data.domain_percent)
+        self.guard.can_rebalance = bool(cfg.data.general)
+        self.guard.lr_of = lambda i: cfg.training.learning_rate * lr_factor(cfg.training, i)
 
     # ---- setup -------------------------------------------------------------------------------------------
 
@@ -161,12 +179,14 @@ class Run:
         seed_everything(cfg.training.seed, denv.rank)
         serve(self.metrics, metrics_port(cfg.report.metrics_port, denv.local_rank))
         self.metrics.set(self.metrics.total_steps, cfg.training.max_steps)
+        self.metrics.set(self.metrics.forgetting_budget, cfg.forgetting.budget_percent)
         if denv.is_main and cfg.report.forge_job is not None:
             ref = cfg.report.forge_job
             self.reporter = StatusReporter(lambda: kube_patcher(ref), cfg.report.min_interval_seconds)
         self.model_dir = fetch_model(cfg.model.base, self.places.local_dir / "base-model")
         self.tokenizer = load_tokenizer(self.model_dir)
         encoder = DocEncoder(self.tokenizer, assistant_only=cfg.model.technique in ("sft", "lora"))
+        self.encoder = encoder
         self.plan = plan_mix(cfg.data)
         manifest = self._find_resume()
         state: dict[str, Any] | None = None
@@ -177,6 +197,10 @@ class Run:
             state = doc["data"]
             self.last_data_state = state
             self.latest_eval = self.progress.last_eval
+            if self.progress.guard is not None:
+                self.guard.load_json(self.progress.guard)
+            if self.progress.domain_percent is not None:
+                self.plan = plan_mix(self._data_at(self.progress.domain_percent))
         else:
             total = cfg.training.max_steps * self.layout.step_sequences
             preflight(self.plan, cfg, encoder, total)
@@ -189,7 +213,12 @@ class Run:
         self.eval_domain = eval_sequences(cfg.eval.domain, cfg.eval.max_tokens, cfg, encoder, pad)
         self.eval_general = eval_sequences(cfg.eval.general, cfg.eval.max_tokens, cfg, encoder, pad)
         if not self.eval_general and denv.is_main:
-            log.warning("no general held-out set (eval.general): forgetting cannot be measured")
+            log.warning(
+                "no general held-out set (eval.general): forgetting cannot be measured, the guard's "
+                "forgetting rule cannot fire"
+            )
+        if not self.eval_domain and denv.is_main:
+            log.warning("no domain held-out set (eval.domain): the guard's domain-progress rule cannot fire")
         self.mixer = build_mixer(self.plan, cfg, encoder, state)
 
     def _find_resume(self) -> dict[str, Any] | None:
@@ -236,13 +265,13 @@ class Run:
             self.latest_eval = self.progress.baseline
             if self.denv.is_main:
                 self._report_baseline()
-        prefetch = Prefetcher(step_batches(self.mixer, self.plan, cfg, self.layout, self.progress.step))
+        self.prefetch = Prefetcher(step_batches(self.mixer, self.plan, cfg, self.layout, self.progress.step))
         pending: list[tuple[int, torch.Tensor, float]] = []
         window = Throughput()
         step_tokens = self.layout.step_sequences * cfg.data.seq_length
         try:
             while self.progress.step < t.max_steps:
-                batch = prefetch.next()
+                batch = self.prefetch.next()
                 lr = float(self.engine.lr_scheduler.get_last_lr()[0])
                 part = train_step(self.engine, batch.micro, batch.global_loss_tokens, self.denv.world_size)
                 self.progress.step += 1
@@ -252,21 +281,85 @@ class Run:
                 step = self.progress.step
                 due_eval = step % cfg.eval.every_steps == 0
                 due_ckpt = step % cfg.checkpoints.every_steps == 0 or step == t.max_steps
+                verdict: Verdict | None = None
                 if len(pending) >= t.log_every_steps or due_eval or due_ckpt:
-                    self._flush(pending, window)
+                    verdict = self._flush(pending, window)
                     pending = []
                 if due_eval or due_ckpt:
                     self.latest_eval = self._evaluate(step)
+                    if verdict is None and self.latest_eval is not None:
+                        verdict = self.guard.observe_eval(self.latest_eval)
                 if due_ckpt:
                     self._checkpoint(step)
-                if due_eval or due_ckpt:
+                if self.denv.world_size > 1 and (due_eval or due_ckpt or not pending):
+                    verdict = self._broadcast(verdict)
+                if verdict is not None:
+                    self._act(verdict, saved=due_ckpt)
+                if due_eval or due_ckpt or verdict is not None:
                     window.restart()
                 if self.denv.is_main:
                     self._report_progress()
         finally:
-            prefetch.close()
+            self.prefetch.close()
         if self.denv.is_main:
             emit("finished", step=self.progress.step, mix=self.mix_report())
+
+    # ---- the guard -------------------------------------------------------------------------------------------
+
+    def _data_at(self, domain_percent: int) -> Any:
+        return self.cfg.data.model_copy(update={"domain_percent": domain_percent})
+
+    def _act(self, verdict: Verdict, saved: bool) -> None:
+        """Carry out a guard verdict (every rank, the same verdict)."""
+        if verdict.action == "rebalance" and self.progress.step >= self.cfg.training.max_steps:
+            verdict = dataclasses.replace(verdict, action="warn")  # nothing left to rebalance
+        self.metrics.inc(self.metrics.guard_verdicts, reason=verdict.reason)
+        if self.denv.is_main:
+            emit("guard", **verdict.status())
+            log.warning("guard: %s (%s): %s", verdict.reason, verdict.action, verdict.message)
+        patch: dict[str, Any] = {"earlyStop": verdict.status()}
+        if verdict.action == "rebalance" and verdict.domain_percent is not None:
+            patch["rebalance"] = self._rebalance(verdict)
+        if self.reporter is not None:
+            self.reporter.submit(status_patch(**patch))
+        if verdict.action != "stop":
+            return
+        if not saved and verdict.reason != "NonFiniteLoss":
+            self._checkpoint(self.progress.step)
+        if self.denv.is_main:
+            write_stop_marker(self.cfg, verdict)
+        self._barrier()
+        raise EarlyStopError(f"stopped by the guard at step {verdict.step}: {verdict.reason}: {verdict.message}")
+
+    def _rebalance(self, verdict: Verdict) -> dict[str, Any]:
+        """Raise the general share for the rest of the run: a new plan and mixer from the current data state."""
+        assert verdict.domain_percent is not None and self.prefetch is not None and self.encoder is not None
+        assert self.last_data_state is not None and self.plan is not None
+        previous = self.guard.domain_percent
+        new_dp = verdict.domain_percent
+        self.prefetch.close()
+        plan = plan_mix(self._data_at(new_dp))
+        state = dict(self.last_data_state)
+        old_sources = list(state["sources"])
+        state["sources"] = old_sources + [None] * (len(plan.sources) - len(old_sources))
+        state["current"] = [0] * len(plan.sources)
+        state["fingerprint"] = plan.fingerprint(self.cfg.training.seed, self.cfg.data.seq_length)
+        self.plan = plan
+        self.mixer = build_mixer(plan, self.cfg, self.encoder, state)
+        # the stream's state now (before the prefetch thread advances the mixer), in the new plan's shape
+        self.last_data_state = data_state(self.mixer, plan, self.cfg)
+        self.prefetch = Prefetcher(step_batches(self.mixer, plan, self.cfg, self.layout, self.progress.step))
+        self.guard.rebalanced(new_dp)
+        self.progress.domain_percent = new_dp
+        self.progress.rebalance = {
+            "step": self.progress.step,
+            "domainPercent": new_dp,
+            "previousDomainPercent": previous,
+            "reason": f"{verdict.reason}: {verdict.message}",
+        }
+        if self.denv.is_main:
+            emit("rebalance", **self.progress.rebalance)
+        return self.progress.rebalance
 
     def mix_report(self) -> dict[str, Any] | None:
         """The realised mix of the data trained on so far (the prefetcher runs ahead of training)."""
@@ -274,7 +367,7 @@ class Run:
             return None
         return plan_report(self.plan, self.last_data_state)
 
-    def _flush(self, pending: list[tuple[int, torch.Tensor, float]], window: Throughput) -> None:
+    def _flush(self, pending: list[tuple[int, torch.Tensor, float]], window: Throughput) -> Verdict | None:
         parts = torch.stack([p for _, p, _ in pending])
         if self.denv.world_size > 1:
             dist.all_reduce(parts)
@@ -300,6 +393,13 @@ class Run:
         if self.denv.is_main:
             for (step, _, lr), loss in zip(pending, losses, strict=True):
                 emit("step", step=step, loss=loss, lr=lr, tokensPerSecond=round(self.tps, 1))
+        verdict: Verdict | None = None
+        last = len(pending) - 1
+        for i, ((step, _, lr), loss) in enumerate(zip(pending, losses, strict=True)):
+            norm = float(grad_norm) if grad_norm is not None and i == last else None
+            found = self.guard.observe_step(step, float(loss), lr, norm)
+            verdict = verdict or found
+        return verdict
 
     def mfu(self) -> float | None:
         """Model FLOPs utilisation of this rank's device, or None on CPU."""
@@ -355,6 +455,7 @@ class Run:
         if cfg.checkpoints.export_hf:
             self._export_live(tag_dir / "hf")
         entry = checkpoint_entry(step, places.remote(step), self.latest_eval)
+        self.progress.guard = self.guard.to_json()
         if denv.is_main:
             self.progress.last_eval = self.latest_eval
             state = self.progress.to_json()
@@ -447,6 +548,32 @@ class Run:
                 dist.destroy_process_group()
 
 
+STOP_MARKER = "forge-early-stop.json"
+
+
+def write_stop_marker(cfg: TrainerConfig, verdict: Verdict) -> None:
+    """Record the stop next to the checkpoints: a restarted pod must not train again."""
+    doc = {"version": 1, "earlyStop": verdict.status()}
+    storage.write_bytes(storage.join(cfg.checkpoints.output, STOP_MARKER), json.dumps(doc).encode())
+
+
+def read_stop_marker(cfg: TrainerConfig) -> dict[str, Any] | None:
+    """The earlier stop of this run (same output), if any."""
+    try:
+        raw = storage.read_bytes(storage.join(cfg.checkpoints.output, STOP_MARKER))
+    except Exception as err:  # an unreachable or missing bucket is reported by the checkpoint code, with its code
+        log.warning("cannot read %s: %s", STOP_MARKER, err)
+        return None
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError:
+        log.warning("ignoring a corrupt %s", STOP_MARKER)
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def output_uri(cfg: TrainerConfig, step: int) -> str:
     """Where the checkpoint of ``step`` lands."""
     return storage.join(cfg.checkpoints.output, ckpt.tag_for(step))
@@ -454,6 +581,19 @@ def output_uri(cfg: TrainerConfig, step: int) -> str:
 
 def run(cfg: TrainerConfig) -> None:
     """Train this rank to the end (raises ForgeError subclasses on failure)."""
+    stopped = read_stop_marker(cfg)
+    if stopped is not None:
+        reason = stopped.get("earlyStop", {})
+        log.warning(
+            "the guard already stopped this run (%s at step %s, %s): not training again; use a new "
+            "checkpoints.output to start over",
+            reason.get("reason"),
+            reason.get("step"),
+            storage.join(cfg.checkpoints.output, STOP_MARKER),
+        )
+        if os.environ.get("RANK", "0") == "0":
+            emit("alreadyStopped", **reason)
+        return
     r = Run(cfg, dist_env())
     ok = False
     try:

@@ -65,15 +65,17 @@ class TrainerMetrics:
     forgetting: Gauge
     domain_gain: Gauge
     data_tokens: Gauge
+    forgetting_budget: Gauge
+    guard_verdicts: Counter
     port: int | None = None
 
     def set(self, gauge: Gauge, value: float, **extra: str) -> None:
         """Set a gauge of this rank."""
         gauge.labels(**self.labels, **extra).set(value)
 
-    def inc(self, counter: Counter, amount: float = 1.0) -> None:
+    def inc(self, counter: Counter, amount: float = 1.0, **extra: str) -> None:
         """Increase a counter of this rank."""
-        counter.labels(**self.labels).inc(amount)
+        counter.labels(**self.labels, **extra).inc(amount)
 
 
 def create_metrics(forge_job: str, namespace: str, rank: int) -> TrainerMetrics:
@@ -101,6 +103,13 @@ def create_metrics(forge_job: str, namespace: str, rank: int) -> TrainerMetrics:
         domain_gain=g("forge_trainer_domain_gain_percent", "Relative fall of the domain held-out loss under the base."),
         data_tokens=g(
             "forge_trainer_data_tokens", "Tokens drawn from each source in the global stream.", ("group", "source")
+        ),
+        forgetting_budget=g("forge_trainer_forgetting_budget_percent", "The forgetting budget (spec.forgetting)."),
+        guard_verdicts=Counter(
+            "forge_trainer_guard_verdicts",
+            "Guard rules that fired, by reason (LearningRateTooHigh, LossDiverged, ...).",
+            [*base, "reason"],
+            registry=reg,
         ),
     )
 

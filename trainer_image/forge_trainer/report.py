@@ -3,7 +3,8 @@
 The sender runs in a thread on rank 0. It sends at most one JSON merge patch per ``minIntervalSeconds``; patches
 submitted in between are coalesced (merged, later values win). The checkpoint list is always sent whole (a merge
 patch replaces lists), so coalescing never loses a checkpoint. An unreachable API server only delays reports:
-errors are logged and retried with backoff, and training never waits for the API.
+errors are logged and retried with backoff, and training never waits for the API. A patch the API server rejects
+with a 4xx (other than 401, 408, 429) is logged and dropped: the CRD refused it and would refuse it again.
 """
 
 from __future__ import annotations
@@ -104,6 +105,15 @@ def merge(base: Patch, newer: Patch) -> Patch:
 
 PatchFn = Callable[[Patch], None]
 
+# 4xx answers worth retrying: expired credentials (the client is rebuilt), timeouts, throttling.
+RETRY_4XX = (401, 408, 429)
+
+
+def http_status(err: Exception) -> int | None:
+    """The HTTP status of a failed API call (kubernetes ApiException.status), None for transport errors."""
+    code = getattr(err, "status", None)
+    return code if isinstance(code, int) else None
+
 
 def kube_patcher(ref: ForgeJobRef) -> PatchFn:
     """A function that merge-patches the ForgeJob's status, with in-cluster credentials or KUBECONFIG."""
@@ -152,6 +162,7 @@ class StatusReporter:
         self._failures = 0
         self.sent = 0
         self.errors = 0
+        self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="forge-status", daemon=True)
         self._thread.start()
 
@@ -208,6 +219,17 @@ class StatusReporter:
                     self.sent += 1
 
     def _failed(self, patch: Patch, err: Exception) -> None:
+        code = http_status(err)
+        if code is not None and 400 <= code < 500 and code not in RETRY_4XX:
+            # The API server rejected this patch (e.g. 422: a field the CRD does not accept); sending it again
+            # can only fail again, and would block every later report coalesced into it.
+            with self._cond:
+                self.errors += 1
+                self.dropped += 1
+                self._failures = 0
+                self._last_sent = self._clock()
+            log.error("status report rejected with HTTP %d, dropped: %s; patch: %s", code, err, patch)
+            return
         with self._cond:
             self._failures += 1
             self.errors += 1

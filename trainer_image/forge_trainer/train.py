@@ -1,7 +1,7 @@
 """Entry point: ``forge-trainer --config PATH`` (the pod command) and ``forge-trainer export ...``.
 
 Exit codes: 0 done; 1 unexpected error; 2 config; 3 data; 4 model; 5 checkpoint storage; 6 distributed
-environment; 10 stopped early on purpose (reserved for the guard). See docs/trainer.md.
+environment; 10 stopped early on purpose by the guard. See docs/trainer.md.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from forge_trainer.errors import EXIT_OK, EXIT_UNEXPECTED, ForgeError
+from forge_trainer.errors import EXIT_EARLY_STOP, EXIT_OK, EXIT_UNEXPECTED, ForgeError
 
 
 def _setup_logging() -> None:
@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(cfg)
         return EXIT_OK
     except ForgeError as err:
-        log.error("%s: %s", type(err).__name__, err)
+        level = logging.WARNING if err.exit_code == EXIT_EARLY_STOP else logging.ERROR
+        log.log(level, "%s: %s", type(err).__name__, err)
         return err.exit_code
     except Exception:
         log.exception("unexpected error")

@@ -121,10 +121,10 @@ def mix_report(state: dict[str, Any], groups: list[str], shares: list[int], uris
 
 
 def source_states(state: dict[str, Any] | None, n: int) -> list[SourceState | None]:
-    """Per-source states out of a mixer state (None for a fresh start)."""
+    """Per-source states out of a mixer state (None for a fresh start, or for a source added by a rebalance)."""
     if state is None:
         return [None] * n
     raw = state["sources"]
     if len(raw) != n:
         raise ValueError(f"data state has {len(raw)} sources, config has {n}")
-    return [SourceState.from_json(s) for s in raw]
+    return [None if s is None else SourceState.from_json(s) for s in raw]

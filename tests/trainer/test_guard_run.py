@@ -1,0 +1,129 @@
+"""The guard in real runs (DeepSpeed ranks on CPU): stop with exit 10 and no retraining, warn, rebalance, healthy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from forge_trainer import checkpoint as ckpt
+from forge_trainer.errors import EXIT_EARLY_STOP
+from forge_trainer.guard import REASONS
+from tests.trainer.conftest import Corpora
+from tests.trainer.harness import assert_ok, merged, run_ranks, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+STEPS = 30
+EVERY = 3
+BASE_LR = 3e-3
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_model: Path, corpora: Corpora, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model pretrained on the general corpus (plain torch, a few seconds): something to forget."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    ids: list[int] = []
+    for path in sorted(corpora.general.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            ids += tok(json.loads(line)["text"])["input_ids"] + [tok.eos_token_id or 0]
+    seq = 64
+    data = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    torch.set_num_threads(2)
+    for _ in range(60):
+        batch = data[torch.randint(0, len(data), (16,))]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out = tmp_path_factory.mktemp("models") / "pretrained"
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def guard_config(base: dict[str, Any], model: Path, action: str, lr_factor: float, **data: Any) -> dict[str, Any]:
+    cfg = merged(
+        base,
+        data=data,
+        training={"maxSteps": STEPS, "learningRate": BASE_LR * lr_factor, "warmupSteps": 0, "schedule": "constant"},
+        eval={"everySteps": EVERY},
+        forgetting={"budgetPercent": 5, "action": action},
+        checkpoints={"everySteps": STEPS, "exportHf": False},
+    )
+    cfg["model"]["base"] = str(model)
+    return cfg
+
+
+def events_of(results: Any, kind: str) -> list[dict[str, Any]]:
+    return [e for e in results[0].events if e["event"] == kind]
+
+
+def test_absurd_learning_rate_stops_early_and_a_rerun_does_not_train(
+    base_config: dict[str, Any], pretrained: Path, tmp_path: Path
+) -> None:
+    cfg = guard_config(base_config, pretrained, "stop", 30.0, domainPercent=100)
+    config = write_config(tmp_path / "config.json", cfg)
+    results = run_ranks(config, 2, tmp_path / "run", timeout=200)
+    assert [r.returncode for r in results] == [EXIT_EARLY_STOP] * 2, "\n".join(r.describe() for r in results)
+    guard = events_of(results, "guard")
+    assert len(guard) == 1
+    verdict = guard[0]
+    assert verdict["action"] == "stop" and verdict["reason"] in REASONS and verdict["message"]
+    assert verdict["step"] <= STEPS // 3, verdict
+    assert "learningRate" in verdict.get("suggestion", {}), verdict
+    # a checkpoint at the stop, and the marker a restarted pod reads
+    output = cfg["checkpoints"]["output"]
+    latest = ckpt.latest_complete(output)
+    assert (latest is not None and int(latest["step"]) == verdict["step"]) or verdict["reason"] == "NonFiniteLoss"
+    marker = json.loads((Path(output) / "forge-early-stop.json").read_text())
+    assert marker["earlyStop"]["reason"] == verdict["reason"]
+    # restartPolicy OnFailure restarts the pods: they must end at once, without training
+    again = run_ranks(config, 2, tmp_path / "rerun", timeout=60)
+    assert_ok(again)
+    assert not events_of(again, "step")
+    assert events_of(again, "alreadyStopped")[0]["reason"] == verdict["reason"]
+
+
+def test_healthy_run_is_not_stopped(base_config: dict[str, Any], pretrained: Path, tmp_path: Path) -> None:
+    cfg = guard_config(base_config, pretrained, "stop", 1.0)
+    results = run_ranks(write_config(tmp_path / "config.json", cfg), 1, tmp_path / "run", timeout=200)
+    assert_ok(results)
+    assert not events_of(results, "guard")
+    assert events_of(results, "finished")
+
+
+def test_warn_keeps_training_and_warns_once_per_reason(
+    base_config: dict[str, Any], pretrained: Path, tmp_path: Path
+) -> None:
+    cfg = guard_config(base_config, pretrained, "warn", 30.0, domainPercent=100)
+    results = run_ranks(write_config(tmp_path / "config.json", cfg), 1, tmp_path / "run", timeout=200)
+    assert_ok(results)
+    guard = events_of(results, "guard")
+    assert guard and all(e["action"] == "warn" for e in guard)
+    reasons = [e["reason"] for e in guard]
+    assert len(reasons) == len(set(reasons))
+    assert max(int(e["step"]) for e in events_of(results, "step")) == STEPS
+
+
+def test_rebalance_lowers_the_domain_share(base_config: dict[str, Any], pretrained: Path, tmp_path: Path) -> None:
+    cfg = guard_config(base_config, pretrained, "rebalance", 30.0, domainPercent=100)
+    results = run_ranks(write_config(tmp_path / "config.json", cfg), 1, tmp_path / "run", timeout=200)
+    assert_ok(results)
+    rebalances = events_of(results, "rebalance")
+    assert rebalances, [e for e in results[0].events if e["event"] == "guard"]
+    first = rebalances[0]
+    assert first["previousDomainPercent"] == 100 and first["domainPercent"] == 75
+    assert any(e["action"] == "rebalance" for e in events_of(results, "guard"))
+    mix = events_of(results, "finished")[0]["mix"]
+    assert mix["realisedDomainPercent"] < 99.0, mix
+    assert any(row["group"] == "general" and row["tokens"] > 0 for row in mix["sources"]), mix
