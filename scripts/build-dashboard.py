@@ -26,8 +26,7 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 # Trainer series of the selected ForgeJobs.
 SEL = 'namespace=~"$namespace", forge_job=~"$forgejob"'
 BY_JOB = "namespace, forge_job"
-# Requested, not exported yet (see docs/monitoring.md, "Metrics the dashboard expects"): panels that use it show
-# nothing until the trainer exports it; tests/chart/test_dashboard.py knows it as pending.
+# Exported by the trainer (trainer_image/forge_trainer/metrics.py).
 BUDGET = "forge_trainer_forgetting_budget_percent"  # trainer: spec.forgetting.budgetPercent of the run
 # Exported by the operator (operator/forge_operator/metrics.py), labels namespace, forge_job.
 SELECTED_STEP = "forge_forgejob_selected_step"  # status.selected.step

@@ -29,9 +29,7 @@ RATE_INTERVAL = "10s"
 # Metrics the dashboard uses that the trainer/operator do not export yet (requested in docs/monitoring.md). While a
 # name is missing from both metrics.py registries, its panels may be empty; once exported, its queries must return
 # data like every other one. Remove a name from here when it is exported.
-PENDING_METRICS = {
-    "forge_trainer_forgetting_budget_percent": "trainer_image/forge_trainer/metrics.py (the run's budgetPercent)",
-}
+PENDING_METRICS: dict[str, str] = {}
 LABEL_VALUES = re.compile(r"^label_values\((?:(.+),\s*)?([A-Za-z_][A-Za-z0-9_]*)\)$")
 
 
