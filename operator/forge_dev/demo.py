@@ -229,8 +229,8 @@ def run_demo(repo_root: Path, out: Path, timeout_s: float) -> int:
             print(f"   why: {selected.get('reason')}")
         print(f"== plot: {png}")
         print(
-            f"== replica logs: {standin_dir}/{NAMESPACE}/{name}-*/ "
-            f"(python -m forge_dev.training_operator_standin logs {name}-...)"
+            f"== replica logs: {standin_dir / NAMESPACE / name}/*.log "
+            f"(python -m forge_dev.training_operator_standin logs {name} --workdir {standin_dir})"
         )
     print("== everything stopped")
     return 0 if status.get("state") == "Succeeded" and selected else 1
