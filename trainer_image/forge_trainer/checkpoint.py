@@ -91,21 +91,27 @@ def make_manifest(
     }
 
 
-def read_manifest(uri: str) -> dict[str, Any] | None:
-    """A checkpoint's manifest, or None when it is missing or unreadable (an incomplete checkpoint)."""
+def read_json_object(uri: str, what: str) -> dict[str, Any] | None:
+    """The JSON object stored at ``uri``, or None when it is missing, unreadable, corrupt or not an object."""
     try:
-        raw = storage.read_bytes(storage.join(uri, MANIFEST))
-    except Exception as err:
-        log.warning("cannot read manifest of %s: %s", uri, err)
+        raw = storage.read_bytes(uri)
+    except Exception as err:  # an unreachable store is reported by the code that needs it, with its exit code
+        log.warning("cannot read %s: %s", what, err)
         return None
     if raw is None:
         return None
     try:
         doc = json.loads(raw)
     except json.JSONDecodeError:
-        log.warning("ignoring checkpoint %s: corrupt manifest", uri)
+        log.warning("ignoring %s: not valid JSON", what)
         return None
-    return doc if isinstance(doc, dict) and doc.get("version") == MANIFEST_VERSION else None
+    return doc if isinstance(doc, dict) else None
+
+
+def read_manifest(uri: str) -> dict[str, Any] | None:
+    """A checkpoint's manifest, or None when it is missing or unreadable (an incomplete checkpoint)."""
+    doc = read_json_object(storage.join(uri, MANIFEST), f"the manifest of {uri}")
+    return doc if doc is not None and doc.get("version") == MANIFEST_VERSION else None
 
 
 def list_tags(location: str) -> list[str]:

@@ -559,19 +559,7 @@ def write_stop_marker(cfg: TrainerConfig, verdict: Verdict) -> None:
 
 def read_stop_marker(cfg: TrainerConfig) -> dict[str, Any] | None:
     """The earlier stop of this run (same output), if any."""
-    try:
-        raw = storage.read_bytes(storage.join(cfg.checkpoints.output, STOP_MARKER))
-    except Exception as err:  # an unreachable or missing bucket is reported by the checkpoint code, with its code
-        log.warning("cannot read %s: %s", STOP_MARKER, err)
-        return None
-    if raw is None:
-        return None
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError:
-        log.warning("ignoring a corrupt %s", STOP_MARKER)
-        return None
-    return doc if isinstance(doc, dict) else None
+    return ckpt.read_json_object(storage.join(cfg.checkpoints.output, STOP_MARKER), STOP_MARKER)
 
 
 def output_uri(cfg: TrainerConfig, step: int) -> str:
