@@ -148,6 +148,15 @@ class EvalSettings(_Model):
     max_tokens: int = Field(
         default=262_144, ge=1, description="Tokens evaluated per group (domain, general), split by source weight."
     )
+    kl_top_k: int = Field(
+        default=16,
+        ge=0,
+        le=1024,
+        description=(
+            "KL(base || model) on the general held-out tokens from the base model's top-k log-probabilities, cached "
+            "at the baseline (the rest of the base's mass is one bucket: a lower bound of the full KL). 0 = off."
+        ),
+    )
 
 
 class TrainingSettings(_Model):
@@ -260,6 +269,30 @@ class ForgettingSettings(_Model):
     )
 
 
+class CandidateSettings(_Model):
+    """End-of-run candidates built from the checkpoints' Hugging Face exports and evaluated on the held-out sets."""
+
+    average_last: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Uniform weight average of the last k complete checkpoints (needs at least 2; 0 or 1 = off).",
+    )
+    interpolation_alphas: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75],
+        max_length=16,
+        description=(
+            "WiSE-FT: (1 - alpha) * base + alpha * the last checkpoint, one candidate per alpha (empty = off)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _distinct_alphas(self) -> CandidateSettings:
+        if len(set(self.interpolation_alphas)) != len(self.interpolation_alphas):
+            raise ValueError(f"interpolationAlphas must be distinct: {self.interpolation_alphas}")
+        return self
+
+
 class CheckpointSettings(_Model):
     """Where and how often checkpoints are written."""
 
@@ -279,6 +312,13 @@ class CheckpointSettings(_Model):
     export_hf: bool = Field(
         default=True,
         description="Also write a Hugging Face safetensors folder (hf/) into every checkpoint (LoRA merged).",
+    )
+    candidates: CandidateSettings = Field(
+        default_factory=CandidateSettings,
+        description=(
+            "Averages and interpolations built at the end of the run (also after a guard stop) from the hf/ "
+            "exports; written to <output>/candidates/<name>/ and reported with the checkpoints. Needs exportHf."
+        ),
     )
 
 
