@@ -179,6 +179,12 @@ class EvalSpec(ApiModel):
     max_tokens: int = Field(default=262_144, ge=128, le=1_073_741_824)
     """Tokens evaluated per group (domain, general), split by source weight."""
 
+    kl_top_k: int = Field(default=16, ge=0, le=1024)
+    """KL(base || model) on the general held-out tokens, measured at every evaluation from the base model's top-k
+    log-probabilities per token, cached at the baseline evaluation (the rest of the base's probability mass counts
+    as one bucket, so the value is a lower bound of the full KL). A forgetting measure that does not depend on the
+    general loss alone; 0 turns it off."""
+
 
 class TrainingSpec(ApiModel):
     """Optimisation settings. 'auto' values are resolved by the operator into status.resolved."""
@@ -242,6 +248,56 @@ class ForgettingSpec(ApiModel):
     """What the trainer does when the budget is exceeded: stop (save a checkpoint and end the run early), warn
     (condition only) or rebalance (raise the general share for the rest of the run)."""
 
+    grace_percent: int = Field(default=10, ge=0, le=100)
+    """Grace period of the guard, in percent of training.maxSteps: the loss-divergence, grad-norm-spikes,
+    forgetting-budget and no-domain-progress rules do not act at or before step ceil(maxSteps * gracePercent / 100),
+    because general loss often rises early in a run and then recovers (the stability gap). A NaN or infinite loss
+    always stops the run at once."""
+
+    grace_evals: int = Field(default=2, ge=0, le=1000)
+    """The forgetting-budget and no-domain-progress rules also wait for this many evaluations after the baseline
+    (on top of gracePercent)."""
+
+    slope_window_evals: int = Field(default=3, ge=2, le=1000)
+    """forgetting-budget rule: over the budget, the rule acts when forgetting is still rising or falls too slowly to
+    be back within the budget by the end of the run. The trend is the least-squares slope of forgetting against the
+    cumulative learning rate, fitted over the last this many evaluations."""
+
+    lr_too_high_factor: int = Field(default=3, ge=1, le=1000)
+    """forgetting-budget rule: the reason is LearningRateTooHigh when the forgetting projected to the end of the run
+    exceeds this many times budgetPercent, else ForgettingBudgetExceeded."""
+
+    no_progress_evals: int = Field(default=5, ge=1, le=1000)
+    """no-domain-progress rule (NoDomainProgress): acts when the domain gain did not improve on its best earlier
+    value (by at least 0.1 points) over the last this many evaluations."""
+
+    divergence_factor: int = Field(default=3, ge=2, le=1000)
+    """loss-divergence rule (LossDiverged): acts when a step's training loss exceeds this many times the best value
+    of its moving average."""
+
+    grad_spike_factor: int = Field(default=10, ge=2, le=1_000_000)
+    """grad-norm-spikes rule (GradNormSpikes): a step's gradient norm is a spike when it exceeds this many times the
+    running median of the recent norms."""
+
+    grad_spike_steps: int = Field(default=5, ge=1, le=100_000)
+    """grad-norm-spikes rule: acts after this many consecutive spike steps."""
+
+
+class CandidatesSpec(ApiModel):
+    """Which weight averages and interpolations the trainer builds from its checkpoints at the end of the run."""
+
+    average_last: int = Field(default=3, ge=0, le=100)
+    """Uniform weight average of the last this many complete checkpoints, as one candidate; needs at least 2 saved
+    checkpoints. 0 or 1 turns it off."""
+
+    interpolation_alpha_percents: list[Annotated[int, Field(ge=1, le=99)]] = Field(
+        default_factory=lambda: [25, 50, 75],
+        max_length=16,
+        json_schema_extra={"default": [25, 50, 75], "x-kubernetes-list-type": "set"},
+    )
+    """WiSE-FT interpolations of the last checkpoint with the base model, one candidate per value: weights
+    (1 - alpha) * base + alpha * last, with alpha = value / 100. Values must be distinct; empty turns them off."""
+
 
 class CheckpointSpec(ApiModel):
     """Checkpoint cadence, destination and selection."""
@@ -260,6 +316,12 @@ class CheckpointSpec(ApiModel):
 
     keep: int = Field(default=3, ge=1, le=10_000)
     """Complete checkpoints kept on the trainer's local disk (newest first)."""
+
+    candidates: CandidatesSpec = section()
+    """End-of-run candidates: averages and interpolations built from the saved checkpoints when the run ends (also
+    after a guard stop), evaluated on the held-out sets, written to <output>/candidates/<name>/ and reported in
+    status.checkpoints (kind average or interpolation). Selection weighs them like checkpoints, except 'last', which
+    never picks them."""
 
 
 class ResourceRequirements(ApiModel):

@@ -136,6 +136,28 @@ def _sources(sources: list[Source]) -> list[dict[str, Any]]:
     return [{"uri": s.uri, "weight": s.weight} for s in sources]
 
 
+def grace_steps(spec: ForgeJobSpec) -> int:
+    """The guard's grace period in steps: ceil(maxSteps * gracePercent / 100), as the trainer's own default does."""
+    return -(-spec.training.max_steps * spec.forgetting.grace_percent // 100)
+
+
+def _forgetting(spec: ForgeJobSpec) -> dict[str, Any]:
+    """The guard's settings; factors are integers in the spec and floats in the trainer config."""
+    forgetting = spec.forgetting
+    return {
+        "budgetPercent": float(forgetting.budget_percent),
+        "action": forgetting.action,
+        "graceSteps": grace_steps(spec),
+        "graceEvals": forgetting.grace_evals,
+        "slopeWindowEvals": forgetting.slope_window_evals,
+        "lrTooHighFactor": float(forgetting.lr_too_high_factor),
+        "noProgressEvals": forgetting.no_progress_evals,
+        "divergenceFactor": float(forgetting.divergence_factor),
+        "gradSpikeFactor": float(forgetting.grad_spike_factor),
+        "gradSpikeSteps": forgetting.grad_spike_steps,
+    }
+
+
 def build_trainer_config(
     owner: Owner, spec: ForgeJobSpec, resolved: Resolved, options: RenderOptions
 ) -> dict[str, Any]:
@@ -150,6 +172,7 @@ def build_trainer_config(
             "targetModules": list(lora.target_modules),
         }
     training = spec.training
+    candidates = spec.checkpoints.candidates
     return {
         "version": TRAINER_CONFIG_VERSION,
         "jobName": owner.name,
@@ -168,6 +191,7 @@ def build_trainer_config(
             "domain": _sources(spec.eval.domain or spec.data.domain),
             "general": _sources(spec.eval.general or spec.data.general),
             "maxTokens": spec.eval.max_tokens,
+            "klTopK": spec.eval.kl_top_k,
         },
         "training": {
             "learningRate": parse_decimal(resolved.learning_rate),
@@ -187,15 +211,16 @@ def build_trainer_config(
             "activationCheckpointing": training.activation_checkpointing,
             "compile": training.compile,
         },
-        "forgetting": {
-            "budgetPercent": float(spec.forgetting.budget_percent),
-            "action": spec.forgetting.action,
-        },
+        "forgetting": _forgetting(spec),
         "checkpoints": {
             "everySteps": spec.checkpoints.every_steps,
             "output": spec.checkpoints.output,
             "keep": spec.checkpoints.keep,
             "localDir": CHECKPOINT_LOCAL_DIR,
+            "candidates": {
+                "averageLast": candidates.average_last,
+                "interpolationAlphas": [percent / 100 for percent in candidates.interpolation_alpha_percents],
+            },
         },
         "report": {
             "forgeJob": {

@@ -182,6 +182,19 @@ def check_training(spec: ForgeJobSpec) -> list[FieldError]:
     return errors
 
 
+def check_checkpoints(spec: ForgeJobSpec) -> list[FieldError]:
+    alphas = spec.checkpoints.candidates.interpolation_alpha_percents
+    repeated = sorted({value for value in alphas if alphas.count(value) > 1})
+    if repeated:
+        return [
+            FieldError(
+                "spec.checkpoints.candidates.interpolationAlphaPercents",
+                f"values must be distinct (one candidate each): {', '.join(map(str, repeated))} repeated in {alphas}",
+            )
+        ]
+    return []
+
+
 def check_technique(spec: ForgeJobSpec) -> list[FieldError]:
     if spec.lora is not None and spec.technique != "lora":
         return [FieldError("spec.lora", f"only allowed with technique lora, not {spec.technique}")]
@@ -271,6 +284,7 @@ def validate(name: str, spec: ForgeJobSpec, default_image: str | None) -> list[F
         *check_uris(spec),
         *check_data(spec),
         *check_training(spec),
+        *check_checkpoints(spec),
         *check_resources(spec, default_image),
         *check_env(spec),
     ]

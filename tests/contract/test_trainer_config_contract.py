@@ -14,7 +14,8 @@ import pytest
 from forge_operator.api import ForgeJobSpec
 from forge_operator.defaults import resolve
 from forge_operator.render import CONFIG_KEY, Owner, RenderOptions, build_config_map, build_pytorchjob
-from forge_trainer.config import TrainerConfig, load_config
+from forge_trainer.config import CandidateSettings, EvalSettings, ForgettingSettings, TrainerConfig, load_config
+from forge_trainer.guard import Guard
 
 OPTIONS = RenderOptions(
     trainer_image="registry/forge-trainer:1", trainer_metrics_port=9400, report_min_interval_seconds=5
@@ -58,6 +59,28 @@ FORGEJOBS: dict[str, dict[str, Any]] = {
     "lora-block": {
         "technique": "lora",
         "lora": {"rank": 64, "alpha": 128, "dropoutPercent": 0, "targetModules": ["q_proj"]},
+    },
+    "guard-and-candidates": {
+        "technique": "sft",
+        "eval": {"klTopK": 0},
+        "training": {"maxSteps": 3000},
+        "forgetting": {
+            "budgetPercent": 3,
+            "action": "warn",
+            "gracePercent": 20,
+            "graceEvals": 4,
+            "noProgressEvals": 8,
+            "divergenceFactor": 5,
+            "gradSpikeFactor": 20,
+            "gradSpikeSteps": 7,
+            "slopeWindowEvals": 6,
+            "lrTooHighFactor": 4,
+        },
+        "checkpoints": {
+            "everySteps": 500,
+            "output": "s3://acme/forge/out/",
+            "candidates": {"averageLast": 5, "interpolationAlphaPercents": [10, 90]},
+        },
     },
     "domain-only-cpu": {
         "technique": "sft",
@@ -132,6 +155,38 @@ def test_resolved_training_values_reach_the_trainer() -> None:
     _, lora_map, _ = render("lora-block", FORGEJOBS["lora-block"])
     lora = TrainerConfig.model_validate_json(lora_map["data"][CONFIG_KEY]).model.lora
     assert lora is not None and (lora.rank, lora.alpha, lora.dropout, lora.target_modules) == (64, 128, 0.0, ["q_proj"])
+
+
+def test_guard_kl_and_candidate_settings_reach_the_trainer() -> None:
+    _, config_map, _ = render("guard-and-candidates", FORGEJOBS["guard-and-candidates"])
+    config = TrainerConfig.model_validate_json(config_map["data"][CONFIG_KEY])
+    forgetting = config.forgetting
+    assert (forgetting.budget_percent, forgetting.action) == (3.0, "warn")
+    assert forgetting.grace_steps == 600, "20% of maxSteps 3000"
+    assert (forgetting.grace_evals, forgetting.no_progress_evals) == (4, 8)
+    assert (forgetting.divergence_factor, forgetting.grad_spike_factor, forgetting.lr_too_high_factor) == (
+        5.0,
+        20.0,
+        4.0,
+    )
+    assert (forgetting.grad_spike_steps, forgetting.slope_window_evals) == (7, 6)
+    assert forgetting.min_domain_gain_percent == ForgettingSettings().min_domain_gain_percent, "not in the spec"
+    assert config.eval.kl_top_k == 0
+    assert config.checkpoints.candidates.average_last == 5
+    assert config.checkpoints.candidates.interpolation_alphas == [0.1, 0.9]
+
+
+@pytest.mark.parametrize("max_steps", [1, 7, 15, 25, 30, 999, 1000, 1001, 3000, 12345])
+def test_a_spec_without_the_guard_settings_gets_the_trainers_defaults(max_steps: int) -> None:
+    _, config_map, _ = render("cpt-defaults", {"technique": "cpt", "training": {"maxSteps": max_steps}})
+    config = TrainerConfig.model_validate_json(config_map["data"][CONFIG_KEY])
+    defaults = ForgettingSettings()
+    assert config.forgetting.model_dump(exclude={"grace_steps"}) == defaults.model_dump(exclude={"grace_steps"})
+    # The trainer's default grace period (graceSteps null) is 10% of maxSteps, rounded up: the operator renders it.
+    own = Guard(defaults, max_steps=max_steps, learning_rate=1e-5, domain_percent=75).grace_steps
+    assert config.forgetting.grace_steps == own
+    assert config.eval.kl_top_k == EvalSettings().kl_top_k
+    assert config.checkpoints.candidates == CandidateSettings()
 
 
 def test_the_pytorchjob_runs_the_trainer_on_the_mounted_config() -> None:

@@ -99,6 +99,14 @@ def test_spec_defaults_and_required(schema: dict[str, Any]) -> None:
     selection = spec["properties"]["checkpoints"]["properties"]["selection"]
     assert selection["enum"] == ["best-within-budget", "pareto", "last"]
     assert selection["default"] == "best-within-budget"
+    forgetting = spec["properties"]["forgetting"]["properties"]
+    assert (forgetting["gracePercent"]["default"], forgetting["divergenceFactor"]["default"]) == (10, 3)
+    assert spec["properties"]["eval"]["properties"]["klTopK"]["default"] == 16
+    candidates = spec["properties"]["checkpoints"]["properties"]["candidates"]
+    assert candidates["default"] == {}, "spec.checkpoints.candidates must default to {} for its defaults"
+    alphas = candidates["properties"]["interpolationAlphaPercents"]
+    assert alphas["default"] == [25, 50, 75] and alphas["x-kubernetes-list-type"] == "set"
+    assert (alphas["items"]["minimum"], alphas["items"]["maximum"], alphas["maxItems"]) == (1, 99, 16)
     limits = spec["properties"]["resources"]["properties"]["resources"]["properties"]["limits"]
     assert limits["additionalProperties"]["x-kubernetes-int-or-string"] is True
 

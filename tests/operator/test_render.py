@@ -20,6 +20,7 @@ from forge_operator.render import (
     build_trainer_config,
     changed_paths,
     frozen_spec,
+    grace_steps,
     spec_digest,
 )
 
@@ -194,4 +195,72 @@ def test_pull_policy_comes_from_the_spec_or_the_operator() -> None:
 def test_forgetting_budget_and_action_reach_the_trainer_config() -> None:
     job_spec = spec(forgetting={"budgetPercent": 5, "action": "rebalance"})
     config = build_trainer_config(OWNER, job_spec, resolve(job_spec), OPTIONS)
-    assert config["forgetting"] == {"budgetPercent": 5.0, "action": "rebalance"}
+    assert config["forgetting"] == {
+        "budgetPercent": 5.0,
+        "action": "rebalance",
+        "graceSteps": 100,
+        "graceEvals": 2,
+        "slopeWindowEvals": 3,
+        "lrTooHighFactor": 3.0,
+        "noProgressEvals": 5,
+        "divergenceFactor": 3.0,
+        "gradSpikeFactor": 10.0,
+        "gradSpikeSteps": 5,
+    }
+
+
+def test_guard_settings_are_rendered_with_the_trainers_types() -> None:
+    job_spec = spec(
+        training={"maxSteps": 3000},
+        forgetting={
+            "gracePercent": 20,
+            "graceEvals": 0,
+            "slopeWindowEvals": 4,
+            "lrTooHighFactor": 2,
+            "noProgressEvals": 9,
+            "divergenceFactor": 4,
+            "gradSpikeFactor": 50,
+            "gradSpikeSteps": 3,
+        },
+    )
+    forgetting = build_trainer_config(OWNER, job_spec, resolve(job_spec), OPTIONS)["forgetting"]
+    assert forgetting["graceSteps"] == 600 and type(forgetting["graceSteps"]) is int
+    assert (forgetting["graceEvals"], forgetting["slopeWindowEvals"], forgetting["noProgressEvals"]) == (0, 4, 9)
+    assert forgetting["gradSpikeSteps"] == 3
+    factors = [forgetting[key] for key in ("lrTooHighFactor", "divergenceFactor", "gradSpikeFactor")]
+    assert factors == [2.0, 4.0, 50.0] and all(type(value) is float for value in factors)
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "percent", "steps"), [(1000, 10, 100), (15, 10, 2), (1, 10, 1), (3000, 0, 0), (7, 100, 7)]
+)
+def test_grace_steps_round_up_like_the_trainers_default(max_steps: int, percent: int, steps: int) -> None:
+    job_spec = spec(training={"maxSteps": max_steps}, eval={"everySteps": 1}, forgetting={"gracePercent": percent})
+    assert grace_steps(job_spec) == steps
+    assert build_trainer_config(OWNER, job_spec, resolve(job_spec), OPTIONS)["forgetting"]["graceSteps"] == steps
+
+
+def test_kl_top_k_and_candidates_reach_the_trainer_config() -> None:
+    default = build_trainer_config(OWNER, spec(), resolve(spec()), OPTIONS)
+    assert default["eval"]["klTopK"] == 16
+    assert default["checkpoints"]["candidates"] == {"averageLast": 3, "interpolationAlphas": [0.25, 0.5, 0.75]}
+    job_spec = spec(
+        eval={"klTopK": 64},
+        checkpoints={"output": "s3://acme/o/", "candidates": {"averageLast": 0, "interpolationAlphaPercents": [1, 99]}},
+    )
+    config = build_trainer_config(OWNER, job_spec, resolve(job_spec), OPTIONS)
+    assert config["eval"]["klTopK"] == 64
+    assert config["checkpoints"]["candidates"] == {"averageLast": 0, "interpolationAlphas": [0.01, 0.99]}
+    off = spec(checkpoints={"output": "s3://acme/o/", "candidates": {"interpolationAlphaPercents": []}})
+    assert (
+        build_trainer_config(OWNER, off, resolve(off), OPTIONS)["checkpoints"]["candidates"]["interpolationAlphas"]
+        == []
+    )
+
+
+def test_guard_and_candidate_settings_are_frozen_once_started() -> None:
+    assert spec_digest(spec()) != spec_digest(spec(forgetting={"gracePercent": 20}))
+    assert spec_digest(spec()) != spec_digest(
+        spec(checkpoints={"output": "s3://acme/o/", "candidates": {"averageLast": 0}})
+    )
+    assert changed_paths(frozen_spec(spec()), frozen_spec(spec(eval={"klTopK": 0}))) == ["spec.eval.klTopK"]

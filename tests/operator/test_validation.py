@@ -77,6 +77,12 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.training.globalBatchTokens",
         "below one micro-batch",
     ),
+    (
+        "repeated interpolation alpha",
+        {"checkpoints__candidates": {"interpolationAlphaPercents": [50, 25, 50]}},
+        "spec.checkpoints.candidates.interpolationAlphaPercents",
+        "distinct",
+    ),
     ("lora with sft", {"lora": {"rank": 4}}, "spec.lora", "only allowed with technique lora"),
     (
         "gpu limits",
@@ -155,6 +161,30 @@ def test_schema_errors_become_field_errors() -> None:
     parsed = parse_spec(with_changes(data__domainPercent=0, technique="dpo"))
     assert isinstance(parsed, list)
     assert {e.path for e in parsed} == {"spec.data.domainPercent", "spec.technique"}
+
+
+def test_repeated_alphas_are_named_and_distinct_ones_accepted() -> None:
+    (error,) = errors_of(with_changes(checkpoints__candidates={"interpolationAlphaPercents": [50, 25, 50, 25, 75]}))
+    assert str(error).startswith("spec.checkpoints.candidates.interpolationAlphaPercents: ")
+    assert "25, 50 repeated" in error.message
+    assert errors_of(with_changes(checkpoints__candidates={"interpolationAlphaPercents": [10, 90]})) == []
+    assert errors_of(with_changes(checkpoints__candidates={"interpolationAlphaPercents": []})) == []
+
+
+def test_guard_and_candidate_bounds_are_schema_errors() -> None:
+    parsed = parse_spec(
+        with_changes(
+            forgetting={"gracePercent": 101, "divergenceFactor": 1},
+            checkpoints__candidates={"interpolationAlphaPercents": [0, 100]},
+        )
+    )
+    assert isinstance(parsed, list)
+    assert {e.path for e in parsed} == {
+        "spec.forgetting.gracePercent",
+        "spec.forgetting.divergenceFactor",
+        "spec.checkpoints.candidates.interpolationAlphaPercents[0]",
+        "spec.checkpoints.candidates.interpolationAlphaPercents[1]",
+    }
 
 
 def test_local_paths_and_s3_prefixes_are_accepted() -> None:

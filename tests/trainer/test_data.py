@@ -16,10 +16,11 @@ from forge_trainer import storage, tiny
 from forge_trainer.config import TrainerConfig
 from forge_trainer.data import loader
 from forge_trainer.data.encode import DocEncoder
-from forge_trainer.data.loader import Layout, build_mixer, eval_sequences, plan_mix, preflight, step_batches
+from forge_trainer.data.loader import Layout, build_mixer, plan_mix, preflight, step_batches
 from forge_trainer.data.mixer import Mixer
 from forge_trainer.data.records import ChatRecord, TextRecord
 from forge_trainer.errors import DataError
+from forge_trainer.heldout import eval_sequences
 from forge_trainer.model import load_tokenizer
 from tests.trainer.conftest import Corpora
 from tests.trainer.harness import merged
@@ -215,9 +216,10 @@ def test_eval_set_is_fixed_and_padded(base_config: dict[str, Any], corpora: Corp
     first = eval_sequences(cfg.eval.domain, 1024, cfg, enc, pad_id=0)
     again = eval_sequences(cfg.eval.domain, 1024, cfg, enc, pad_id=0)
     assert len(first) == 16
-    assert all(np.array_equal(x[0], y[0]) for x, y in zip(first, again, strict=True))
+    assert all(np.array_equal(x.ids, y.ids) for x, y in zip(first, again, strict=True))
+    assert {x.source for x in first} == {0}
     tiny_set = eval_sequences(cfg.eval.domain, 10**7, cfg, enc, pad_id=0)
-    ids, mask = tiny_set[-1]
+    ids, mask = tiny_set[-1].ids, tiny_set[-1].mask
     assert mask is not None and not mask[-1] and ids[-1] == 0  # the last, partial sequence is padded, no loss
 
 

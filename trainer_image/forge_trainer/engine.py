@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as nnf
 
 from forge_trainer.config import TrainerConfig, TrainingSettings
-from forge_trainer.data.encode import IdArray, MaskArray
-from forge_trainer.data.loader import IGNORE_INDEX, to_tensors
+from forge_trainer.data.loader import IGNORE_INDEX
 from forge_trainer.errors import DistributedError
 
 
@@ -198,32 +197,3 @@ def train_step(
         engine.step()
         local += loss.detach().float() / (world_size * accum)
     return local
-
-
-@torch.no_grad()
-def evaluate(
-    engine: Any, seqs: list[tuple[IdArray, MaskArray | None]], micro_batch: int, rank: int, world_size: int
-) -> float | None:
-    """Token-mean loss over a fixed set, split over ranks (every rank must call it). None for an empty set."""
-    if not seqs:
-        return None
-    module = engine.module
-    was_training = module.training
-    module.eval()
-    device = engine.device
-    sums = torch.zeros(2, device=device, dtype=torch.float64)
-    mine = seqs[rank::world_size]
-    # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively); a rank with no
-    # sequences left runs one whose labels are all ignored.
-    per_rank = math.ceil(len(seqs) / world_size)
-    dummy = (seqs[0][0], np.zeros_like(seqs[0][0], dtype=np.bool_))
-    for i in range(0, per_rank, micro_batch):
-        batch = mine[i : i + micro_batch] or [dummy]
-        ids, labels = to_tensors(batch)
-        total, count = token_loss_sum(module, ids.to(device), labels.to(device))
-        sums[0] += total.double()
-        sums[1] += count.double()
-    if world_size > 1:
-        torch.distributed.all_reduce(sums)
-    module.train(was_training)
-    return float(sums[0] / sums[1]) if sums[1] > 0 else None

@@ -28,10 +28,36 @@ class EvalResult:
     general_loss: float | None
     forgetting_percent: float | None
     domain_gain_percent: float | None
+    kl_base: float | None = None
+    """KL(base || model) per general token in nats (a top-k lower bound), None when not measured."""
+    general_source_losses: list[float | None] | None = None
+    """General held-out loss per source, in the order of eval.general."""
+    general_source_forgetting: list[float | None] | None = None
+    """Forgetting per general source, in percent, against the base model's loss on that source."""
 
     @staticmethod
-    def against(step: int, domain: float | None, general: float | None, baseline: EvalResult | None) -> EvalResult:
+    def against(
+        step: int,
+        domain: float | None,
+        general: float | None,
+        baseline: EvalResult | None,
+        kl_base: float | None = None,
+        general_sources: list[float | None] | None = None,
+    ) -> EvalResult:
         """Derive forgetting and gain from the baseline (the base model's losses)."""
         bd = baseline.domain_loss if baseline else None
         bg = baseline.general_loss if baseline else None
-        return EvalResult(step, domain, general, forgetting_percent(bg, general), domain_gain_percent(bd, domain))
+        per_source: list[float | None] | None = None
+        base_sources = baseline.general_source_losses if baseline else None
+        if general_sources is not None and base_sources is not None and len(base_sources) == len(general_sources):
+            per_source = [forgetting_percent(b, g) for b, g in zip(base_sources, general_sources, strict=True)]
+        return EvalResult(
+            step,
+            domain,
+            general,
+            forgetting_percent(bg, general),
+            domain_gain_percent(bd, domain),
+            kl_base,
+            general_sources,
+            per_source,
+        )

@@ -18,14 +18,13 @@ import torch.distributed as dist
 from forge_trainer import checkpoint as ckpt
 from forge_trainer import storage
 from forge_trainer.config import TrainerConfig
-from forge_trainer.data.encode import DocEncoder, IdArray, MaskArray
+from forge_trainer.data.encode import DocEncoder
 from forge_trainer.data.loader import (
     Layout,
     MixPlan,
     Prefetcher,
     build_mixer,
     data_state,
-    eval_sequences,
     plan_mix,
     plan_report,
     preflight,
@@ -36,7 +35,6 @@ from forge_trainer.engine import (
     DistEnv,
     build_engine,
     dist_env,
-    evaluate,
     init_distributed,
     lr_factor,
     seed_everything,
@@ -45,6 +43,7 @@ from forge_trainer.engine import (
 from forge_trainer.errors import EarlyStopError, StorageError
 from forge_trainer.evaluate import EvalResult
 from forge_trainer.guard import Guard, Verdict
+from forge_trainer.heldout import EvalSeq, KLCache, eval_sequences, evaluate_set
 from forge_trainer.metrics import (
     TrainerMetrics,
     create_metrics,
@@ -66,7 +65,7 @@ from forge_trainer.report import (
 
 log = logging.getLogger(__name__)
 
-EvalSet = list[tuple[IdArray, MaskArray | None]]
+EvalSet = list[EvalSeq]
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -156,6 +155,7 @@ class Run:
         self.mixer: Mixer | None = None
         self.eval_domain: EvalSet = []
         self.eval_general: EvalSet = []
+        self.kl_cache: KLCache | None = None
         self.flops_token = 0.0
         self.peak = device_peak_flops()
         self.tps: float | None = None
@@ -204,14 +204,15 @@ class Run:
         else:
             total = cfg.training.max_steps * self.layout.step_sequences
             preflight(self.plan, cfg, encoder, total)
-        model = load_model(self.model_dir, cfg.model, cfg.training.activation_checkpointing)
-        self._set_flops(model)
-        self.engine = build_engine(model, cfg, denv.world_size)
-        if manifest is not None:
-            self._load(manifest)
         pad = pad_token_id(self.tokenizer)
         self.eval_domain = eval_sequences(cfg.eval.domain, cfg.eval.max_tokens, cfg, encoder, pad)
         self.eval_general = eval_sequences(cfg.eval.general, cfg.eval.max_tokens, cfg, encoder, pad)
+        model = load_model(self.model_dir, cfg.model, cfg.training.activation_checkpointing)
+        self._set_flops(model)
+        self.engine = build_engine(model, cfg, denv.world_size)
+        self._measure_base(resumed=manifest is not None)
+        if manifest is not None:
+            self._load(manifest)
         if not self.eval_general and denv.is_main:
             log.warning(
                 "no general held-out set (eval.general): forgetting cannot be measured, the guard's "
@@ -260,11 +261,6 @@ class Run:
         cfg = self.cfg
         t = cfg.training
         assert self.mixer is not None and self.plan is not None
-        if self.progress.step == 0 and self.progress.baseline is None:
-            self.progress.baseline = self._evaluate(0)
-            self.latest_eval = self.progress.baseline
-            if self.denv.is_main:
-                self._report_baseline()
         self.prefetch = Prefetcher(step_batches(self.mixer, self.plan, cfg, self.layout, self.progress.step))
         pending: list[tuple[int, torch.Tensor, float]] = []
         window = Throughput()
@@ -407,24 +403,73 @@ class Run:
             return None
         return self.tps / self.denv.world_size * self.flops_token / self.peak
 
-    def _evaluate(self, step: int) -> EvalResult | None:
+    def _measure_base(self, resumed: bool) -> None:
+        """The base model's pass (before any checkpoint is loaded): the baseline on a first start, and this rank's
+        KL cache on every start (the cache is not saved with checkpoints; rebuilding it costs one evaluation)."""
+        need_cache = self.cfg.eval.kl_top_k > 0 and bool(self.eval_general)
+        if resumed and (not need_cache or self.progress.baseline is None):
+            return
+        ev = self._measure(0, build_cache=need_cache)
+        if resumed or ev is None:
+            return
+        self.progress.baseline = ev
+        self.latest_eval = ev
+        self._record(ev)
+        if self.denv.is_main:
+            self._report_baseline()
+
+    def _measure(self, step: int, build_cache: bool = False) -> EvalResult | None:
+        """Held-out figures of the model as it is now (every rank takes part)."""
         if not self.eval_domain and not self.eval_general:
             return None
-        mb, rank, world = self.cfg.training.micro_batch_size, self.denv.rank, self.denv.world_size
-        domain = evaluate(self.engine, self.eval_domain, mb, rank, world)
-        general = evaluate(self.engine, self.eval_general, mb, rank, world)
-        ev = EvalResult.against(step, domain, general, self.progress.baseline if step else None)
+        cfg = self.cfg
+        mb, rank, world = cfg.training.micro_batch_size, self.denv.rank, self.denv.world_size
+        module, device = self.engine.module, self.engine.device
+        domain, _ = evaluate_set(module, device, self.eval_domain, len(cfg.eval.domain), mb, rank, world)
+        general, cache = evaluate_set(
+            module,
+            device,
+            self.eval_general,
+            len(cfg.eval.general),
+            mb,
+            rank,
+            world,
+            kl_cache=None if build_cache else self.kl_cache,
+            build_top_k=cfg.eval.kl_top_k if build_cache else 0,
+        )
+        if build_cache:
+            self.kl_cache = cache
+        sources = general.per_source if general.mean is not None else None
+        baseline = self.progress.baseline if step else None
+        return EvalResult.against(step, domain.mean, general.mean, baseline, general.kl, sources)
+
+    def _record(self, ev: EvalResult) -> None:
+        """Export one evaluation (every rank) and log it (rank 0)."""
         m = self.metrics
-        if domain is not None:
-            m.set(m.eval_loss, domain, set="domain")
-        if general is not None:
-            m.set(m.eval_loss, general, set="general")
+        if ev.domain_loss is not None:
+            m.set(m.eval_loss, ev.domain_loss, set="domain")
+        if ev.general_loss is not None:
+            m.set(m.eval_loss, ev.general_loss, set="general")
         if ev.forgetting_percent is not None:
             m.set(m.forgetting, ev.forgetting_percent)
         if ev.domain_gain_percent is not None:
             m.set(m.domain_gain, ev.domain_gain_percent)
+        if ev.kl_base is not None:
+            m.set(m.kl_base, ev.kl_base)
+        uris = [s.uri for s in self.cfg.eval.general]
+        for uri, loss in zip(uris, ev.general_source_losses or [], strict=False):
+            if loss is not None:
+                m.set(m.general_source_loss, loss, source=uri)
+        for uri, forgetting in zip(uris, ev.general_source_forgetting or [], strict=False):
+            if forgetting is not None:
+                m.set(m.general_source_forgetting, forgetting, source=uri)
         if self.denv.is_main:
             emit("eval", **ev.__dict__)
+
+    def _evaluate(self, step: int) -> EvalResult | None:
+        ev = self._measure(step)
+        if ev is not None:
+            self._record(ev)
         return ev
 
     # ---- checkpoints -----------------------------------------------------------------------------------------

@@ -64,6 +64,9 @@ class TrainerMetrics:
     eval_loss: Gauge
     forgetting: Gauge
     domain_gain: Gauge
+    kl_base: Gauge
+    general_source_loss: Gauge
+    general_source_forgetting: Gauge
     data_tokens: Gauge
     forgetting_budget: Gauge
     guard_verdicts: Counter
@@ -101,6 +104,18 @@ def create_metrics(forge_job: str, namespace: str, rank: int) -> TrainerMetrics:
         eval_loss=g("forge_trainer_eval_loss", "Held-out loss by set (domain, general).", ("set",)),
         forgetting=g("forge_trainer_forgetting_percent", "Relative rise of the general held-out loss over the base."),
         domain_gain=g("forge_trainer_domain_gain_percent", "Relative fall of the domain held-out loss under the base."),
+        kl_base=g(
+            "forge_trainer_kl_base_nats",
+            "KL(base || model) per general held-out token, from the base's cached top-k (a lower bound).",
+        ),
+        general_source_loss=g(
+            "forge_trainer_general_source_loss", "General held-out loss per source (eval.general).", ("source",)
+        ),
+        general_source_forgetting=g(
+            "forge_trainer_general_source_forgetting_percent",
+            "Forgetting per general held-out source, against the base model's loss on that source.",
+            ("source",),
+        ),
         data_tokens=g(
             "forge_trainer_data_tokens", "Tokens drawn from each source in the global stream.", ("group", "source")
         ),

@@ -19,7 +19,7 @@ import torch
 from forge_trainer.config import DataSettings, Source, TrainerConfig
 from forge_trainer.data.encode import DocEncoder, IdArray, MaskArray
 from forge_trainer.data.mixer import DOMAIN, GENERAL, Mixer, integer_shares, mix_report, source_states
-from forge_trainer.data.pack import PackedSource, SourceExhaustedError, SourceLimits, SourceState
+from forge_trainer.data.pack import PackedSource, SourceLimits, SourceState
 from forge_trainer.data.sources import SourceFiles, resolve_source
 from forge_trainer.errors import DataError
 
@@ -241,24 +241,3 @@ class Prefetcher:
             with contextlib.suppress(queue.Empty):
                 self._queue.get(timeout=0.1)
             self._thread.join(timeout=0.1)
-
-
-def eval_sequences(
-    sources: list[Source], max_tokens: int, cfg: TrainerConfig, encoder: DocEncoder, pad_id: int
-) -> list[tuple[IdArray, MaskArray | None]]:
-    """A fixed held-out set: from each source (one pass, no repetition) its weight's share of ``max_tokens``."""
-    seq_len = cfg.data.seq_length
-    total_w = sum(s.weight for s in sources)
-    out: list[tuple[IdArray, MaskArray | None]] = []
-    for i, src in enumerate(sources):
-        n = max(1, (max_tokens * src.weight // total_w) // seq_len)
-        packed = PackedSource(
-            resolve_source(src.uri), f"eval/{i}", encoder, seq_len, cfg.training.seed, limits(cfg.data, True)
-        )
-        for _ in range(n):
-            try:
-                ids, mask = packed.next_sequence(pad_id)
-            except SourceExhaustedError:
-                break
-            out.append((ids, mask))
-    return out

@@ -1,0 +1,159 @@
+"""Held-out evaluation: token-mean losses per set and per source, and KL(base || model) on general tokens.
+
+The KL needs the base model's next-token distribution at every labelled position. Keeping it whole would cost
+``positions x vocabulary`` floats, so the baseline pass keeps only the base's top-k log-probabilities (and their
+token ids) per position; later passes compare the model's log-probabilities on those k tokens plus one bucket
+holding everything else. Coarsening both distributions the same way can only lower the KL, so the figure is a lower
+bound of the full KL(base || model), tight when the base puts most of its mass on its top k tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+
+from forge_trainer.config import Source, TrainerConfig
+from forge_trainer.data.encode import DocEncoder, IdArray, MaskArray
+from forge_trainer.data.loader import IGNORE_INDEX, limits, to_tensors
+from forge_trainer.data.pack import PackedSource, SourceExhaustedError
+from forge_trainer.data.sources import resolve_source
+
+# Probability mass below this counts as zero in the "everything else" bucket (float32 sums of k probabilities
+# land a few ulps off 1).
+_MASS_FLOOR = 1e-12
+
+
+@dataclass(frozen=True)
+class EvalSeq:
+    """One fixed held-out sequence and the index of the source (within its group) it was cut from."""
+
+    ids: IdArray
+    mask: MaskArray | None
+    source: int
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The base model's top-k next-token log-probabilities at the labelled positions of one sequence (on CPU)."""
+
+    logp: torch.Tensor  # [positions, k] float32
+    index: torch.Tensor  # [positions, k] int64
+
+
+# The cache of one rank: TopK by the sequence's index in its set.
+KLCache = dict[int, TopK]
+
+
+@dataclass(frozen=True)
+class SetLosses:
+    """Figures of one held-out set: the token-mean loss, the same per source (None: no labelled token), and the
+    mean KL(base || model) per labelled token in nats (None: not measured)."""
+
+    mean: float | None
+    per_source: list[float | None]
+    kl: float | None = None
+
+
+def eval_sequences(
+    sources: list[Source], max_tokens: int, cfg: TrainerConfig, encoder: DocEncoder, pad_id: int
+) -> list[EvalSeq]:
+    """A fixed held-out set: from each source (one pass, no repetition) its weight's share of ``max_tokens``."""
+    seq_len = cfg.data.seq_length
+    total_w = sum(s.weight for s in sources)
+    out: list[EvalSeq] = []
+    for i, src in enumerate(sources):
+        n = max(1, (max_tokens * src.weight // total_w) // seq_len)
+        packed = PackedSource(
+            resolve_source(src.uri), f"eval/{i}", encoder, seq_len, cfg.training.seed, limits(cfg.data, True)
+        )
+        for _ in range(n):
+            try:
+                ids, mask = packed.next_sequence(pad_id)
+            except SourceExhaustedError:
+                break
+            out.append(EvalSeq(ids, mask, i))
+    return out
+
+
+def topk_kl_sum(base_logp: torch.Tensor, base_index: torch.Tensor, model_logp: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of KL(base || model) on the base's top-k tokens plus one bucket for the rest.
+
+    ``base_logp``/``base_index``: [positions, k]; ``model_logp``: [positions, vocabulary] log-probabilities.
+    """
+    q_logp = model_logp.gather(-1, base_index)
+    p = base_logp.exp()
+    head = (p * (base_logp - q_logp)).sum(-1)
+    rest_p = (1.0 - p.sum(-1)).clamp_min(0.0)
+    rest_q = (1.0 - q_logp.exp().sum(-1)).clamp_min(_MASS_FLOOR)
+    tail = torch.where(
+        rest_p > _MASS_FLOOR, rest_p * (rest_p.clamp_min(_MASS_FLOOR).log() - rest_q.log()), torch.zeros_like(rest_p)
+    )
+    return (head + tail).sum()
+
+
+@torch.no_grad()
+def evaluate_set(
+    module: torch.nn.Module,
+    device: torch.device,
+    seqs: list[EvalSeq],
+    n_sources: int,
+    micro_batch: int,
+    rank: int,
+    world_size: int,
+    kl_cache: KLCache | None = None,
+    build_top_k: int = 0,
+) -> tuple[SetLosses, KLCache | None]:
+    """Evaluate a fixed set split over ranks (every rank must call it with the same set).
+
+    With ``kl_cache`` (this rank's, from the baseline pass) the KL to the base is measured; with ``build_top_k`` > 0
+    this pass is the base model's and returns the cache for this rank's sequences.
+    """
+    if not seqs:
+        return SetLosses(None, [None] * n_sources), ({} if build_top_k else None)
+    was_training = module.training
+    module.eval()
+    # rows 0..n_sources-1: (loss sum, labelled tokens) per source; last row: (KL sum, positions with a KL term)
+    sums = torch.zeros(n_sources + 1, 2, device=device, dtype=torch.float64)
+    mine = list(range(rank, len(seqs), world_size))
+    # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively); a rank with no
+    # sequences left runs one whose labels are all ignored.
+    per_rank = math.ceil(len(seqs) / world_size)
+    dummy = (seqs[0].ids, np.zeros_like(seqs[0].ids, dtype=np.bool_))
+    built: KLCache | None = {} if build_top_k else None
+    for start in range(0, per_rank, micro_batch):
+        chunk = mine[start : start + micro_batch]
+        batch = [(seqs[i].ids, seqs[i].mask) for i in chunk] or [dummy]
+        ids, labels = to_tensors(batch)
+        logits = module(input_ids=ids.to(device)).logits[:, :-1, :].float()
+        target = labels[:, 1:].to(device)
+        token_loss = nnf.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(target.shape)
+        for row, index in enumerate(chunk):
+            labelled = target[row] != IGNORE_INDEX
+            source = seqs[index].source
+            sums[source, 0] += token_loss[row][labelled].double().sum()
+            sums[source, 1] += labelled.sum()
+            if built is None and (kl_cache is None or index not in kl_cache):
+                continue
+            logp = torch.log_softmax(logits[row][labelled], dim=-1)
+            if built is not None:
+                top = logp.topk(min(build_top_k, logp.shape[-1]), dim=-1)
+                built[index] = TopK(top.values.cpu(), top.indices.cpu())
+            elif kl_cache is not None:
+                cached = kl_cache[index]
+                sums[n_sources, 0] += topk_kl_sum(cached.logp.to(device), cached.index.to(device), logp).double()
+                sums[n_sources, 1] += cached.logp.shape[0]
+    if world_size > 1:
+        torch.distributed.all_reduce(sums)
+    module.train(was_training)
+    counts = sums[:n_sources, 1]
+    total = float(counts.sum())
+    mean = float(sums[:n_sources, 0].sum()) / total if total > 0 else None
+    per_source = [float(sums[i, 0] / sums[i, 1]) if sums[i, 1] > 0 else None for i in range(n_sources)]
+    kl = float(sums[n_sources, 0] / sums[n_sources, 1]) if kl_cache is not None and sums[n_sources, 1] > 0 else None
+    return SetLosses(mean, per_source, kl), built
