@@ -202,6 +202,18 @@ def test_apply_to_selected_checkpoint_with_prometheus(stack: Stack) -> None:
     assert status["baseline"]["generalLoss"] > 0
     assert status["progress"]["step"] == 30
 
+    # End-of-run candidates were evaluated, published beside the checkpoints and offered to selection.
+    derived = {
+        (c["kind"], c.get("alpha")): c for c in status["checkpoints"] if c.get("kind", "checkpoint") != "checkpoint"
+    }
+    assert set(derived) == {("average", None), ("interpolation", 0.25), ("interpolation", 0.5), ("interpolation", 0.75)}
+    assert derived[("average", None)]["averageOf"] == [10, 20, 30]
+    for entry in derived.values():
+        assert entry["domainGainPercent"] is not None and entry["forgettingPercent"] is not None, entry
+        prefix = entry["uri"].removeprefix(f"s3://{BUCKET}/")
+        assert prefix.startswith(f"checkpoints/{name}/candidates/")
+        assert f"{prefix}/{MANIFEST}" in keys and f"{prefix}/model.safetensors" in keys
+
     # Forgetting and domain gain were measured against the base model and exported.
     assert stack.query(f'last_over_time(forge_trainer_forgetting_percent{{forge_job="{name}"}}[10m])'), "no forgetting"
     assert status["latest"]["domainGainPercent"] > 0, status["latest"]

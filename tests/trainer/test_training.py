@@ -288,3 +288,79 @@ def test_bad_data_fails_every_rank_with_file_and_line(base_config: dict[str, Any
     for r in results:
         assert r.returncode == EXIT_DATA, r.describe()
         assert f"DataError: {bad}:2: 'text' must be a non-empty string" in r.stderr
+
+
+CANDIDATES = [
+    "average-last3-step-00000012",
+    "interpolation-2500-step-00000012",
+    "interpolation-5000-step-00000012",
+    "interpolation-7500-step-00000012",
+]
+
+
+def download_folder(uri: str, dest: Path) -> Path:
+    for key, _ in storage.list_files(uri):
+        storage.download(key, dest / key[len(uri.rstrip("/")) + 1 :])
+    return dest
+
+
+@pytest.mark.timeout(300)
+def test_end_of_run_candidates_are_built_evaluated_and_published(
+    reference: Reference, tmp_path: Path, tiny_model: Path, s3: S3Server
+) -> None:
+    from forge_trainer.config import load_config
+    from forge_trainer.data.encode import DocEncoder
+    from forge_trainer.heldout import eval_sequences, evaluate_set
+    from forge_trainer.model import load_tokenizer, pad_token_id
+
+    events = {e["name"]: e for e in reference.events if e["event"] == "candidate"}
+    assert sorted(events) == CANDIDATES
+    assert events["average-last3-step-00000012"]["averageOf"] == [4, 8, 12]
+    assert [events[n]["alpha"] for n in CANDIDATES[1:]] == [0.25, 0.5, 0.75]
+
+    # The weights are what they claim: step 4 was pruned locally (keep 2), so its hf/ export came from S3.
+    hf = {
+        s: load_weights(download_folder(f"s3://train/reference/{ckpt.tag_for(s)}/hf", tmp_path / f"s{s}"))
+        for s in (4, 8, 12)
+    }
+    base = load_weights(tiny_model)
+    folders = {n: download_folder(f"s3://train/reference/candidates/{n}", tmp_path / n) for n in CANDIDATES}
+    average = load_weights(folders["average-last3-step-00000012"])
+    half = load_weights(folders["interpolation-5000-step-00000012"])
+    for key, value in average.items():
+        assert torch.allclose(value, (hf[4][key] + hf[8][key] + hf[12][key]) / 3, atol=1e-6), key
+        assert torch.allclose(half[key], (base[key] + hf[12][key]) / 2, atol=1e-6), key
+
+    # The reported losses are reproduced by evaluating each published folder independently, on one process.
+    cfg = load_config(reference.config)
+    tokenizer = load_tokenizer(tiny_model)
+    encoder, pad = DocEncoder(tokenizer, False), pad_token_id(tokenizer)
+    domain = eval_sequences(cfg.eval.domain, cfg.eval.max_tokens, cfg, encoder, pad)
+    general = eval_sequences(cfg.eval.general, cfg.eval.max_tokens, cfg, encoder, pad)
+    from transformers import AutoModelForCausalLM
+
+    for name in CANDIDATES:
+        manifest = json.loads((folders[name] / "forge-manifest.json").read_text())
+        assert manifest["entry"]["uri"] == f"s3://train/reference/candidates/{name}"
+        model = AutoModelForCausalLM.from_pretrained(str(folders[name]))
+        d, _ = evaluate_set(model, torch.device("cpu"), domain, 1, 4, 0, 1)
+        g, _ = evaluate_set(model, torch.device("cpu"), general, 1, 4, 0, 1)
+        assert events[name]["domainLoss"] == pytest.approx(d.mean, abs=2e-4), name
+        assert events[name]["generalLoss"] == pytest.approx(g.mean, abs=2e-4), name
+    # Interpolating towards the base walks the domain loss back towards the base's, monotonically here.
+    baseline = next(e for e in reference.events if e["event"] == "eval" and e["step"] == 0)
+    last = next(e for e in reference.events if e["event"] == "eval" and e["step"] == STEPS)
+    domain_losses = [events[n]["domainLoss"] for n in reversed(CANDIDATES[1:])]  # alpha 0.75, 0.5, 0.25
+    assert last["domain_loss"] < domain_losses[0] < domain_losses[1] < domain_losses[2] < baseline["domain_loss"]
+
+
+@pytest.mark.timeout(300)
+def test_a_rerun_after_the_end_reuses_the_candidates(reference: Reference, s3: S3Server) -> None:
+    before = {n: storage.read_bytes(f"s3://train/reference/candidates/{n}/forge-manifest.json") for n in CANDIDATES}
+    results = run_ranks(reference.config, 2, reference.workdir / "rerun", env=s3.env)
+    assert_ok(results)
+    kinds = [e["event"] for e in results[0].events]
+    assert "step" not in kinds and "candidate" not in kinds
+    assert sorted(e["name"] for e in results[0].events if e["event"] == "candidateReused") == CANDIDATES
+    after = {n: storage.read_bytes(f"s3://train/reference/candidates/{n}/forge-manifest.json") for n in CANDIDATES}
+    assert after == before

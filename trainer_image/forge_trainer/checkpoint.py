@@ -35,6 +35,7 @@ from forge_trainer.model import file_lock
 log = logging.getLogger(__name__)
 
 MANIFEST = "forge-manifest.json"
+HF_DIR = "hf"
 STATE_FILE = "forge/state.json"
 MANIFEST_VERSION = 1
 _TAG_RE = re.compile(r"^step-(\d{8})$")

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from forge_trainer import candidates as cand
 from forge_trainer import checkpoint as ckpt
 from forge_trainer import storage
 from forge_trainer.config import TrainerConfig
@@ -52,7 +54,15 @@ from forge_trainer.metrics import (
     metrics_port,
     serve,
 )
-from forge_trainer.model import count_params, export_hf, fetch_model, load_model, load_tokenizer, pad_token_id
+from forge_trainer.model import (
+    count_params,
+    export_hf,
+    fetch_model,
+    file_lock,
+    load_model,
+    load_tokenizer,
+    pad_token_id,
+)
 from forge_trainer.report import (
     StatusReporter,
     baseline_status,
@@ -325,6 +335,8 @@ class Run:
         if self.denv.is_main:
             write_stop_marker(self.cfg, verdict)
         self._barrier()
+        if verdict.reason != "NonFiniteLoss":
+            self.build_candidates()
         raise EarlyStopError(f"stopped by the guard at step {verdict.step}: {verdict.reason}: {verdict.message}")
 
     def _rebalance(self, verdict: Verdict) -> dict[str, Any]:
@@ -418,13 +430,14 @@ class Run:
         if self.denv.is_main:
             self._report_baseline()
 
-    def _measure(self, step: int, build_cache: bool = False) -> EvalResult | None:
-        """Held-out figures of the model as it is now (every rank takes part)."""
+    def _measure(self, step: int, build_cache: bool = False, module: Any = None) -> EvalResult | None:
+        """Held-out figures of the model being trained, or of ``module`` (every rank takes part)."""
         if not self.eval_domain and not self.eval_general:
             return None
         cfg = self.cfg
         mb, rank, world = cfg.training.micro_batch_size, self.denv.rank, self.denv.world_size
-        module, device = self.engine.module, self.engine.device
+        device = self.engine.device
+        module = self.engine.module if module is None else module
         domain, _ = evaluate_set(module, device, self.eval_domain, len(cfg.eval.domain), mb, rank, world)
         general, cache = evaluate_set(
             module,
@@ -553,6 +566,144 @@ class Run:
             self.engine.module.save_pretrained(str(out_dir), state_dict=sd, safe_serialization=True)
             self.tokenizer.save_pretrained(str(out_dir))
 
+    # ---- end-of-run candidates --------------------------------------------------------------------------------
+
+    def build_candidates(self) -> None:
+        """Build, evaluate, publish and report the end-of-run candidates (every rank takes part).
+
+        Rank 0 builds each candidate from the hf/ exports and uploads it; every rank loads it and evaluates its share
+        of the held-out sets. A candidate that cannot be built is logged and skipped, never fatal: the run's
+        checkpoints are complete already.
+        """
+        cfg, denv = self.cfg, self.denv
+        settings = cfg.checkpoints.candidates
+        if settings.average_last < 2 and not settings.interpolation_alphas:
+            return
+        if not cfg.checkpoints.export_hf or (not self.eval_domain and not self.eval_general):
+            if denv.is_main:
+                log.warning("no end-of-run candidates: they need checkpoints.exportHf and held-out sets")
+            return
+        plans: list[cand.CandidatePlan] = self._broadcast(self._candidate_plans() if denv.is_main else None)
+        try:
+            for plan in plans:
+                self._candidate(plan)
+        finally:
+            if denv.is_main:
+                shutil.rmtree(self._candidate_inputs, ignore_errors=True)
+        if denv.is_main and self.reporter is not None:
+            self.reporter.submit(status_patch(checkpoints=list(self.progress.checkpoints)))
+
+    def _candidate_plans(self) -> list[cand.CandidatePlan]:
+        steps = [int(m["step"]) for m in ckpt.complete_checkpoints(self.cfg.checkpoints.output)]
+        return cand.plan_candidates(steps, self.cfg.checkpoints.candidates)
+
+    def _candidate(self, plan: cand.CandidatePlan) -> None:
+        cfg, denv = self.cfg, self.denv
+        uri = cand.candidate_uri(cfg.checkpoints.output, plan)
+        local_dir = self.places.local_dir / cand.CANDIDATES_DIR / plan.name
+        # rank 0: reuse an earlier publication of the same candidate, or build and upload it
+        outcome: tuple[str, Any] = ("skip", None)
+        if denv.is_main:
+            try:
+                earlier = cand.published_entry(uri)
+                outcome = ("done", earlier) if earlier is not None else ("built", self._build(plan, local_dir, uri))
+            except Exception as err:  # reported; the run's own checkpoints stand
+                log.warning("candidate %s not built: %s: %s", plan.name, type(err).__name__, err)
+                emit("candidateFailed", name=plan.name, error=f"{type(err).__name__}: {err}")
+        state, value = self._broadcast(outcome)
+        if state == "done":
+            if denv.is_main:
+                emit("candidateReused", name=plan.name, uri=uri)
+            self._add_candidate_entry(value)
+            return
+        if state != "built":
+            return
+        files: list[tuple[str, int]] = value
+        module: Any = None
+        try:
+            with file_lock(self.places.lock):
+                folder = cand.fetch_files(uri, local_dir, files)
+            module = self._load_candidate(folder)
+            ok = True
+        except Exception as err:  # every rank must agree before the collective evaluation
+            log.warning("candidate %s not loaded on rank %d: %s", plan.name, denv.rank, err)
+            ok = False
+        try:
+            if not self._all(ok):
+                return
+            ev = self._measure(plan.step, module=module)
+            del module
+            if ev is not None and denv.is_main:
+                entry = {**checkpoint_entry(plan.step, uri, ev), **plan.status_fields()}
+                cand.publish_manifest(local_dir, uri, files, entry)
+                shown = {k: v for k, v in entry.items() if k not in ("uri", "complete")}
+                emit("candidate", name=plan.name, uri=uri, **shown)
+                self._add_candidate_entry(entry)
+        finally:
+            # The durable copy is in the output; a node's scratch disk keeps at most one candidate at a time.
+            self._barrier()
+            if denv.local_rank == 0:
+                shutil.rmtree(local_dir, ignore_errors=True)
+
+    def _build(self, plan: cand.CandidatePlan, local_dir: Path, uri: str) -> list[tuple[str, int]]:
+        tuned = [self._hf_folder(step) for step in (plan.average_of or (plan.step,))]
+        if plan.kind == "average":
+            weights = cand.average_weights([cand.WeightFolder(f) for f in tuned])
+        else:
+            assert plan.alpha is not None
+            base = cand.WeightFolder(self.model_dir)
+            weights = cand.interpolate_weights(base, cand.WeightFolder(tuned[-1]), plan.alpha)
+        cand.write_folder(weights, tuned[-1], local_dir)
+        del weights
+        return cand.upload_files(local_dir, uri)
+
+    def _hf_folder(self, step: int) -> Path:
+        """The hf/ export of a complete checkpoint on local disk: the local copy, or a download into the candidates'
+        scratch folder when the checkpoint was pruned locally or written by another node."""
+        local = self.places.local(step)
+        if (local / ckpt.MANIFEST).is_file() and (local / ckpt.HF_DIR).is_dir():
+            return local / ckpt.HF_DIR
+        manifest = ckpt.read_manifest(self.places.remote(step))
+        if manifest is None:
+            raise StorageError(f"checkpoint {self.places.remote(step)} is not complete")
+        folder = self._candidate_inputs / ckpt.tag_for(step) / ckpt.HF_DIR
+        prefix = ckpt.HF_DIR + "/"
+        files = [(f["path"][len(prefix) :], int(f["size"])) for f in manifest["files"] if f["path"].startswith(prefix)]
+        if not files:
+            raise StorageError(f"checkpoint {self.places.remote(step)} has no {prefix} export")
+        return cand.fetch_files(storage.join(self.places.remote(step), ckpt.HF_DIR), folder, files)
+
+    @property
+    def _candidate_inputs(self) -> Path:
+        """Scratch folder for checkpoint exports downloaded to build candidates (removed afterwards)."""
+        return self.places.local_dir / cand.CANDIDATES_DIR / ".inputs"
+
+    def _load_candidate(self, folder: Path) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.bfloat16 if self.cfg.training.precision == "bf16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        return model.to(self.engine.device)
+
+    def _add_candidate_entry(self, entry: dict[str, Any]) -> None:
+        if not self.denv.is_main:
+            return
+        key = (entry.get("kind"), entry.get("step"), entry.get("alpha"), tuple(entry.get("averageOf") or ()))
+        kept = [
+            e
+            for e in self.progress.checkpoints
+            if (e.get("kind"), e.get("step"), e.get("alpha"), tuple(e.get("averageOf") or ())) != key
+        ]
+        self.progress.checkpoints = [*kept, entry]
+
+    def _all(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every rank."""
+        if self.denv.world_size == 1:
+            return ok
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     # ---- reports -------------------------------------------------------------------------------------------
 
     def _report_baseline(self) -> None:
@@ -632,6 +783,7 @@ def run(cfg: TrainerConfig) -> None:
     try:
         r.setup()
         r.train()
+        r.build_candidates()
         ok = True
     finally:
         r.close(ok)
