@@ -184,6 +184,28 @@ def panels() -> list[dict[str, Any]]:
             decimals=2,
         ),
         timeseries(
+            "Forgetting % per general source",
+            "forge_trainer_general_source_forgetting_percent: the forgetting of each eval.general source against the "
+            "base model's loss on that source. Shows which general ability is being lost when the total moves.",
+            [
+                target(
+                    f"max by ({BY_JOB}, source) (forge_trainer_general_source_forgetting_percent{{{SEL}}})",
+                    f"{job} {{{{source}}}}",
+                )
+            ],
+            unit="percent",
+            decimals=2,
+        ),
+        timeseries(
+            "KL(base || model) on general tokens",
+            "forge_trainer_kl_base_nats: KL divergence from the base model's next-token distribution on the general "
+            "held-out tokens, nats per token, over the base's top eval.klTopK tokens (a lower bound of the full KL). "
+            "Rises when the model drifts from the base even where the general loss hides it.",
+            [target(f"max by ({BY_JOB}) (forge_trainer_kl_base_nats{{{SEL}}})", job)],
+            decimals=4,
+            min_zero=True,
+        ),
+        timeseries(
             "Held-out loss: general and domain",
             "forge_trainer_eval_loss by set: mean loss on the fixed held-out general set (forgetting) and domain set "
             "(domain gain).",

@@ -596,6 +596,19 @@ class Progress(StatusModel):
     """Estimated seconds to the end of the run."""
 
 
+class GeneralSourceReport(StatusModel):
+    """The general held-out loss of one eval.general source (written by the trainer)."""
+
+    uri: str = Field(min_length=1, max_length=URI_MAX)
+    """The source, as in spec.eval.general (or spec.data.general when no eval set is given)."""
+
+    loss: float | None = None
+    """Mean loss on this source's held-out tokens."""
+
+    forgetting_percent: float | None = None
+    """Rise of this source's loss over the base model's, in percent: which general ability is being lost."""
+
+
 class Latest(StatusModel):
     """The latest evaluation and throughput figures (written by the trainer)."""
 
@@ -622,6 +635,13 @@ class Latest(StatusModel):
 
     realised_domain_percent: float | None = None
     """Share of domain tokens actually consumed so far, in percent."""
+
+    kl_base_nats: float | None = None
+    """KL(base || model) per general held-out token, in nats, over the base's top spec.eval.klTopK tokens (a lower
+    bound of the full KL)."""
+
+    general_sources: list[GeneralSourceReport] | None = Field(default=None, max_length=64)
+    """General held-out loss and forgetting per source."""
 
 
 class CheckpointReport(StatusModel):
@@ -655,6 +675,9 @@ class CheckpointReport(StatusModel):
 
     domain_gain_percent: float | None = None
     """Domain gain at this step, in percent."""
+
+    kl_base_nats: float | None = None
+    """KL(base || model) per general held-out token, in nats (see latest.klBaseNats)."""
 
     complete: bool | None = None
     """False while the upload is unfinished; only complete checkpoints (true or unset) can be selected."""

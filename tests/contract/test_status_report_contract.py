@@ -11,6 +11,7 @@ from kubernetes.client.exceptions import ApiException
 
 from forge_operator.api import ForgeJobStatus
 from forge_operator.selection import select
+from forge_trainer.candidates import CandidatePlan
 from forge_trainer.evaluate import EvalResult
 from forge_trainer.report import baseline_status, checkpoint_entry, latest_status, progress_status, status_patch
 from tests.conftest import LocalCluster
@@ -29,16 +30,26 @@ FORGEJOB: dict[str, Any] = {
 
 
 def trainer_patch() -> dict[str, Any]:
-    base = EvalResult(0, 2.0, 1.6, None, None)
-    early = EvalResult.against(100, 1.8, 1.61, base)
-    late = EvalResult.against(200, 1.5, 1.7, base)
+    base = EvalResult(0, 2.0, 1.6, None, None, general_source_losses=[1.5, 1.7])
+    early = EvalResult.against(100, 1.8, 1.61, base, 0.012, [1.51, 1.71])
+    late = EvalResult.against(200, 1.5, 1.7, base, 0.0456, [1.55, 1.85])
+    blend = EvalResult.against(200, 1.62, 1.63, base, 0.02)
+    average = EvalResult.against(200, 1.6, 1.65, base, 0.03)
     return status_patch(
         baseline=baseline_status(base),
         progress=progress_status(200, 400, 52_428_800, 311.7),
-        latest=latest_status(late, 48_123.25, 0.351, 1.7e-5, 79.8),
+        latest=latest_status(late, 48_123.25, 0.351, 1.7e-5, 79.8, ["s3://acme/g/chat/", "s3://acme/g/code/"]),
         checkpoints=[
             checkpoint_entry(100, "s3://acme/o/step-00000100/", early),
             checkpoint_entry(200, "s3://acme/o/step-00000200/", late),
+            {
+                **checkpoint_entry(200, "s3://acme/o/candidates/average-last2-step-00000200", average),
+                **CandidatePlan("average", 200, average_of=(100, 200)).status_fields(),
+            },
+            {
+                **checkpoint_entry(200, "s3://acme/o/candidates/interpolation-5000-step-00000200", blend),
+                **CandidatePlan("interpolation", 200, alpha=0.5).status_fields(),
+            },
         ],
     )
 
@@ -54,8 +65,19 @@ def test_trainer_status_report_round_trips_through_the_crd(cluster: LocalCluster
     assert written["status"] == patch["status"], "the CRD pruned or changed part of the trainer's report"
     status = ForgeJobStatus.model_validate(written["status"])
     assert status.progress is not None and status.progress.step == 200
+    assert status.latest is not None and status.latest.kl_base_nats == 0.0456
+    sources = status.latest.general_sources or []
+    assert [(s.uri, s.loss, s.forgetting_percent) for s in sources] == [
+        ("s3://acme/g/chat/", 1.55, 3.3333),
+        ("s3://acme/g/code/", 1.85, 8.8235),
+    ]
+    # 200 forgets 6.25% > 2%; the interpolation (1.875%) beats checkpoint 100 (0.625%) on domain gain (19% vs 10%).
     selected = select(status.checkpoints, status.baseline, "best-within-budget", 2).selected
-    assert selected is not None and selected.step == 100  # 200 forgets 6.25% > 2%
+    assert selected is not None and (selected.kind, selected.alpha, selected.step) == ("interpolation", 0.5, 200)
+    assert "interpolation (alpha 0.5) of step 200" in selected.reason
+    without = [c for c in status.checkpoints if c.kind is None]
+    selected = select(without, status.baseline, "best-within-budget", 2).selected
+    assert selected is not None and selected.step == 100
 
 
 def test_reports_without_evaluation_are_accepted(cluster: LocalCluster, namespace: str) -> None:

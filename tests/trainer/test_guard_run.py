@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from forge_trainer import checkpoint as ckpt
+from forge_trainer import storage
 from forge_trainer.errors import EXIT_EARLY_STOP
 from forge_trainer.guard import REASONS
 from tests.trainer.conftest import Corpora
-from tests.trainer.harness import assert_ok, merged, run_ranks, write_config
+from tests.trainer.harness import S3Server, assert_ok, merged, run_ranks, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -91,6 +92,36 @@ def test_absurd_learning_rate_stops_early_and_a_rerun_does_not_train(
     again = run_ranks(config, 2, tmp_path / "rerun", timeout=60)
     assert_ok(again)
     assert not events_of(again, "step")
+    assert events_of(again, "alreadyStopped")[0]["reason"] == verdict["reason"]
+
+
+def test_a_stop_on_s3_leaves_the_marker_there_and_interpolations_that_forget_less(
+    base_config: dict[str, Any], pretrained: Path, tmp_path: Path, bucket: str, s3: S3Server
+) -> None:
+    cfg = guard_config(base_config, pretrained, "stop", 30.0, domainPercent=100)
+    output = f"s3://{bucket}/run/"
+    cfg["checkpoints"].update({"output": output, "exportHf": True})
+    config = write_config(tmp_path / "config.json", cfg)
+    results = run_ranks(config, 2, tmp_path / "run", timeout=240, env=s3.env)
+    assert [r.returncode for r in results] == [EXIT_EARLY_STOP] * 2, "\n".join(r.describe() for r in results)
+    verdict = events_of(results, "guard")[0]
+    if verdict["reason"] == "NonFiniteLoss":
+        pytest.skip("NaN stop: no usable weights to interpolate (the local-output test covers the marker)")
+    raw = storage.read_bytes(storage.join(output, "forge-early-stop.json"))
+    assert raw is not None and json.loads(raw)["earlyStop"]["reason"] == verdict["reason"]
+    stop_eval = [e for e in events_of(results, "eval") if e["step"] == verdict["step"]][-1]
+
+    # After the stop, WiSE-FT interpolations of the stop checkpoint walk forgetting back towards the base model.
+    candidates = {e["alpha"]: e for e in events_of(results, "candidate") if e["kind"] == "interpolation"}
+    assert sorted(candidates) == [0.25, 0.5, 0.75]
+    forgetting = [candidates[a]["forgettingPercent"] for a in (0.25, 0.5, 0.75)]
+    assert forgetting[0] < forgetting[1] < forgetting[2] < stop_eval["forgetting_percent"], forgetting
+    for alpha in candidates:
+        assert storage.read_bytes(storage.join(candidates[alpha]["uri"], "forge-manifest.json")) is not None
+
+    again = run_ranks(config, 2, tmp_path / "rerun", timeout=60, env=s3.env)
+    assert_ok(again)
+    assert not events_of(again, "step") and not events_of(again, "candidate")
     assert events_of(again, "alreadyStopped")[0]["reason"] == verdict["reason"]
 
 

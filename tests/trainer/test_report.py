@@ -60,6 +60,19 @@ def test_progress_and_latest_are_camel_case_and_rounded() -> None:
     assert latest_status(None, None, float("nan"), None, None) == {}
 
 
+def test_latest_carries_the_kl_and_the_loss_of_each_general_source() -> None:
+    base = EvalResult(0, 2.0, 3.0, None, None, general_source_losses=[2.0, 4.0])
+    ev = EvalResult.against(10, 1.9, 3.2, base, 0.0123456, [2.2, None])
+    latest = latest_status(ev, None, None, None, None, ["s3://g/chat/", "s3://g/code/"])
+    assert latest["klBaseNats"] == 0.0123
+    assert latest["generalSources"] == [
+        {"uri": "s3://g/chat/", "loss": 2.2, "forgettingPercent": 10.0},
+        {"uri": "s3://g/code/"},  # no labelled token in this source: nothing measured
+    ]
+    # A source list that does not match the measurement (a config change) reports nothing rather than mislabels.
+    assert "generalSources" not in latest_status(ev, None, None, None, None, ["s3://g/only/"])
+
+
 def test_checkpoint_entry_and_patch() -> None:
     entry = checkpoint_entry(200, "s3://b/run/step-00000200", EvalResult.against(200, 1.0, 3.3, BASE))
     assert entry == {

@@ -726,7 +726,12 @@ class Run:
             status_patch(
                 progress=progress_status(self.progress.step, t.max_steps, self.progress.tokens, eta),
                 latest=latest_status(
-                    self.latest_eval, self.tps, self.mfu(), lr, mix["realisedDomainPercent"] if mix else None
+                    self.latest_eval,
+                    self.tps,
+                    self.mfu(),
+                    lr,
+                    mix["realisedDomainPercent"] if mix else None,
+                    [s.uri for s in self.cfg.eval.general],
                 ),
             )
         )

@@ -46,15 +46,34 @@ def progress_status(step: int, total_steps: int, tokens: int, eta_seconds: float
 
 
 def eval_fields(ev: EvalResult | None) -> dict[str, Any]:
-    """The four held-out figures, rounded, camelCase."""
+    """The held-out figures, rounded, camelCase."""
     if ev is None:
-        return {"domainLoss": None, "generalLoss": None, "forgettingPercent": None, "domainGainPercent": None}
+        return {
+            "domainLoss": None,
+            "generalLoss": None,
+            "forgettingPercent": None,
+            "domainGainPercent": None,
+            "klBaseNats": None,
+        }
     return {
         "domainLoss": r4(ev.domain_loss),
         "generalLoss": r4(ev.general_loss),
         "forgettingPercent": r4(ev.forgetting_percent),
         "domainGainPercent": r4(ev.domain_gain_percent),
+        "klBaseNats": r4(ev.kl_base),
     }
+
+
+def general_sources(ev: EvalResult | None, uris: list[str]) -> list[dict[str, Any]] | None:
+    """status.latest.generalSources: loss and forgetting per general held-out source (None when not measured)."""
+    if ev is None or ev.general_source_losses is None or len(ev.general_source_losses) != len(uris):
+        return None
+    forgetting = ev.general_source_forgetting or [None] * len(uris)
+    rows = []
+    for uri, loss, percent in zip(uris, ev.general_source_losses, forgetting, strict=True):
+        row = {"uri": uri, "loss": r4(loss), "forgettingPercent": r4(percent)}
+        rows.append({k: v for k, v in row.items() if v is not None})
+    return rows
 
 
 def latest_status(
@@ -63,6 +82,7 @@ def latest_status(
     mfu: float | None,
     learning_rate: float | None,
     realised_domain_percent: float | None,
+    general_source_uris: list[str] | None = None,
 ) -> dict[str, Any]:
     """status.latest: the last held-out figures, throughput, learning rate and the realised mix.
 
@@ -74,12 +94,16 @@ def latest_status(
     out["mfu"] = r4(mfu)
     out["learningRate"] = None if learning_rate is None else float(f"{learning_rate:.6g}")
     out["realisedDomainPercent"] = r4(realised_domain_percent)
+    out["generalSources"] = general_sources(ev, general_source_uris or [])
     return {k: v for k, v in out.items() if v is not None}
 
 
 def checkpoint_entry(step: int, uri: str, ev: EvalResult | None) -> dict[str, Any]:
     """One item of status.checkpoints (only complete checkpoints are ever reported)."""
-    return {"step": step, "uri": uri, **eval_fields(ev), "complete": True}
+    fields = eval_fields(ev)
+    if fields["klBaseNats"] is None:
+        del fields["klBaseNats"]  # not measured (eval.klTopK 0): no key rather than a null the API server drops
+    return {"step": step, "uri": uri, **fields, "complete": True}
 
 
 def baseline_status(ev: EvalResult) -> dict[str, Any]:
