@@ -2,11 +2,20 @@
 
 The base model is forge_dev.basemodel's cached tiny Llama pretrained on Python's reference prose (general); it is
 fine-tuned on synthetic support chats (domain), with the general corpus replayed at 100 - domainPercent. Each run
-is one rank of the real trainer (DeepSpeed on CPU) with the guard in action ``stop``; the held-out sets are the
-corpora's eval splits. Printed: a table of final (or last before the stop) forgetting and domain gain, whether
-and when the guard stopped the run and why. Written: a PNG of forgetting and domain gain per cell.
+is one rank of the real trainer (DeepSpeed on CPU) with the guard in action ``stop``, a checkpoint at every
+evaluation and the default end-of-run candidates; the held-out sets are the corpora's eval splits.
 
-Usage: .venv/bin/python benchmarks/forgetting_sweep.py [--steps 60] [--base-lr 3e-5] [--out benchmarks/out]
+1x is the learning rate the operator resolves for ``learningRate: auto`` for each cell (forge_operator.defaults:
+technique cpt, the model's size, the global batch, the cell's domainPercent), unless --base-lr pins one rate.
+
+Selection and regret: the operator's best-within-budget policy picks from the run's checkpoints and candidates on
+the eval split (what it sees in a real run); the oracle is best-within-budget on a separate test split; regret is
+the oracle's test domain gain minus the selected one's, in percentage points (0 = the oracle's pick).
+
+Printed and written (benchmarks/out/forgetting_sweep.{md,json,png}): final (or last before the stop) forgetting and
+domain gain, the guard's verdict, the selection and its regret.
+
+Usage: .venv/bin/python benchmarks/forgetting_sweep.py [--steps 60] [--base-lr auto] [--out benchmarks/out]
        [--percents 100,95,75,50] [--factors 1,10,30]
 """
 
@@ -23,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 VENV_BIN = Path(sys.executable).parent
+SEQ_LENGTH = 128
+MICRO_BATCH = 8
+TEST_TOKENS = 8192
 
 
 def config(
@@ -38,7 +50,7 @@ def config(
             "domainPercent": domain_percent,
             "domain": [{"uri": str(domain / "train.jsonl")}],
             "general": [{"uri": str(general / "train.jsonl")}],
-            "seqLength": 128,
+            "seqLength": SEQ_LENGTH,
             "maxRepetition": 20,
         },
         "eval": {
@@ -51,7 +63,7 @@ def config(
             "learningRate": lr,
             "schedule": "cosine",
             "warmupSteps": max(1, steps // 20),
-            "microBatchSize": 8,
+            "microBatchSize": MICRO_BATCH,
             "maxSteps": steps,
             "precision": "fp32",
             "zeroStage": 0,
@@ -59,11 +71,11 @@ def config(
         },
         "forgetting": {"budgetPercent": budget, "action": "stop"},
         "checkpoints": {
-            "everySteps": steps,
+            "everySteps": every,
             "output": str(work / "output"),
             "localDir": str(work / "local"),
             "keep": 1,
-            "exportHf": False,
+            "exportHf": True,
         },
         "report": {"forgeJob": None, "metricsPort": 0},
     }
@@ -100,7 +112,10 @@ def run_one(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     if proc.returncode not in (0, 10):
         sys.stderr.write(proc.stderr[-3000:])
     last = evals[-1] if evals else {}
+    baseline = next((e for e in events if e["event"] == "eval" and e["step"] == 0), {})
     return {
+        "baseline": baseline,
+        "candidates": [e for e in events if e["event"] == "candidate"],
         "rc": proc.returncode,
         "seconds": round(time.monotonic() - t0, 1),
         "forgetting": last.get("forgetting_percent"),
@@ -109,6 +124,133 @@ def run_one(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
         "guard": guard[0] if guard else None,
         "curve": [(e["step"], e["forgetting_percent"], e["domain_gain_percent"]) for e in evals],
     }
+
+
+def auto_learning_rate(domain_percent: int, steps: int, params_millions: int) -> float:
+    """What the operator resolves for ``learningRate: auto`` in this sweep's setting."""
+    from forge_operator.api import ForgeJobSpec
+    from forge_operator.defaults import resolve
+
+    spec = ForgeJobSpec.model_validate(
+        {
+            "model": {"base": "/models/tiny/", "parametersMillions": params_millions},
+            "technique": "cpt",
+            "data": {
+                "domainPercent": domain_percent,
+                "domain": [{"uri": "/data/domain/"}],
+                "general": [] if domain_percent == 100 else [{"uri": "/data/general/"}],
+                "seqLength": SEQ_LENGTH,
+            },
+            "eval": {"general": [{"uri": "/data/general-eval/"}]},
+            "training": {
+                "globalBatchTokens": SEQ_LENGTH * MICRO_BATCH,
+                "microBatchSize": MICRO_BATCH,
+                "maxSteps": steps,
+            },
+            "resources": {"nodes": 1, "gpusPerNode": 0},
+            "checkpoints": {"output": "/out/"},
+        }
+    )
+    return float(resolve(spec).learning_rate)
+
+
+def pool_of(run: dict[str, Any], output: Path) -> list[dict[str, Any]]:
+    """The run's checkpoints (from their manifests) and candidates, as status.checkpoints entries with a folder."""
+    from forge_trainer import checkpoint as ckpt
+
+    entries = []
+    for manifest in ckpt.complete_checkpoints(str(output)):
+        entry = dict(manifest["metrics"])
+        entry["folder"] = str(output / manifest["tag"] / "hf")
+        entries.append(entry)
+    for cand in run["candidates"]:
+        entry = {k: v for k, v in cand.items() if k not in ("event", "name")}
+        entry["folder"] = cand["uri"]
+        entries.append(entry)
+    return entries
+
+
+class TestSplit:
+    """The test splits (never seen by training, evaluation or selection) and the base model's losses on them."""
+
+    def __init__(self, base: Path, general: Path, domain: Path, max_tokens: int) -> None:
+        from transformers.utils import logging as hf_logging
+
+        from forge_trainer.config import TrainerConfig
+        from forge_trainer.data.encode import DocEncoder
+        from forge_trainer.heldout import eval_sequences
+        from forge_trainer.model import load_tokenizer, pad_token_id
+
+        hf_logging.disable_progress_bar()
+        cfg = TrainerConfig.model_validate(config(base, general, domain, Path("/unused"), 50, 1e-5, 10, 2.0))
+        tokenizer = load_tokenizer(base)
+        encoder, pad = DocEncoder(tokenizer, False), pad_token_id(tokenizer)
+        self.domain = eval_sequences([_source(domain / "test.jsonl")], max_tokens, cfg, encoder, pad)
+        self.general = eval_sequences([_source(general / "test.jsonl")], max_tokens, cfg, encoder, pad)
+        self.base = self.losses(base)
+
+    def losses(self, folder: Path | str) -> tuple[float, float]:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from forge_trainer.heldout import evaluate_set
+
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        cpu = torch.device("cpu")
+        domain, _ = evaluate_set(model, cpu, self.domain, 1, 16, 0, 1)
+        general, _ = evaluate_set(model, cpu, self.general, 1, 16, 0, 1)
+        assert domain.mean is not None and general.mean is not None
+        return domain.mean, general.mean
+
+    def figures(self, folder: Path | str) -> tuple[float, float]:
+        """(forgetting %, domain gain %) on the test split."""
+        domain, general = self.losses(folder)
+        base_domain, base_general = self.base
+        return 100 * (general - base_general) / base_general, 100 * (base_domain - domain) / base_domain
+
+
+def _source(path: Path) -> Any:
+    from forge_trainer.config import Source
+
+    return Source(uri=str(path))
+
+
+def select_and_regret(pool: list[dict[str, Any]], test: TestSplit, budget: float) -> dict[str, Any]:
+    """The operator's pick on the eval split against the oracle's on the test split."""
+    from forge_operator.api import CheckpointReport
+    from forge_operator.selection import select
+
+    if not pool:
+        return {}
+    reports = [CheckpointReport.model_validate({k: v for k, v in e.items() if k != "folder"}) for e in pool]
+    picked = select(reports, None, "best-within-budget", budget).selected
+    test_reports = []
+    for entry, report in zip(pool, reports, strict=True):
+        forgetting, gain = test.figures(entry["folder"])
+        entry["test"] = {"forgettingPercent": forgetting, "domainGainPercent": gain}
+        test_reports.append(report.model_copy(update={"forgetting_percent": forgetting, "domain_gain_percent": gain}))
+    oracle = select(test_reports, None, "best-within-budget", budget).selected
+    assert picked is not None and oracle is not None
+
+    def test_of(ref: Any) -> dict[str, float]:
+        return next(e["test"] for e in pool if e["uri"] == ref.uri)
+
+    chosen, best = test_of(picked), test_of(oracle)
+    return {
+        "selected": _label(picked),
+        "selectedTest": chosen,
+        "oracle": _label(oracle),
+        "oracleTest": best,
+        "regret": best["domainGainPercent"] - chosen["domainGainPercent"],
+    }
+
+
+def _label(ref: Any) -> str:
+    if ref.kind == "interpolation":
+        return f"wise{ref.alpha:g}@{ref.step}"
+    if ref.kind == "average":
+        return f"avg{len(ref.average_of or [])}@{ref.step}"
+    return f"ckpt@{ref.step}"
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> None:
@@ -143,7 +285,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--base-lr", type=float, default=3e-5, help="the 1x rate (the operator table's cpt value)")
+    ap.add_argument(
+        "--base-lr", default="auto", help="the 1x rate: 'auto' (what the operator resolves per cell) or a number"
+    )
     ap.add_argument("--budget", type=float, default=2.0)
     ap.add_argument("--percents", default="100,95,75,50")
     ap.add_argument("--factors", default="1,10,30")
@@ -152,40 +296,94 @@ def main() -> None:
     from forge_dev.basemodel import build_base_model
 
     base = build_base_model()
+    params_millions = max(1, round(int(base.report.get("parameters", 1_000_000)) / 1e6))
     a.out.mkdir(parents=True, exist_ok=True)
+    test = TestSplit(base.folder, base.general, base.domain, TEST_TOKENS)
     rows = []
     with tempfile.TemporaryDirectory(prefix="forge-sweep-") as tmp:
         for dp in [int(x) for x in a.percents.split(",")]:
+            one_x = auto_learning_rate(dp, a.steps, params_millions) if a.base_lr == "auto" else float(a.base_lr)
             for factor in [float(x) for x in a.factors.split(",")]:
                 work = Path(tmp) / f"dp{dp}-x{factor:g}"
-                cfg = config(base.folder, base.general, base.domain, work, dp, a.base_lr * factor, a.steps, a.budget)
+                cfg = config(base.folder, base.general, base.domain, work, dp, one_x * factor, a.steps, a.budget)
                 res = run_one(cfg, work)
-                res.update(domainPercent=dp, factor=factor, budget=a.budget)
+                res.update(domainPercent=dp, factor=factor, budget=a.budget, learningRate=one_x * factor)
+                res.update(select_and_regret(pool_of(res, work / "output"), test, a.budget))
                 rows.append(res)
                 g = res["guard"]
                 print(
-                    f"dp={dp:3d} lr={factor:g}x rc={res['rc']} step={res['step']} "
+                    f"dp={dp:3d} lr={factor:g}x ({one_x * factor:.2g}) rc={res['rc']} step={res['step']} "
                     f"forgetting={res['forgetting']} gain={res['gain']} "
-                    f"guard={g['reason'] + '@' + str(g['step']) if g else '-'} ({res['seconds']}s)",
+                    f"guard={g['reason'] + '@' + str(g['step']) if g else '-'} selected={res.get('selected')} "
+                    f"regret={res.get('regret')} ({res['seconds']}s)",
                     flush=True,
                 )
-    header = "| domainPercent | LR | forgetting % | domain gain % | guard (reason@step) | rc |"
-    lines = [header, "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        g = r["guard"]
-        f = "-" if r["forgetting"] is None else f"{r['forgetting']:.2f}"
-        d = "-" if r["gain"] is None else f"{r['gain']:.2f}"
-        gs = f"{g['reason']}@{g['step']}/{a.steps}" if g else "-"
-        lines.append(f"| {r['domainPercent']} | {r['factor']:g}x | {f} | {d} | {gs} | {r['rc']} |")
-    table = "\n".join(lines)
+    table = markdown(rows, a.steps)
     print(table)
-    (a.out / "forgetting_sweep.md").write_text(table + "\n")
+    print(summary(rows, a.budget))
+    (a.out / "forgetting_sweep.md").write_text(table + "\n\n" + summary(rows, a.budget) + "\n")
     (a.out / "forgetting_sweep.json").write_text(json.dumps(rows, indent=1))
     try:
         plot(rows, a.out / "forgetting_sweep.png")
         print(f"wrote {a.out / 'forgetting_sweep.png'}")
     except ImportError:
         print("matplotlib is not installed: no PNG")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def markdown(rows: list[dict[str, Any]], steps: int) -> str:
+    lines = [
+        "| domainPercent | LR | forgetting % | domain gain % | guard (reason@step) | selected | selected test "
+        "forgetting % | selected test gain % | oracle (test) | regret (pp) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        g = r["guard"]
+        gs = f"{g['reason']}@{g['step']}/{steps}" if g else "-"
+        st, ot = r.get("selectedTest") or {}, r.get("oracleTest") or {}
+        lines.append(
+            f"| {r['domainPercent']} | {r['factor']:g}x ({r['learningRate']:.2g}) | {_pct(r['forgetting'])} | "
+            f"{_pct(r['gain'])} | {gs} | {r.get('selected', '-')} | {_pct(st.get('forgettingPercent'))} | "
+            f"{_pct(st.get('domainGainPercent'))} | {r.get('oracle', '-')} {_pct(ot.get('domainGainPercent'))} | "
+            f"{_pct(r.get('regret'))} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict[str, Any]], budget: float) -> str:
+    """The claims the issue asks the sweep to show, each with its figures."""
+    out = []
+    one_x = {r["domainPercent"]: r for r in rows if r["factor"] == 1}
+    if 100 in one_x:
+        domain_only = one_x[100]
+        ref = (domain_only.get("selectedTest") or {}).get("domainGainPercent")
+        for dp, r in sorted(one_x.items(), reverse=True):
+            st = r.get("selectedTest") or {}
+            if ref and st:
+                out.append(
+                    f"- defaults (auto LR) at domainPercent {dp}: selected {r.get('selected')} forgets "
+                    f"{st['forgettingPercent']:.2f}% on test (budget {budget:g}%) and keeps "
+                    f"{100 * st['domainGainPercent'] / ref:.0f}% of the domain-only run's selected test gain"
+                )
+    stopped = [r for r in rows if r["factor"] >= 30]
+    out.append(
+        "- 30x runs stopped by the guard: "
+        + ", ".join(
+            f"dp{r['domainPercent']} {r['guard']['reason']}@{r['guard']['step']}"
+            if r["guard"]
+            else f"dp{r['domainPercent']} not stopped"
+            for r in stopped
+        )
+    )
+    healthy = [r for r in rows if r["factor"] == 1]
+    out.append("- 1x runs stopped: " + (", ".join(f"dp{r['domainPercent']}" for r in healthy if r["guard"]) or "none"))
+    regrets = [r["regret"] for r in rows if r.get("regret") is not None]
+    if regrets:
+        out.append(f"- regret (pp of test domain gain): mean {sum(regrets) / len(regrets):.2f}, max {max(regrets):.2f}")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
