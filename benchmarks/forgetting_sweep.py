@@ -12,8 +12,8 @@ Selection and regret: the operator's best-within-budget policy picks from the ru
 the eval split (what it sees in a real run); the oracle is best-within-budget on a separate test split; regret is
 the oracle's test domain gain minus the selected one's, in percentage points (0 = the oracle's pick).
 
-Printed and written (benchmarks/out/forgetting_sweep.{md,json,png}): final (or last before the stop) forgetting and
-domain gain, the guard's verdict, the selection and its regret.
+Printed and written (bench-output/forgetting_sweep/forgetting_sweep.{md,json,png}): final (or last before the
+stop) forgetting and domain gain, the guard's verdict, the selection and its regret. --from-json re-renders them.
 
 Usage: .venv/bin/python benchmarks/forgetting_sweep.py [--steps 60] [--base-lr auto] [--out benchmarks/out]
        [--percents 100,95,75,50] [--factors 1,10,30]
@@ -38,7 +38,15 @@ TEST_TOKENS = 8192
 
 
 def config(
-    base: Path, general: Path, domain: Path, work: Path, domain_percent: int, lr: float, steps: int, budget: float
+    base: Path,
+    general: Path,
+    domain: Path,
+    work: Path,
+    domain_percent: int,
+    lr: float,
+    steps: int,
+    budget: float,
+    action: str = "stop",
 ) -> dict[str, Any]:
     every = max(1, steps // 10)
     return {
@@ -69,7 +77,7 @@ def config(
             "zeroStage": 0,
             "seed": 1,
         },
-        "forgetting": {"budgetPercent": budget, "action": "stop"},
+        "forgetting": {"budgetPercent": budget, "action": action},
         "checkpoints": {
             "everySteps": every,
             "output": str(work / "output"),
@@ -291,8 +299,13 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=2.0)
     ap.add_argument("--percents", default="100,95,75,50")
     ap.add_argument("--factors", default="1,10,30")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    ap.add_argument("--out", type=Path, default=Path("bench-output/forgetting_sweep"))
+    ap.add_argument("--from-json", type=Path, help="re-render the table and plot of an earlier run's JSON, no training")
     a = ap.parse_args()
+    if a.from_json is not None:
+        doc = json.loads(a.from_json.read_text())
+        report(doc["rows"], doc.get("reference"), a.steps, a.budget, a.out)
+        return
     from forge_dev.basemodel import build_base_model
 
     base = build_base_model()
@@ -318,14 +331,41 @@ def main() -> None:
                     f"regret={res.get('regret')} ({res['seconds']}s)",
                     flush=True,
                 )
-    table = markdown(rows, a.steps)
+        # Domain-only training at the rate the defaults use with enough general data (domain factor 1), never
+        # stopped (action warn): how much domain gain the mix gives up against training on the domain alone.
+        one_x = auto_learning_rate(50, a.steps, params_millions) if a.base_lr == "auto" else float(a.base_lr)
+        work = Path(tmp) / "reference"
+        cfg = config(base.folder, base.general, base.domain, work, 100, one_x, a.steps, a.budget, action="warn")
+        reference = run_one(cfg, work)
+        last = ckpt_folder(work / "output")
+        forgetting, gain = test.figures(last)
+        reference.update(learningRate=one_x, testForgettingPercent=forgetting, testDomainGainPercent=gain)
+        print(f"reference: domain only at {one_x:.2g}, test forgetting {forgetting:.2f}%, test gain {gain:.2f}%")
+    doc = {"steps": a.steps, "budget": a.budget, "rows": rows, "reference": reference}
+    (a.out / "forgetting_sweep.json").write_text(json.dumps(doc, indent=1))
+    report(rows, reference, a.steps, a.budget, a.out)
+
+
+def ckpt_folder(output: Path) -> Path:
+    """The hf/ export of the last complete checkpoint in a local output."""
+    from forge_trainer import checkpoint as ckpt
+
+    manifest = ckpt.latest_complete(str(output))
+    assert manifest is not None, f"no complete checkpoint in {output}"
+    return output / manifest["tag"] / "hf"
+
+
+def report(rows: list[dict[str, Any]], reference: dict[str, Any] | None, steps: int, budget: float, out: Path) -> None:
+    """Print and write the table, the claims and the plot."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows, steps, budget)
+    claims = summary(rows, reference, budget)
     print(table)
-    print(summary(rows, a.budget))
-    (a.out / "forgetting_sweep.md").write_text(table + "\n\n" + summary(rows, a.budget) + "\n")
-    (a.out / "forgetting_sweep.json").write_text(json.dumps(rows, indent=1))
+    print(claims)
+    (out / "forgetting_sweep.md").write_text(table + "\n\n" + claims + "\n")
     try:
-        plot(rows, a.out / "forgetting_sweep.png")
-        print(f"wrote {a.out / 'forgetting_sweep.png'}")
+        plot(rows, out / "forgetting_sweep.png")
+        print(f"wrote {out / 'forgetting_sweep.png'}")
     except ImportError:
         print("matplotlib is not installed: no PNG")
 
@@ -334,7 +374,12 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def markdown(rows: list[dict[str, Any]], steps: int) -> str:
+def within_budget_on_test(row: dict[str, Any], budget: float) -> bool | None:
+    test = row.get("selectedTest")
+    return None if not test else bool(test["forgettingPercent"] <= budget)
+
+
+def markdown(rows: list[dict[str, Any]], steps: int, budget: float) -> str:
     lines = [
         "| domainPercent | LR | forgetting % | domain gain % | guard (reason@step) | selected | selected test "
         "forgetting % | selected test gain % | oracle (test) | regret (pp) |",
@@ -344,29 +389,35 @@ def markdown(rows: list[dict[str, Any]], steps: int) -> str:
         g = r["guard"]
         gs = f"{g['reason']}@{g['step']}/{steps}" if g else "-"
         st, ot = r.get("selectedTest") or {}, r.get("oracleTest") or {}
+        regret = _pct(r.get("regret"))
+        if within_budget_on_test(r, budget) is False:
+            regret += " (over budget on test)"
         lines.append(
             f"| {r['domainPercent']} | {r['factor']:g}x ({r['learningRate']:.2g}) | {_pct(r['forgetting'])} | "
             f"{_pct(r['gain'])} | {gs} | {r.get('selected', '-')} | {_pct(st.get('forgettingPercent'))} | "
             f"{_pct(st.get('domainGainPercent'))} | {r.get('oracle', '-')} {_pct(ot.get('domainGainPercent'))} | "
-            f"{_pct(r.get('regret'))} |"
+            f"{regret} |"
         )
     return "\n".join(lines)
 
 
-def summary(rows: list[dict[str, Any]], budget: float) -> str:
+def summary(rows: list[dict[str, Any]], reference: dict[str, Any] | None, budget: float) -> str:
     """The claims the issue asks the sweep to show, each with its figures."""
     out = []
     one_x = {r["domainPercent"]: r for r in rows if r["factor"] == 1}
-    if 100 in one_x:
-        domain_only = one_x[100]
-        ref = (domain_only.get("selectedTest") or {}).get("domainGainPercent")
+    if reference is not None:
+        ref = reference["testDomainGainPercent"]
+        out.append(
+            f"- reference, domain-only training at {reference['learningRate']:.2g} (the defaults' rate with >= 25% "
+            f"general), not stopped: test forgetting {reference['testForgettingPercent']:.2f}%, test gain {ref:.2f}%"
+        )
         for dp, r in sorted(one_x.items(), reverse=True):
             st = r.get("selectedTest") or {}
-            if ref and st:
+            if st:
                 out.append(
-                    f"- defaults (auto LR) at domainPercent {dp}: selected {r.get('selected')} forgets "
-                    f"{st['forgettingPercent']:.2f}% on test (budget {budget:g}%) and keeps "
-                    f"{100 * st['domainGainPercent'] / ref:.0f}% of the domain-only run's selected test gain"
+                    f"- defaults (auto LR {r['learningRate']:.2g}) at domainPercent {dp}: selected {r.get('selected')} "
+                    f"forgets {st['forgettingPercent']:.2f}% on test (budget {budget:g}%) and keeps "
+                    f"{100 * st['domainGainPercent'] / ref:.0f}% of the reference's test domain gain"
                 )
     stopped = [r for r in rows if r["factor"] >= 30]
     out.append(
@@ -380,9 +431,23 @@ def summary(rows: list[dict[str, Any]], budget: float) -> str:
     )
     healthy = [r for r in rows if r["factor"] == 1]
     out.append("- 1x runs stopped: " + (", ".join(f"dp{r['domainPercent']}" for r in healthy if r["guard"]) or "none"))
-    regrets = [r["regret"] for r in rows if r.get("regret") is not None]
+    regrets = [r["regret"] for r in rows if r.get("regret") is not None and within_budget_on_test(r, budget)]
+    over = [r for r in rows if within_budget_on_test(r, budget) is False]
     if regrets:
-        out.append(f"- regret (pp of test domain gain): mean {sum(regrets) / len(regrets):.2f}, max {max(regrets):.2f}")
+        out.append(
+            f"- regret (pp of test domain gain) where the selection is within budget on test too: mean "
+            f"{sum(regrets) / len(regrets):.2f}, max {max(regrets):.2f} over {len(regrets)} runs; selections over "
+            "budget on test: "
+            + (
+                ", ".join(
+                    f"dp{r['domainPercent']} x{r['factor']:g} ({r['selectedTest']['forgettingPercent']:.2f}%)"
+                    for r in over
+                )
+                or "none"
+            )
+        )
+    derived = [r for r in rows if str(r.get("selected", "")).startswith(("wise", "avg"))]
+    out.append(f"- runs whose selection is an end-of-run candidate: {len(derived)} of {len(rows)}")
     return "\n".join(out)
 
 
