@@ -224,8 +224,15 @@ def run_demo(repo_root: Path, out: Path, timeout_s: float) -> int:
                     f"   {condition['type']}={condition['status']} {condition.get('reason', '')}: "
                     f"{condition.get('message', '')}"
                 )
+        print("== checkpoints and end-of-run candidates (held-out forgetting %, domain gain %)")
+        for entry in status.get("checkpoints") or []:
+            mark = "*" if selected and entry.get("uri") == selected.get("uri") else " "
+            print(
+                f" {mark} {describe(entry):<36} {fmt(entry.get('forgettingPercent')):>7} "
+                f"{fmt(entry.get('domainGainPercent')):>7}"
+            )
         if selected:
-            print(f"== selected checkpoint: {selected.get('uri')} (step {selected.get('step')})")
+            print(f"== selected: {describe(selected)}: {selected.get('uri')}")
             print(f"   why: {selected.get('reason')}")
         print(f"== plot: {png}")
         print(
@@ -234,6 +241,16 @@ def run_demo(repo_root: Path, out: Path, timeout_s: float) -> int:
         )
     print("== everything stopped")
     return 0 if status.get("state") == "Succeeded" and selected else 1
+
+
+def describe(entry: dict[str, Any]) -> str:
+    """A checkpoint or candidate in words."""
+    kind = entry.get("kind") or "checkpoint"
+    if kind == "average":
+        return f"average of steps {entry.get('averageOf')}"
+    if kind == "interpolation":
+        return f"interpolation alpha {entry.get('alpha')} of step {entry.get('step')}"
+    return f"checkpoint step {entry.get('step')}"
 
 
 def watch_progress(api: client.ApiClient, name: str, timeout_s: float) -> dict[str, Any]:
