@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +18,8 @@ from typing import Any
 import yaml
 from kubernetes import client
 
-from tests.chart.helm import apply_objects, delete_cluster_objects, one, template, wait_for
+from forge_dev.services import http_ok, managed_process
+from tests.chart.helm import apply_objects, delete_cluster_objects, one, template
 from tests.conftest import LocalCluster
 
 VENV_BIN = Path(sys.executable).parent
@@ -142,30 +141,18 @@ def process_env(install: Install) -> dict[str, str]:
 
 @contextmanager
 def running(install: Install) -> Iterator[Install]:
-    with open(install.log_path, "wb") as log:
-        proc = subprocess.Popen(
-            OPERATOR_COMMAND, env=process_env(install), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    install.process = proc
-    try:
-
-        def healthy() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"the operator exited with {proc.returncode}:\n{install.log()[-4000:]}")
-            url = f"http://127.0.0.1:{install.health_port}/healthz"
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return bool(response.status == 200)
-
-        wait_for("the operator's liveness endpoint (kopf --liveness) to answer 200", healthy, timeout=60)
+    """The operator as a process with the rendered Deployment's command and environment, until the block ends."""
+    # managed_process appends to the log; each install has its own folder, so the log holds this run only
+    health = f"http://127.0.0.1:{install.health_port}/healthz"
+    with managed_process(
+        "the operator (kopf --liveness /healthz)",
+        list(OPERATOR_COMMAND),
+        install.log_path,
+        lambda: http_ok(health),
+        env=process_env(install),
+    ) as proc:
+        install.process = proc
         yield install
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def forgejob(name: str, namespace: str, **spec: Any) -> dict[str, Any]:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -18,7 +15,7 @@ from typing import Any
 import yaml
 
 from forge_dev.controlplane import free_port
-from tests.chart.helm import wait_for
+from forge_dev.services import http_ok, managed_process
 
 
 def prometheus_binary() -> str:
@@ -72,36 +69,16 @@ def prometheus(workdir: Path, targets: Mapping[str, str], scrape_interval: str =
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     log_path = workdir / "prometheus.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                prometheus_binary(),
-                f"--config.file={workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--storage.tsdb.retention.time=1h",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    argv = [
+        prometheus_binary(),
+        f"--config.file={workdir / 'prometheus.yml'}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--storage.tsdb.retention.time=1h",
+    ]
     server = Prometheus(f"http://127.0.0.1:{port}", log_path)
     try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"prometheus exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as response:
-                return bool(response.status == 200)
-
-        wait_for("Prometheus ready", ready, timeout=30)
-        yield server
+        with managed_process("prometheus", argv, log_path, lambda: http_ok(f"{server.url}/-/ready"), timeout_s=30):
+            yield server
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
         shutil.rmtree(workdir / "data", ignore_errors=True)
