@@ -186,6 +186,35 @@ class EvalSpec(ApiModel):
     general loss alone; 0 turns it off."""
 
 
+DEFAULT_PROBE_MULTIPLIER_PERCENTS = (25, 50, 100, 200, 400)
+
+
+class LearningRateProbeSpec(ApiModel):
+    """The learning-rate probe: before training, the trainer runs a few short runs at multiples of the (resolved)
+    learning rate on the real data mix, measures forgetting, projects it to the whole run, and trains at the highest
+    multiple projected within forgetting.budgetPercent (status.lrProbe says which and why)."""
+
+    multiplier_percents: list[Annotated[int, Field(ge=1, le=10_000)]] = Field(
+        default_factory=lambda: list(DEFAULT_PROBE_MULTIPLIER_PERCENTS),
+        min_length=1,
+        max_length=8,
+        json_schema_extra={"default": list(DEFAULT_PROBE_MULTIPLIER_PERCENTS), "x-kubernetes-list-type": "set"},
+    )
+    """Multiples of the learning rate to probe, in percent (100 = the resolved rate itself); distinct. The peak rate
+    times the largest multiple must stay at or below 1."""
+
+    steps: int = Field(default=20, ge=2, le=100_000)
+    """Optimizer steps of each probe run (at most training.maxSteps). The probe costs len(multiplierPercents) x steps
+    extra steps plus their evaluations."""
+
+    evaluations: int = Field(default=4, ge=1, le=100)
+    """Held-out evaluations per probe run, evenly spaced, the last at its final step (at most steps)."""
+
+    eval_max_tokens: int = Field(default=32_768, ge=128, le=1_073_741_824)
+    """Tokens of each held-out group (domain, general) per probe evaluation, at most eval.maxTokens: the first ones
+    of the evaluation sets. Fewer than the run's evaluations, to keep the probe cheap."""
+
+
 class TrainingSpec(ApiModel):
     """Optimisation settings. 'auto' values are resolved by the operator into status.resolved."""
 
@@ -236,6 +265,11 @@ class TrainingSpec(ApiModel):
 
     compile: bool = False
     """torch.compile the model (GPU; slower first steps)."""
+
+    learning_rate_probe: LearningRateProbeSpec | None = None
+    """Omitted: off. Set (even to {}): probe multiples of the learning rate before training and train at the highest
+    one whose forgetting, projected to the whole run, stays within forgetting.budgetPercent; the schedule's floor
+    scales with it. status.resolved keeps the configured rate; the rate trained at is status.lrProbe.learningRate."""
 
 
 class ForgettingSpec(ApiModel):
@@ -525,7 +559,8 @@ class Resolved(StatusModel):
     """What 'auto' and the derived training values became, and why."""
 
     learning_rate: str
-    """Peak learning rate used, as a decimal string."""
+    """Peak learning rate from spec.training.learningRate, as a decimal string. With
+    spec.training.learningRateProbe the trainer trains at a multiple of it: see status.lrProbe."""
 
     learning_rate_source: Literal["auto", "spec"]
     """auto: from the defaults table; spec: as written in spec.training.learningRate."""
@@ -768,6 +803,39 @@ class Rebalance(StatusModel):
     """Why (the guard's reason and figures)."""
 
 
+class ProbeMultiple(StatusModel):
+    """One probed multiple of the learning rate (written by the trainer)."""
+
+    multiplier: float = Field(ge=0, le=100)
+    """The multiple of status.resolved.learningRate."""
+
+    learning_rate: float = Field(ge=0, le=1)
+    """The peak learning rate of this multiple."""
+
+    projected_forgetting_percent: float | None = None
+    """Forgetting projected to the end of the whole run at this rate, in percent; omitted when the probe run had a
+    non-finite loss."""
+
+    measured_forgetting_percent: float | None = None
+    """Forgetting measured at the end of the probe run, in percent."""
+
+
+class LrProbe(StatusModel):
+    """What the learning-rate probe chose (written by the trainer, spec.training.learningRateProbe)."""
+
+    learning_rate: float = Field(ge=0, le=1)
+    """The peak learning rate the run trains at."""
+
+    multiplier: float = Field(ge=0, le=100)
+    """That rate as a multiple of status.resolved.learningRate."""
+
+    reason: str = Field(default="", max_length=32_768)
+    """Why this multiple: the highest projected within the forgetting budget, or the lowest when none is."""
+
+    multiples: list[ProbeMultiple] = Field(default_factory=list, max_length=8)
+    """Every probed multiple with its projected and measured forgetting."""
+
+
 class ForgeJobStatus(StatusModel):
     """Observed state; the operator and the trainer (progress, latest, checkpoints, baseline) write it."""
 
@@ -812,6 +880,9 @@ class ForgeJobStatus(StatusModel):
 
     rebalance: Rebalance | None = None
     """Set by the trainer when the guard raised the general share (action rebalance)."""
+
+    lr_probe: LrProbe | None = None
+    """Set by the trainer after the learning-rate probe (spec.training.learningRateProbe): the rate it trains at."""
 
     @field_validator("pareto_front", mode="before")
     @classmethod

@@ -158,6 +158,19 @@ def _forgetting(spec: ForgeJobSpec) -> dict[str, Any]:
     }
 
 
+def _probe(spec: ForgeJobSpec) -> dict[str, Any] | None:
+    """The learning-rate probe's settings; multiples are integer percents in the spec and factors in the config."""
+    probe = spec.training.learning_rate_probe
+    if probe is None:
+        return None
+    return {
+        "multipliers": [percent / 100 for percent in probe.multiplier_percents],
+        "steps": probe.steps,
+        "evaluations": probe.evaluations,
+        "evalMaxTokens": min(probe.eval_max_tokens, spec.eval.max_tokens),
+    }
+
+
 def build_trainer_config(
     owner: Owner, spec: ForgeJobSpec, resolved: Resolved, options: RenderOptions
 ) -> dict[str, Any]:
@@ -173,7 +186,7 @@ def build_trainer_config(
         }
     training = spec.training
     candidates = spec.checkpoints.candidates
-    return {
+    config: dict[str, Any] = {
         "version": TRAINER_CONFIG_VERSION,
         "jobName": owner.name,
         "namespace": owner.namespace,
@@ -234,6 +247,10 @@ def build_trainer_config(
             "metricsPort": options.trainer_metrics_port,
         },
     }
+    probe = _probe(spec)
+    if probe is not None:
+        config["training"]["probe"] = probe
+    return config
 
 
 # --- children --------------------------------------------------------------------------------------------------

@@ -211,6 +211,8 @@ def forgetting_condition(
             observed_generation=generation,
         )
     learning_rate = status.resolved.learning_rate if status.resolved else None
+    if status.lr_probe is not None:
+        learning_rate = f"{status.lr_probe.learning_rate:g}"  # the learning-rate probe's choice: what it trains at
     domain_percent = status.rebalance.domain_percent if status.rebalance else spec.data.domain_percent
     message = over_budget_message(
         latest, budget, learning_rate, domain_percent, spec.forgetting.action, status.early_stop

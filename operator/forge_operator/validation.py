@@ -182,6 +182,34 @@ def check_training(spec: ForgeJobSpec) -> list[FieldError]:
     return errors
 
 
+def check_learning_rate_probe(spec: ForgeJobSpec) -> list[FieldError]:
+    probe = spec.training.learning_rate_probe
+    if probe is None:
+        return []
+    path = "spec.training.learningRateProbe"
+    errors: list[FieldError] = []
+    percents = probe.multiplier_percents
+    repeated = sorted({value for value in percents if percents.count(value) > 1})
+    if repeated:
+        errors.append(
+            FieldError(
+                f"{path}.multiplierPercents",
+                f"values must be distinct (one probe run each): {', '.join(map(str, repeated))} repeated in {percents}",
+            )
+        )
+    if probe.steps > spec.training.max_steps:
+        errors.append(
+            FieldError(
+                f"{path}.steps",
+                f"{probe.steps} exceeds spec.training.maxSteps {spec.training.max_steps}: a probe run would be longer "
+                "than the run",
+            )
+        )
+    if probe.evaluations > probe.steps:
+        errors.append(FieldError(f"{path}.evaluations", f"{probe.evaluations} exceeds steps {probe.steps}"))
+    return errors
+
+
 def check_checkpoints(spec: ForgeJobSpec) -> list[FieldError]:
     alphas = spec.checkpoints.candidates.interpolation_alpha_percents
     repeated = sorted({value for value in alphas if alphas.count(value) > 1})
@@ -284,6 +312,7 @@ def validate(name: str, spec: ForgeJobSpec, default_image: str | None) -> list[F
         *check_uris(spec),
         *check_data(spec),
         *check_training(spec),
+        *check_learning_rate_probe(spec),
         *check_checkpoints(spec),
         *check_resources(spec, default_image),
         *check_env(spec),

@@ -12,7 +12,9 @@ from kubernetes.client.exceptions import ApiException
 from forge_operator.api import ForgeJobStatus
 from forge_operator.selection import select
 from forge_trainer.candidates import CandidatePlan
+from forge_trainer.config import TrainingSettings
 from forge_trainer.evaluate import EvalResult
+from forge_trainer.probe import ProbePoint, ProbeRecord, assess, choose
 from forge_trainer.report import baseline_status, checkpoint_entry, latest_status, progress_status, status_patch
 from tests.conftest import LocalCluster
 
@@ -175,3 +177,43 @@ def test_an_unknown_reason_is_kept_but_a_malformed_one_is_refused(cluster: Local
             with pytest.raises(ApiException) as error:
                 patch(bad)
             assert error.value.status == 422
+
+
+def probe_report() -> dict[str, Any]:
+    """status.lrProbe as the trainer builds it: three multiples, the highest one with a non-finite loss."""
+    training = TrainingSettings.model_validate(
+        {"learningRate": 2e-5, "microBatchSize": 4, "maxSteps": 400, "warmupSteps": 12, "probe": {"steps": 20}}
+    )
+    low = (ProbePoint(10, 1e-4, 0.05, 2.0), ProbePoint(20, 2e-4, 0.11, 3.5))
+    high = (ProbePoint(10, 4e-4, 0.4, 5.0), ProbePoint(20, 8e-4, 0.9, 8.0))
+    results = (
+        assess(0.5, training, low, True, 3.2),
+        assess(2.0, training, high, True, 3.1),
+        assess(8.0, training, high[:1], False, 1.0),
+    )
+    record = ProbeRecord(2e-5, 2.0, 20, results, choose(results, 2.0))
+    return status_patch(lrProbe=record.status())
+
+
+def test_the_learning_rate_probe_report_round_trips_through_the_crd(cluster: LocalCluster, namespace: str) -> None:
+    patch = probe_report()
+    with cluster.api_client() as api:
+        custom = client.CustomObjectsApi(api)
+        custom.create_namespaced_custom_object("forge.dev", "v1alpha1", namespace, "forgejobs", FORGEJOB)
+        written = custom.patch_namespaced_custom_object_status(
+            "forge.dev", "v1alpha1", namespace, "forgejobs", "reported", patch
+        )
+    assert written["status"] == patch["status"], "the CRD pruned or changed part of the probe's report"
+    probe = ForgeJobStatus.model_validate(written["status"]).lr_probe
+    assert probe is not None
+    # each multiple's own line through (0, 0), projected over the run's 400 cosine steps: 0.5x at 1.1%, 2x at 9%
+    assert [m.multiplier for m in probe.multiples] == [0.5, 2.0, 8.0]
+    assert probe.multiples[2].projected_forgetting_percent is None, "a non-finite probe run has no projection"
+    assert probe.multiples[2].measured_forgetting_percent == 0.4
+    chosen = max(
+        m.multiplier
+        for m in probe.multiples
+        if m.projected_forgetting_percent is not None and m.projected_forgetting_percent <= 2.0
+    )
+    assert (probe.multiplier, probe.learning_rate) == (chosen, pytest.approx(2e-5 * chosen))
+    assert "highest multiple projected within the forgetting budget" in probe.reason

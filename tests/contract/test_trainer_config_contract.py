@@ -14,8 +14,16 @@ import pytest
 from forge_operator.api import ForgeJobSpec
 from forge_operator.defaults import resolve
 from forge_operator.render import CONFIG_KEY, Owner, RenderOptions, build_config_map, build_pytorchjob
-from forge_trainer.config import CandidateSettings, EvalSettings, ForgettingSettings, TrainerConfig, load_config
+from forge_trainer.config import (
+    CandidateSettings,
+    EvalSettings,
+    ForgettingSettings,
+    ProbeSettings,
+    TrainerConfig,
+    load_config,
+)
 from forge_trainer.guard import Guard
+from forge_trainer.probe import probe_training, scaled_training
 
 OPTIONS = RenderOptions(
     trainer_image="registry/forge-trainer:1", trainer_metrics_port=9400, report_min_interval_seconds=5
@@ -81,6 +89,17 @@ FORGEJOBS: dict[str, dict[str, Any]] = {
             "output": "s3://acme/forge/out/",
             "candidates": {"averageLast": 5, "interpolationAlphaPercents": [10, 90]},
         },
+    },
+    "learning-rate-probe": {
+        "technique": "sft",
+        "eval": {"maxTokens": 16384},
+        "training": {
+            "learningRate": "2e-5",
+            "minLearningRatePercent": 10,
+            "maxSteps": 500,
+            "learningRateProbe": {"multiplierPercents": [400, 50, 100], "steps": 25, "evaluations": 5},
+        },
+        "forgetting": {"budgetPercent": 3},
     },
     "domain-only-cpu": {
         "technique": "sft",
@@ -187,6 +206,24 @@ def test_a_spec_without_the_guard_settings_gets_the_trainers_defaults(max_steps:
     assert config.forgetting.grace_steps == own
     assert config.eval.kl_top_k == EvalSettings().kl_top_k
     assert config.checkpoints.candidates == CandidateSettings()
+
+
+def test_learning_rate_probe_settings_reach_the_trainer() -> None:
+    _, config_map, _ = render("learning-rate-probe", FORGEJOBS["learning-rate-probe"])
+    config = TrainerConfig.model_validate_json(config_map["data"][CONFIG_KEY])
+    probe = config.training.probe
+    assert probe is not None
+    assert (probe.multipliers, probe.steps, probe.evaluations) == ([4.0, 0.5, 1.0], 25, 5)
+    assert probe.eval_max_tokens == 16384, "at most eval.maxTokens"
+    # the trainer derives its probe runs and the scaled run from the rendered settings
+    assert probe_training(config.training, 4.0).learning_rate == pytest.approx(8e-5)
+    scaled = scaled_training(config.training, 0.5)
+    assert (scaled.learning_rate, scaled.min_learning_rate) == pytest.approx((1e-5, 1e-6))
+    # an empty block in the spec gets the trainer's own defaults; no block, no probe
+    _, empty_map, _ = render("cpt-defaults", {"technique": "cpt", "training": {"learningRateProbe": {}}})
+    assert TrainerConfig.model_validate_json(empty_map["data"][CONFIG_KEY]).training.probe == ProbeSettings()
+    _, off_map, _ = render("cpt-defaults", FORGEJOBS["cpt-defaults"])
+    assert TrainerConfig.model_validate_json(off_map["data"][CONFIG_KEY]).training.probe is None
 
 
 def test_the_pytorchjob_runs_the_trainer_on_the_mounted_config() -> None:

@@ -152,6 +152,19 @@ TRAINER_REPORT = {
         }
     ],
     "baseline": {"domainLoss": 1.0, "generalLoss": 1.0},
+    "lrProbe": {
+        "learningRate": 4e-5,
+        "multiplier": 2.0,
+        "reason": "2x is the highest multiple projected within the forgetting budget",
+        "multiples": [
+            {
+                "multiplier": 2.0,
+                "learningRate": 4e-5,
+                "projectedForgettingPercent": 1.5,
+                "measuredForgettingPercent": 0.2,
+            }
+        ],
+    },
 }
 
 

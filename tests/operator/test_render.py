@@ -264,3 +264,31 @@ def test_guard_and_candidate_settings_are_frozen_once_started() -> None:
         spec(checkpoints={"output": "s3://acme/o/", "candidates": {"averageLast": 0}})
     )
     assert changed_paths(frozen_spec(spec()), frozen_spec(spec(eval={"klTopK": 0}))) == ["spec.eval.klTopK"]
+
+
+def test_learning_rate_probe_is_rendered_as_factors_only_when_set() -> None:
+    assert "probe" not in build_trainer_config(OWNER, spec(), resolve(spec()), OPTIONS)["training"]
+    default = spec(training={"learningRateProbe": {}})
+    assert build_trainer_config(OWNER, default, resolve(default), OPTIONS)["training"]["probe"] == {
+        "multipliers": [0.25, 0.5, 1.0, 2.0, 4.0],
+        "steps": 20,
+        "evaluations": 4,
+        "evalMaxTokens": 32768,
+    }
+    job_spec = spec(
+        eval={"maxTokens": 16384},
+        training={
+            "learningRate": "2e-5",
+            "learningRateProbe": {
+                "multiplierPercents": [10, 150],
+                "steps": 50,
+                "evaluations": 5,
+                "evalMaxTokens": 65536,
+            },
+        },
+    )
+    training = build_trainer_config(OWNER, job_spec, resolve(job_spec), OPTIONS)["training"]
+    assert training["learningRate"] == 2e-5, "the configured rate: the trainer applies the probe's multiple"
+    assert training["probe"] == {"multipliers": [0.1, 1.5], "steps": 50, "evaluations": 5, "evalMaxTokens": 16384}
+    assert all(type(value) is float for value in training["probe"]["multipliers"])
+    assert changed_paths(frozen_spec(spec()), frozen_spec(default)) == ["spec.training.learningRateProbe"]

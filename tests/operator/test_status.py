@@ -324,6 +324,15 @@ def test_forgetting_over_budget_says_what_to_change() -> None:
     )
 
 
+def test_the_suggested_rate_starts_from_the_learning_rate_probes_choice() -> None:
+    probe = {"learningRate": 7.2e-5, "multiplier": 2.0, "reason": "2x is the highest ...", "multiples": []}
+    over = step(with_report(accepted(), latest={"forgettingPercent": 6.1}, lrProbe=probe))[0]
+    assert over.resolved is not None and over.resolved.learning_rate == "3.6e-5", "resolved keeps the operator's rate"
+    # the run trains at 2 x 3.6e-5: 7.2e-5 x 2/6.1 = 2.36e-5 -> 2.3e-5
+    message = by_type(over)["ForgettingWithinBudget"].message
+    assert message.startswith("forgetting 6.1% > budget 2%: lower learningRate to 2.3e-5 or raise"), message
+
+
 def test_the_guards_own_suggestion_wins_over_the_rule_of_thumb() -> None:
     status = accepted()
     report = with_report(

@@ -83,6 +83,24 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.checkpoints.candidates.interpolationAlphaPercents",
         "distinct",
     ),
+    (
+        "probe longer than the run",
+        {"training__learningRateProbe": {"steps": 2000}},
+        "spec.training.learningRateProbe.steps",
+        "longer than the run",
+    ),
+    (
+        "more probe evaluations than steps",
+        {"training__learningRateProbe": {"steps": 10, "evaluations": 11}},
+        "spec.training.learningRateProbe.evaluations",
+        "exceeds steps 10",
+    ),
+    (
+        "repeated probe multiple",
+        {"training__learningRateProbe": {"multiplierPercents": [100, 50, 100]}},
+        "spec.training.learningRateProbe.multiplierPercents",
+        "distinct",
+    ),
     ("lora with sft", {"lora": {"rank": 4}}, "spec.lora", "only allowed with technique lora"),
     (
         "gpu limits",
@@ -185,6 +203,24 @@ def test_guard_and_candidate_bounds_are_schema_errors() -> None:
         "spec.checkpoints.candidates.interpolationAlphaPercents[0]",
         "spec.checkpoints.candidates.interpolationAlphaPercents[1]",
     }
+
+
+def test_learning_rate_probe_bounds_are_schema_errors_and_an_empty_block_is_valid() -> None:
+    parsed = parse_spec(
+        with_changes(training__learningRateProbe={"multiplierPercents": [0, 10_001], "steps": 1, "evaluations": 0})
+    )
+    assert isinstance(parsed, list)
+    assert {e.path for e in parsed} == {
+        "spec.training.learningRateProbe.multiplierPercents[0]",
+        "spec.training.learningRateProbe.multiplierPercents[1]",
+        "spec.training.learningRateProbe.steps",
+        "spec.training.learningRateProbe.evaluations",
+    }
+    too_many = parse_spec(with_changes(training__learningRateProbe={"multiplierPercents": list(range(1, 10))}))
+    assert isinstance(too_many, list) and [e.path for e in too_many] == [
+        "spec.training.learningRateProbe.multiplierPercents"
+    ]
+    assert errors_of(with_changes(training__learningRateProbe={})) == []
 
 
 def test_local_paths_and_s3_prefixes_are_accepted() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +57,36 @@ def corpora(tmp_path_factory: pytest.TempPathFactory) -> Corpora:
         eval_general=tiny.write_corpus(root / "heldout" / "general.jsonl", "general", 100, 102),
         eval_chat=tiny.write_corpus(root / "heldout" / "chat.jsonl", "chat", 60, 103),
     )
+
+
+@pytest.fixture(scope="session")
+def pretrained(tiny_model: Path, corpora: Corpora, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model pretrained on the general corpus (plain torch, a few seconds): something to forget."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    ids: list[int] = []
+    for path in sorted(corpora.general.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            ids += tok(json.loads(line)["text"])["input_ids"] + [tok.eos_token_id or 0]
+    seq = 64
+    data = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    torch.set_num_threads(2)
+    for _ in range(60):
+        batch = data[torch.randint(0, len(data), (16,))]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out = tmp_path_factory.mktemp("models") / "pretrained"
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,24 @@ def test_valid_config_round_trips(base_config: dict[str, Any], tmp_path: Path) -
         ({"version": 2}, "version", "Input should be 1"),
         ({"checkpoints": {"keep": 0}}, "checkpoints.keep", "greater than or equal to 1"),
         ({"report": {"metricsPort": 70000}}, "report.metricsPort", "less than or equal to 65535"),
+        ({"training": {"probe": {"steps": 11}}}, "training.probe.steps", "11 exceeds maxSteps (10)"),
+        ({"training": {"probe": {"steps": 5, "multipliers": [1, 1]}}}, "training.probe", "must be distinct"),
+        ({"training": {"probe": {"steps": 5, "evaluations": 6}}}, "training.probe", "evaluations (6) exceeds steps"),
+        (
+            {"training": {"probe": {"steps": 5, "multipliers": [400]}}},
+            "training.probe.multipliers[0]",
+            "or equal to 100",
+        ),
+        (
+            {"training": {"learningRate": 0.5, "probe": {"steps": 5, "multipliers": [4]}}},
+            "training.probe.multipliers",
+            "learningRate 0.5 x 4 = 2 exceeds 1",
+        ),
+        (
+            {"eval": {"general": []}, "training": {"probe": {"steps": 5}}},
+            "training.probe",
+            "needs held-out general sources (eval.general)",
+        ),
     ],
 )
 def test_invalid_field_is_named(

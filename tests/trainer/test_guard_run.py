@@ -7,13 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from forge_trainer import checkpoint as ckpt
 from forge_trainer import storage
 from forge_trainer.errors import EXIT_EARLY_STOP
 from forge_trainer.guard import REASONS
-from tests.trainer.conftest import Corpora
 from tests.trainer.harness import S3Server, assert_ok, merged, run_ranks, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -21,35 +19,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 STEPS = 30
 EVERY = 3
 BASE_LR = 3e-3
-
-
-@pytest.fixture(scope="module")
-def pretrained(tiny_model: Path, corpora: Corpora, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model pretrained on the general corpus (plain torch, a few seconds): something to forget."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(str(tiny_model))
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
-    ids: list[int] = []
-    for path in sorted(corpora.general.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            ids += tok(json.loads(line)["text"])["input_ids"] + [tok.eos_token_id or 0]
-    seq = 64
-    data = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    torch.set_num_threads(2)
-    for _ in range(60):
-        batch = data[torch.randint(0, len(data), (16,))]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    out = tmp_path_factory.mktemp("models") / "pretrained"
-    model.save_pretrained(str(out), safe_serialization=True)
-    tok.save_pretrained(str(out))
-    return out
 
 
 def guard_config(base: dict[str, Any], model: Path, action: str, lr_factor: float, **data: Any) -> dict[str, Any]:

@@ -159,6 +159,55 @@ class EvalSettings(_Model):
     )
 
 
+class FieldValueError(ValueError):
+    """A cross-block check that fails on one field: reported with that field's path instead of the block's."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+class ProbeSettings(_Model):
+    """The learning-rate probe: short runs at multiples of learningRate before training, to pick the highest rate
+    whose forgetting, projected to the whole run, stays within forgetting.budgetPercent (docs/trainer.md)."""
+
+    multipliers: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field(
+        default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0],
+        min_length=1,
+        max_length=8,
+        description="Multiples of learningRate probed (distinct; probed in ascending order).",
+    )
+    steps: int = Field(
+        default=20,
+        ge=2,
+        le=100_000,
+        description="Optimizer steps of each probe run (at most maxSteps), on the real mixed stream from its start.",
+    )
+    evaluations: int = Field(
+        default=4,
+        ge=1,
+        le=100,
+        description="Held-out evaluations per probe run, evenly spaced, the last one at its final step (<= steps).",
+    )
+    eval_max_tokens: int = Field(
+        default=32_768,
+        ge=1,
+        description=(
+            "Tokens of each held-out group (domain, general) per probe evaluation: the first ones of the eval sets, "
+            "at most eval.maxTokens. Fewer than the run's evaluations, to keep the probe cheap."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProbeSettings:
+        if len(set(self.multipliers)) != len(self.multipliers):
+            raise ValueError(f"multipliers must be distinct: {self.multipliers}")
+        if self.evaluations > self.steps:
+            raise ValueError(f"evaluations ({self.evaluations}) exceeds steps ({self.steps})")
+        return self
+
+
 class TrainingSettings(_Model):
     """Optimisation settings, already resolved by the operator (no 'auto' here)."""
 
@@ -204,6 +253,13 @@ class TrainingSettings(_Model):
         ge=1,
         description="Steps between loss read-backs (each is a device sync); losses of every step are still logged.",
     )
+    probe: ProbeSettings | None = Field(
+        default=None,
+        description=(
+            "Learning-rate probe before training (null = off): the run then trains at the highest probed multiple "
+            "of learningRate (and minLearningRate) projected within the forgetting budget. Needs eval.general."
+        ),
+    )
 
     @model_validator(mode="after")
     def _schedule_bounds(self) -> TrainingSettings:
@@ -211,6 +267,15 @@ class TrainingSettings(_Model):
             raise ValueError(f"warmupSteps ({self.warmup_steps}) exceeds maxSteps ({self.max_steps})")
         if self.min_learning_rate > self.learning_rate:
             raise ValueError(f"minLearningRate ({self.min_learning_rate}) exceeds learningRate ({self.learning_rate})")
+        if self.probe is not None:
+            if self.probe.steps > self.max_steps:
+                raise FieldValueError("training.probe.steps", f"{self.probe.steps} exceeds maxSteps ({self.max_steps})")
+            highest = self.learning_rate * max(self.probe.multipliers)
+            if highest > 1.0:
+                raise FieldValueError(
+                    "training.probe.multipliers",
+                    f"learningRate {self.learning_rate:g} x {max(self.probe.multipliers):g} = {highest:g} exceeds 1",
+                )
         return self
 
 
@@ -366,6 +431,14 @@ class TrainerConfig(_Model):
     checkpoints: CheckpointSettings = Field(description="Checkpoint cadence and destination.")
     report: ReportSettings = Field(default_factory=ReportSettings, description="Status reports and metrics.")
 
+    @model_validator(mode="after")
+    def _probe_measures_forgetting(self) -> TrainerConfig:
+        if self.training.probe is not None and not self.eval.general:
+            raise FieldValueError(
+                "training.probe", "needs held-out general sources (eval.general) to measure forgetting"
+            )
+        return self
+
     def global_batch_sequences(self, world_size: int) -> int:
         """Sequences per optimizer step over all ranks."""
         return self.training.micro_batch_size * self.training.gradient_accumulation_steps * world_size
@@ -400,7 +473,10 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     for e in err.errors():
         path = _field_path(tuple(e["loc"]))
         msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldValueError):
+            path, msg = cause.path, cause.message
+        elif e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")

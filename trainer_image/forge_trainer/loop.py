@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -18,7 +20,7 @@ import torch.distributed as dist
 
 from forge_trainer import candidates as cand
 from forge_trainer import checkpoint as ckpt
-from forge_trainer import storage
+from forge_trainer import probe, storage
 from forge_trainer.config import TrainerConfig
 from forge_trainer.data.encode import DocEncoder
 from forge_trainer.data.loader import (
@@ -96,6 +98,7 @@ class Progress:
     guard: dict[str, Any] | None = None
     domain_percent: int | None = None  # the mix after a rebalance (None: data.domainPercent)
     rebalance: dict[str, Any] | None = None
+    lr_multiplier: float | None = None  # the learning-rate probe's choice (None: no probe)
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (without the data state, added by the caller)."""
@@ -108,6 +111,7 @@ class Progress:
             "guard": self.guard,
             "domainPercent": self.domain_percent,
             "rebalance": self.rebalance,
+            "lrMultiplier": self.lr_multiplier,
         }
 
     @staticmethod
@@ -123,6 +127,7 @@ class Progress:
             guard=doc.get("guard"),
             domain_percent=doc.get("domainPercent"),
             rebalance=doc.get("rebalance"),
+            lr_multiplier=doc.get("lrMultiplier"),
         )
 
 
@@ -174,7 +179,7 @@ class Run:
         self.prefetch: Prefetcher | None = None
         self.guard = Guard(cfg.forgetting, cfg.training.max_steps, cfg.training.learning_rate, cfg.data.domain_percent)
         self.guard.can_rebalance = bool(cfg.data.general)
-        self.guard.lr_of = lambda i: cfg.training.learning_rate * lr_factor(cfg.training, i)
+        self.guard.lr_of = lambda i: self.cfg.training.learning_rate * lr_factor(self.cfg.training, i)
 
     # ---- setup -------------------------------------------------------------------------------------------
 
@@ -217,6 +222,9 @@ class Run:
         pad = pad_token_id(self.tokenizer)
         self.eval_domain = eval_sequences(cfg.eval.domain, cfg.eval.max_tokens, cfg, encoder, pad)
         self.eval_general = eval_sequences(cfg.eval.general, cfg.eval.max_tokens, cfg, encoder, pad)
+        if cfg.training.probe is not None:
+            self._settle_learning_rate(resumed=manifest is not None)
+            cfg = self.cfg
         model = load_model(self.model_dir, cfg.model, cfg.training.activation_checkpointing)
         self._set_flops(model)
         self.engine = build_engine(model, cfg, denv.world_size)
@@ -231,6 +239,142 @@ class Run:
         if not self.eval_domain and denv.is_main:
             log.warning("no domain held-out set (eval.domain): the guard's domain-progress rule cannot fire")
         self.mixer = build_mixer(self.plan, cfg, encoder, state)
+
+    # ---- the learning-rate probe ----------------------------------------------------------------------------------
+
+    def _settle_learning_rate(self, resumed: bool) -> None:
+        """training.probe: the learning rate of this run, from this output's earlier probe or from a new one.
+
+        A restart never probes again: it takes the multiple saved with the checkpoint it resumes, else the one in
+        <output>/forge-lr-probe.json; a run that resumes without either trains at the configured rate.
+        """
+        cfg, denv = self.cfg, self.denv
+        record = self._read_probe_record()
+        multiplier, source = None, ""
+        if resumed and self.progress.lr_multiplier is not None:
+            multiplier, source = self.progress.lr_multiplier, "checkpoint"
+        elif record is not None:
+            multiplier, source = record.choice.multiplier, "record"
+        if multiplier is not None:
+            if denv.is_main:
+                lr = cfg.training.learning_rate * multiplier
+                emit("probeReused", multiplier=multiplier, learningRate=lr, source=source, uri=self._probe_uri)
+        elif resumed:
+            log.warning("resuming without a learning-rate probe record: training at the configured learning rate")
+            multiplier = 1.0
+        else:
+            record = self._probe()
+            multiplier = self._broadcast(record.choice.multiplier)
+            if denv.is_main:
+                storage.write_bytes(self._probe_uri, json.dumps(record.to_json(), indent=1).encode())
+            seed_everything(cfg.training.seed, denv.rank)  # the run starts from the same RNG state as without it
+        self._use_multiplier(multiplier)
+        if record is not None and self.reporter is not None:
+            self.reporter.submit(status_patch(lrProbe=record.status()))
+
+    @property
+    def _probe_uri(self) -> str:
+        return storage.join(self.cfg.checkpoints.output, probe.PROBE_FILE)
+
+    def _read_probe_record(self) -> probe.ProbeRecord | None:
+        """The record of an earlier probe, read by rank 0 for every rank (None: none, or unusable)."""
+        doc: dict[str, Any] | None = None
+        if self.denv.is_main:
+            doc = ckpt.read_json_object(self._probe_uri, probe.PROBE_FILE)
+            if doc is not None:
+                try:
+                    probe.ProbeRecord.from_json(doc)
+                except ValueError as err:
+                    log.warning("ignoring %s: %s", self._probe_uri, err)
+                    doc = None
+        doc = self._broadcast(doc)
+        return None if doc is None else probe.ProbeRecord.from_json(doc)
+
+    def _use_multiplier(self, multiplier: float) -> None:
+        """Train at ``multiplier`` x the configured peak (and floor) learning rate; the guard follows."""
+        training = probe.scaled_training(self.cfg.training, multiplier)
+        self.cfg = self.cfg.model_copy(update={"training": training})
+        self.guard.learning_rate = training.learning_rate
+        self.progress.lr_multiplier = multiplier
+        if self.denv.is_main:
+            log.info("learning rate %.6g (%gx the configured rate)", training.learning_rate, multiplier)
+
+    def _probe(self) -> probe.ProbeRecord:
+        """Short runs at every multiple, ascending, from the base weights (every rank takes part); the choice."""
+        cfg, denv = self.cfg, self.denv
+        settings = cfg.training.probe
+        assert settings is not None and self.encoder is not None
+        pad = pad_token_id(self.tokenizer)
+        max_tokens = min(settings.eval_max_tokens, cfg.eval.max_tokens)
+        sets = (
+            eval_sequences(cfg.eval.domain, max_tokens, cfg, self.encoder, pad),
+            eval_sequences(cfg.eval.general, max_tokens, cfg, self.encoder, pad),
+        )
+        baseline: EvalResult | None = None
+        results: list[probe.MultipleResult] = []
+        for multiplier in sorted(settings.multipliers):
+            run_cfg = cfg.model_copy(update={"training": probe.probe_training(cfg.training, multiplier)})
+            started = time.perf_counter()
+            seed_everything(cfg.training.seed, denv.rank)  # every multiple starts from the same state
+            model = load_model(self.model_dir, cfg.model, cfg.training.activation_checkpointing)
+            engine = build_engine(model, run_cfg, denv.world_size)
+            try:
+                if baseline is None:
+                    baseline, _ = measure_heldout(engine.module, engine.device, sets, cfg, denv, 0, None)
+                    assert baseline is not None
+                points, finite = self._probe_run(engine, run_cfg, sets, baseline)
+            finally:
+                engine.destroy()
+                del engine, model
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            result = probe.assess(multiplier, cfg.training, points, finite, time.perf_counter() - started)
+            results.append(result)
+            if denv.is_main:
+                emit("probe", **result.to_json())
+        choice = probe.choose(results, cfg.forgetting.budget_percent)
+        record = probe.ProbeRecord(
+            cfg.training.learning_rate, cfg.forgetting.budget_percent, settings.steps, tuple(results), choice
+        )
+        if denv.is_main:
+            emit("probeResult", learningRate=choice.learning_rate, multiplier=choice.multiplier, reason=choice.reason)
+            log.info("learning-rate probe: %s", choice.reason)
+        return record
+
+    def _probe_run(
+        self, engine: Any, run_cfg: TrainerConfig, sets: tuple[EvalSet, EvalSet], baseline: EvalResult
+    ) -> tuple[list[probe.ProbePoint], bool]:
+        """One probe run on the real stream from its start: (its evaluations, whether every figure was finite)."""
+        settings = self.cfg.training.probe
+        assert settings is not None and self.plan is not None and self.encoder is not None
+        t, world = run_cfg.training, self.denv.world_size
+        due = set(probe.eval_steps(t.max_steps, settings.evaluations))
+        mixer = build_mixer(self.plan, run_cfg, self.encoder)
+        prefetch = Prefetcher(step_batches(mixer, self.plan, run_cfg, self.layout, 0))
+        points: list[probe.ProbePoint] = []
+        pending: list[torch.Tensor] = []
+        try:
+            for step in range(1, t.max_steps + 1):
+                batch = prefetch.next()
+                pending.append(train_step(engine, batch.micro, batch.global_loss_tokens, world))
+                if step not in due:
+                    continue
+                losses = torch.stack(pending)
+                pending = []
+                if world > 1:
+                    dist.all_reduce(losses)
+                if not bool(torch.isfinite(losses).all()):
+                    return points, False
+                ev, _ = measure_heldout(engine.module, engine.device, sets, run_cfg, self.denv, step, baseline)
+                forgetting = ev.forgetting_percent if ev is not None else None
+                if forgetting is None or not math.isfinite(forgetting):
+                    return points, False
+                assert ev is not None
+                points.append(probe.ProbePoint(step, probe.cumulative_lr(t, step), forgetting, ev.domain_gain_percent))
+        finally:
+            prefetch.close()
+        return points, True
 
     def _find_resume(self) -> dict[str, Any] | None:
         found = [ckpt.latest_complete(self.cfg.checkpoints.output) if self.denv.is_main else None]
@@ -434,27 +578,20 @@ class Run:
         """Held-out figures of the model being trained, or of ``module`` (every rank takes part)."""
         if not self.eval_domain and not self.eval_general:
             return None
-        cfg = self.cfg
-        mb, rank, world = cfg.training.micro_batch_size, self.denv.rank, self.denv.world_size
-        device = self.engine.device
-        module = self.engine.module if module is None else module
-        domain, _ = evaluate_set(module, device, self.eval_domain, len(cfg.eval.domain), mb, rank, world)
-        general, cache = evaluate_set(
-            module,
-            device,
-            self.eval_general,
-            len(cfg.eval.general),
-            mb,
-            rank,
-            world,
+        ev, cache = measure_heldout(
+            self.engine.module if module is None else module,
+            self.engine.device,
+            (self.eval_domain, self.eval_general),
+            self.cfg,
+            self.denv,
+            step,
+            self.progress.baseline if step else None,
             kl_cache=None if build_cache else self.kl_cache,
-            build_top_k=cfg.eval.kl_top_k if build_cache else 0,
+            build_top_k=self.cfg.eval.kl_top_k if build_cache else 0,
         )
         if build_cache:
             self.kl_cache = cache
-        sources = general.per_source if general.mean is not None else None
-        baseline = self.progress.baseline if step else None
-        return EvalResult.against(step, domain.mean, general.mean, baseline, general.kl, sources)
+        return ev
 
     def _record(self, ev: EvalResult) -> None:
         """Export one evaluation (every rank) and log it (rank 0)."""
@@ -747,6 +884,39 @@ class Run:
                     self._barrier()
             finally:
                 dist.destroy_process_group()
+
+
+def measure_heldout(
+    module: Any,
+    device: Any,
+    sets: tuple[EvalSet, EvalSet],
+    cfg: TrainerConfig,
+    denv: DistEnv,
+    step: int,
+    baseline: EvalResult | None,
+    kl_cache: KLCache | None = None,
+    build_top_k: int = 0,
+) -> tuple[EvalResult | None, KLCache | None]:
+    """Held-out figures of ``module`` on the (domain, general) sets against ``baseline`` (every rank takes part), and
+    the KL cache built when ``build_top_k`` > 0. None when both sets are empty."""
+    domain_set, general_set = sets
+    if not domain_set and not general_set:
+        return None, None
+    mb, rank, world = cfg.training.micro_batch_size, denv.rank, denv.world_size
+    domain, _ = evaluate_set(module, device, domain_set, len(cfg.eval.domain), mb, rank, world)
+    general, cache = evaluate_set(
+        module,
+        device,
+        general_set,
+        len(cfg.eval.general),
+        mb,
+        rank,
+        world,
+        kl_cache=kl_cache,
+        build_top_k=build_top_k,
+    )
+    sources = general.per_source if general.mean is not None else None
+    return EvalResult.against(step, domain.mean, general.mean, baseline, general.kl, sources), cache
 
 
 STOP_MARKER = "forge-early-stop.json"

@@ -98,17 +98,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> None:
     """Console-script entry point.
 
-    After a successful run every checkpoint is durable and the process group is gone, so the process ends with
-    os._exit: a crash in interpreter teardown (C++ threads of the communication libraries being destroyed, seen
-    once as SIGABRT on CPU) must not turn a finished run into a failed pod.
+    The process ends with os._exit, whatever the outcome: the run has already made durable what it could (a
+    checkpoint is complete only once its manifest is written) and left the process group, and a crash in interpreter
+    teardown (C++ threads of the communication libraries being destroyed, seen as SIGABRT on CPU after both a
+    finished run and a data error) must not replace the run's own exit code.
     """
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
-    if code == EXIT_OK:
-        os._exit(EXIT_OK)
-    sys.exit(code)
+    os._exit(code)
 
 
 if __name__ == "__main__":
