@@ -67,9 +67,14 @@ def test_lora_sft_in_one_pod_with_two_processes_reports_to_the_forgejob(
     status = read_status(cluster, forgejob_ref)
     assert status["progress"]["step"] == 8 and status["progress"]["percent"] == 100.0
     assert status["baseline"]["domainLoss"] > 0 and status["baseline"]["generalLoss"] > 0
-    assert [c["step"] for c in status["checkpoints"]] == [4, 8]
-    assert status["checkpoints"][-1]["uri"] == f"{cfg['checkpoints']['output']}/step-00000008"
+    saved = [c for c in status["checkpoints"] if "kind" not in c]
+    assert [c["step"] for c in saved] == [4, 8]
+    assert saved[-1]["uri"] == f"{cfg['checkpoints']['output']}/step-00000008"
     assert all(c["complete"] for c in status["checkpoints"])
+    # End-of-run candidates from the merged LoRA exports: the average of both checkpoints and three interpolations.
+    derived = sorted((c["kind"], c.get("alpha") or 0.0) for c in status["checkpoints"] if "kind" in c)
+    assert derived == [("average", 0.0), ("interpolation", 0.25), ("interpolation", 0.5), ("interpolation", 0.75)]
+    assert all(c["domainGainPercent"] is not None for c in status["checkpoints"])
     assert abs(status["latest"]["realisedDomainPercent"] - 80) <= 1
     assert status["latest"]["domainGainPercent"] > 0
 
