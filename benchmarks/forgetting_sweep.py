@@ -35,6 +35,7 @@ VENV_BIN = Path(sys.executable).parent
 SEQ_LENGTH = 128
 MICRO_BATCH = 8
 TEST_TOKENS = 8192
+PROBE_MULTIPLIERS = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
 
 
 def config(
@@ -122,6 +123,7 @@ def run_one(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     last = evals[-1] if evals else {}
     baseline = next((e for e in events if e["event"] == "eval" and e["step"] == 0), {})
     return {
+        "events": [e for e in events if e["event"] in ("probe", "probeResult")],
         "baseline": baseline,
         "candidates": [e for e in events if e["event"] == "candidate"],
         "rc": proc.returncode,
@@ -300,11 +302,14 @@ def main() -> None:
     ap.add_argument("--percents", default="100,95,75,50")
     ap.add_argument("--factors", default="1,10,30")
     ap.add_argument("--out", type=Path, default=Path("bench-output/forgetting_sweep"))
+    ap.add_argument(
+        "--probe-percent", type=int, default=75, help="domainPercent of the learning-rate probe run (0: none)"
+    )
     ap.add_argument("--from-json", type=Path, help="re-render the table and plot of an earlier run's JSON, no training")
     a = ap.parse_args()
     if a.from_json is not None:
         doc = json.loads(a.from_json.read_text())
-        report(doc["rows"], doc.get("reference"), a.steps, a.budget, a.out)
+        report(doc["rows"], doc.get("reference"), a.steps, a.budget, a.out, doc.get("probe"))
         return
     from forge_dev.basemodel import build_base_model
 
@@ -341,9 +346,32 @@ def main() -> None:
         forgetting, gain = test.figures(last)
         reference.update(learningRate=one_x, testForgettingPercent=forgetting, testDomainGainPercent=gain)
         print(f"reference: domain only at {one_x:.2g}, test forgetting {forgetting:.2f}%, test gain {gain:.2f}%")
-    doc = {"steps": a.steps, "budget": a.budget, "rows": rows, "reference": reference}
+        probed = None
+        if a.probe_percent:
+            probed = probe_run(base, test, Path(tmp) / "probe", a, params_millions)
+    doc = {"steps": a.steps, "budget": a.budget, "rows": rows, "reference": reference, "probe": probed}
     (a.out / "forgetting_sweep.json").write_text(json.dumps(doc, indent=1))
-    report(rows, reference, a.steps, a.budget, a.out)
+    report(rows, reference, a.steps, a.budget, a.out, probed)
+
+
+def probe_run(base: Any, test: TestSplit, work: Path, a: argparse.Namespace, params_millions: int) -> dict[str, Any]:
+    """The default mix with the learning-rate probe on: which multiple of the auto rate it picks, and what the run
+    that follows forgets and gains (selected on eval, measured on test)."""
+    dp = a.probe_percent
+    one_x = auto_learning_rate(dp, a.steps, params_millions) if a.base_lr == "auto" else float(a.base_lr)
+    cfg = config(base.folder, base.general, base.domain, work, dp, one_x, a.steps, a.budget)
+    cfg["training"]["probe"] = {
+        "multipliers": PROBE_MULTIPLIERS,
+        "steps": max(2, a.steps // 5),
+        "evaluations": 3,
+        "evalMaxTokens": 4096,
+    }
+    res = run_one(cfg, work)
+    result = next((e for e in res.get("events", []) if e["event"] == "probeResult"), None)
+    res.update(domainPercent=dp, autoLearningRate=one_x, probeResult=result)
+    res.update(select_and_regret(pool_of(res, work / "output"), test, a.budget))
+    print(f"probe at dp{dp}: {result}; selected {res.get('selected')} test {res.get('selectedTest')}", flush=True)
+    return res
 
 
 def ckpt_folder(output: Path) -> Path:
@@ -355,11 +383,18 @@ def ckpt_folder(output: Path) -> Path:
     return output / manifest["tag"] / "hf"
 
 
-def report(rows: list[dict[str, Any]], reference: dict[str, Any] | None, steps: int, budget: float, out: Path) -> None:
+def report(
+    rows: list[dict[str, Any]],
+    reference: dict[str, Any] | None,
+    steps: int,
+    budget: float,
+    out: Path,
+    probed: dict[str, Any] | None = None,
+) -> None:
     """Print and write the table, the claims and the plot."""
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, steps, budget)
-    claims = summary(rows, reference, budget)
+    claims = summary(rows, reference, budget) + probe_summary(probed, reference, budget)
     print(table)
     print(claims)
     (out / "forgetting_sweep.md").write_text(table + "\n\n" + claims + "\n")
@@ -368,6 +403,36 @@ def report(rows: list[dict[str, Any]], reference: dict[str, Any] | None, steps: 
         print(f"wrote {out / 'forgetting_sweep.png'}")
     except ImportError:
         print("matplotlib is not installed: no PNG")
+
+
+def probe_summary(probed: dict[str, Any] | None, reference: dict[str, Any] | None, budget: float) -> str:
+    """The probe run's choice and what the run at that rate gave."""
+    if not probed or not probed.get("probeResult"):
+        return ""
+    result = probed["probeResult"]
+    lines = [
+        f"\n- learning-rate probe at domainPercent {probed['domainPercent']} (multiples of the auto rate "
+        f"{probed['autoLearningRate']:.2g}): picked {result['multiplier']:g}x = {result['learningRate']:.2g}"
+    ]
+    for e in probed.get("events", []):
+        if e["event"] == "probe":
+            projected = e.get("projectedForgettingPercent")
+            shown = "-" if projected is None else f"{projected:.2f}%"
+            lines.append(f"  - {e['multiplier']:g}x: projected forgetting {shown}")
+    st = probed.get("selectedTest") or {}
+    if st:
+        keep = ""
+        if reference:
+            keep = (
+                f", {100 * st['domainGainPercent'] / reference['testDomainGainPercent']:.0f}% of the reference's gain"
+            )
+        stopped = "stopped by the guard" if probed.get("guard") else "not stopped"
+        lines.append(
+            f"  - the run at that rate: {stopped}; selected {probed.get('selected')} forgets "
+            f"{st['forgettingPercent']:.2f}% on test (budget {budget:g}%), test gain "
+            f"{st['domainGainPercent']:.2f}%{keep}"
+        )
+    return "\n".join(lines)
 
 
 def _pct(value: float | None) -> str:
