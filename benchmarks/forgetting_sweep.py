@@ -8,8 +8,9 @@ evaluation and the default end-of-run candidates; the held-out sets are the corp
 1x is the learning rate the operator resolves for ``learningRate: auto`` for each cell (forge_operator.defaults:
 technique cpt, the model's size, the global batch, the cell's domainPercent), unless --base-lr pins one rate.
 
-Selection and regret: the operator's best-within-budget policy picks from the run's checkpoints and candidates on
-the eval split (what it sees in a real run); the oracle is best-within-budget on a separate test split; regret is
+Selection and regret: the operator's best-within-budget policy (default budgetConfidencePercent 95, with the
+trainer's standard errors) picks from the run's checkpoints and candidates on the eval split (what it sees in a
+real run); the oracle is best-within-budget on a separate test split; regret is
 the oracle's test domain gain minus the selected one's, in percentage points (0 = the oracle's pick).
 
 Printed and written (bench-output/forgetting_sweep/forgetting_sweep.{md,json,png}): final (or last before the
@@ -227,19 +228,22 @@ def _source(path: Path) -> Any:
 
 def select_and_regret(pool: list[dict[str, Any]], test: TestSplit, budget: float) -> dict[str, Any]:
     """The operator's pick on the eval split against the oracle's on the test split."""
-    from forge_operator.api import CheckpointReport
+    from forge_operator.api import CheckpointReport, CheckpointSpec
     from forge_operator.selection import select
 
     if not pool:
         return {}
     reports = [CheckpointReport.model_validate({k: v for k, v in e.items() if k != "folder"}) for e in pool]
-    picked = select(reports, None, "best-within-budget", budget).selected
+    confidence = CheckpointSpec.model_fields["budget_confidence_percent"].default
+    picked = select(reports, None, "best-within-budget", budget, confidence).selected
     test_reports = []
     for entry, report in zip(pool, reports, strict=True):
         forgetting, gain = test.figures(entry["folder"])
         entry["test"] = {"forgettingPercent": forgetting, "domainGainPercent": gain}
         test_reports.append(report.model_copy(update={"forgetting_percent": forgetting, "domain_gain_percent": gain}))
-    oracle = select(test_reports, None, "best-within-budget", budget).selected
+    # the oracle knows the test figures exactly: no confidence margin
+    exact = [r.model_copy(update={"forgetting_stderr_percent": None}) for r in test_reports]
+    oracle = select(exact, None, "best-within-budget", budget).selected
     assert picked is not None and oracle is not None
 
     def test_of(ref: Any) -> dict[str, float]:

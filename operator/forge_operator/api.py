@@ -348,6 +348,13 @@ class CheckpointSpec(ApiModel):
     of domain gain vs forgetting and selects from it as best-within-budget does), or last. May change at any
     time (the operator alone applies it)."""
 
+    budget_confidence_percent: int = Field(default=95, ge=50, le=99)
+    """How sure selection must be that a checkpoint is within the forgetting budget, in percent: it counts as within
+    when forgetting + z x its standard error <= budget (z of this one-sided confidence: 1.64 at 95; 50 compares the
+    measured forgetting alone). The standard error comes from the trainer (paired per-sequence differences to the
+    base model); when none is reported the measured value is compared. When nothing qualifies with this confidence,
+    selection falls back to the measured value and says so. May change at any time, like selection."""
+
     keep: int = Field(default=3, ge=1, le=10_000)
     """Complete checkpoints kept on the trainer's local disk (newest first)."""
 
@@ -671,6 +678,9 @@ class Latest(StatusModel):
     realised_domain_percent: float | None = None
     """Share of domain tokens actually consumed so far, in percent."""
 
+    forgetting_stderr_percent: float | None = None
+    """Standard error of forgettingPercent, in points (paired per-sequence differences to the base model)."""
+
     kl_base_nats: float | None = None
     """KL(base || model) per general held-out token, in nats, over the base's top spec.eval.klTopK tokens (a lower
     bound of the full KL)."""
@@ -713,6 +723,9 @@ class CheckpointReport(StatusModel):
 
     kl_base_nats: float | None = None
     """KL(base || model) per general held-out token, in nats (see latest.klBaseNats)."""
+
+    forgetting_stderr_percent: float | None = None
+    """Standard error of forgettingPercent, in points; selection uses it (spec.checkpoints.budgetConfidencePercent)."""
 
     complete: bool | None = None
     """False while the upload is unfinished; only complete checkpoints (true or unset) can be selected."""

@@ -31,7 +31,10 @@ JOB_LABEL = "forge.dev/forgejob"
 SPEC_DIGEST_ANNOTATION = "forge.dev/spec-digest"
 ACCEPTED_SPEC_ANNOTATION = "forge.dev/accepted-spec"
 # spec fields that may change after the PyTorchJob exists (pydantic exclude form); every other change is refused.
-MUTABLE_SPEC_FIELDS: dict[str, Any] = {"suspend": True, "checkpoints": {"selection": True}}
+MUTABLE_SPEC_FIELDS: dict[str, Any] = {
+    "suspend": True,
+    "checkpoints": {"selection": True, "budget_confidence_percent": True},
+}
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,19 @@ baseline, they are computed here. Incomplete entries (``complete: false``) are n
 
 Ties (the same domain gain and forgetting, to the last digit reported) go to the simpler artifact: a plain
 checkpoint before an average before an interpolation, then the later step, then the larger alpha.
+
+Confidence: an entry counts as within the budget when ``forgetting + z x stderr <= budget``, with ``stderr`` the
+standard error the trainer reports (paired per-sequence differences to the base model; 0 when not reported) and
+``z`` the one-sided normal quantile of ``spec.checkpoints.budgetConfidencePercent`` (0 at 50%). A small held-out set
+measures forgetting with noise; without the margin, an entry just under the budget on the eval set is often over it
+on fresh data. When no entry qualifies with that confidence, the measured values decide and the reason says so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 from forge_operator.api import Baseline, CandidateKind, CandidateRef, CheckpointReport, Selected, SelectionPolicy
 
@@ -35,6 +42,7 @@ class Candidate:
     kind: CandidateKind = "checkpoint"
     alpha: float | None = None
     average_of: tuple[int, ...] = ()
+    forgetting_stderr: float | None = None
 
     @property
     def measured(self) -> bool:
@@ -99,6 +107,7 @@ def candidate(report: CheckpointReport, baseline: Baseline | None) -> Candidate:
         kind=kind,
         alpha=report.alpha if kind == "interpolation" else None,
         average_of=tuple(sorted(report.average_of or ())) if kind == "average" else (),
+        forgetting_stderr=report.forgetting_stderr_percent,
     )
 
 
@@ -161,17 +170,39 @@ def _count(pool: Sequence[Candidate]) -> str:
     return f"{text} and {derived} end-of-run candidate(s)" if derived else text
 
 
+def z_of(confidence_percent: int) -> float:
+    """One-sided normal quantile: 0 at 50%, 1.64 at 95%."""
+    return NormalDist().inv_cdf(confidence_percent / 100) if confidence_percent > 50 else 0.0
+
+
+def _upper(c: Candidate, z: float) -> float:
+    return _forgetting(c) + z * (c.forgetting_stderr or 0.0)
+
+
 def _best_within_budget(
-    pool: Sequence[Candidate], everything: Sequence[Candidate], budget: float, policy: SelectionPolicy, prefix: str
+    pool: Sequence[Candidate],
+    everything: Sequence[Candidate],
+    budget: float,
+    policy: SelectionPolicy,
+    prefix: str,
+    z: float = 0.0,
 ) -> Selected | None:
     measured = [c for c in pool if c.measured]
-    within = [c for c in measured if _forgetting(c) <= budget]
+    confident = [c for c in measured if _upper(c, z) <= budget]
+    within = confident or [c for c in measured if _forgetting(c) <= budget]
     if within:
         # Largest gain; ties go to less forgetting, then to the plainer artifact and the later step.
         best = max(within, key=lambda c: (_gain(c), -_forgetting(c), *_tie_break(c)))
+        stderr = f" +- {best.forgetting_stderr:.2f}" if best.forgetting_stderr is not None and z > 0 else ""
+        if not confident:
+            qualifier = " by the measured forgetting (none is within it with the confidence asked)"
+        elif z > 0 and any(c.forgetting_stderr is not None for c in within):
+            qualifier = f" with one-sided confidence z={z:.2f}"
+        else:
+            qualifier = ""
         reason = (
             f"{prefix}{best.describe()}: largest domain gain ({_gain(best):.2f}%) of {_count(within)} within the "
-            f"forgetting budget of {budget:g}% (forgetting {_forgetting(best):.2f}%)"
+            f"forgetting budget of {budget:g}%{qualifier} (forgetting {_forgetting(best):.2f}%{stderr})"
         )
         return _selected(best, policy, reason)
     if measured:
@@ -190,19 +221,20 @@ def _best_within_budget(
     return None
 
 
-def select_best_within_budget(pool: Sequence[Candidate], budget: float) -> Selection:
-    return Selection(_best_within_budget(pool, pool, budget, "best-within-budget", ""))
+def select_best_within_budget(pool: Sequence[Candidate], budget: float, z: float = 0.0) -> Selection:
+    return Selection(_best_within_budget(pool, pool, budget, "best-within-budget", "", z))
 
 
-def select_pareto(pool: Sequence[Candidate], budget: float) -> Selection:
+def select_pareto(pool: Sequence[Candidate], budget: float, z: float = 0.0) -> Selection:
     """Record the non-dominated set; choose from it as best-within-budget does (largest gain within the budget,
     else least forgetting)."""
     front = pareto_front(pool)
     prefix = f"pareto front of {len(front)}: " if front else ""
-    return Selection(_best_within_budget(front, pool, budget, "pareto", prefix), pareto_front=[c.ref() for c in front])
+    chosen = _best_within_budget(front, pool, budget, "pareto", prefix, z)
+    return Selection(chosen, pareto_front=[c.ref() for c in front])
 
 
-def select_last(pool: Sequence[Candidate], budget: float) -> Selection:
+def select_last(pool: Sequence[Candidate], budget: float, z: float = 0.0) -> Selection:
     """The latest saved checkpoint: end-of-run averages and interpolations are derived weights, not the run's last
     state, so 'last' never picks them (the reason counts them)."""
     plain = _plain(pool)
@@ -214,7 +246,7 @@ def select_last(pool: Sequence[Candidate], budget: float) -> Selection:
     return Selection(_selected(last, "last", f"latest complete checkpoint (step {last.step}){note}"))
 
 
-POLICIES: dict[SelectionPolicy, Callable[[Sequence[Candidate], float], Selection]] = {
+POLICIES: dict[SelectionPolicy, Callable[[Sequence[Candidate], float, float], Selection]] = {
     "best-within-budget": select_best_within_budget,
     "pareto": select_pareto,
     "last": select_last,
@@ -222,10 +254,14 @@ POLICIES: dict[SelectionPolicy, Callable[[Sequence[Candidate], float], Selection
 
 
 def select(
-    reports: Sequence[CheckpointReport], baseline: Baseline | None, policy: SelectionPolicy, budget_percent: float
+    reports: Sequence[CheckpointReport],
+    baseline: Baseline | None,
+    policy: SelectionPolicy,
+    budget_percent: float,
+    confidence_percent: int = 50,
 ) -> Selection:
-    """Apply ``policy`` to the trainer's checkpoint reports."""
-    return POLICIES[policy](candidates(reports, baseline), budget_percent)
+    """Apply ``policy`` to the trainer's checkpoint reports (``confidence_percent``: see the module docstring)."""
+    return POLICIES[policy](candidates(reports, baseline), budget_percent, z_of(confidence_percent))
 
 
 def complete_checkpoints(reports: Sequence[CheckpointReport]) -> int:

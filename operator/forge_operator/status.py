@@ -429,7 +429,13 @@ def desired_status(
         conditions = forgetting_condition(conditions, spec, status, budget, at=at, generation=generation)
         conditions = early_stop_condition(conditions, status, at=at, generation=generation)
         conditions = rebalance_condition(conditions, spec, status, at=at, generation=generation)
-        selection = select(status.checkpoints, status.baseline, spec.checkpoints.selection, budget)
+        selection = select(
+            status.checkpoints,
+            status.baseline,
+            spec.checkpoints.selection,
+            budget,
+            spec.checkpoints.budget_confidence_percent,
+        )
         new_selected = selection.selected
         if new_selected != status.selected:
             selected_changed = new_selected is not None and (

@@ -231,3 +231,38 @@ def test_the_checkpoints_gauge_counts_complete_saved_checkpoints_only() -> None:
 def test_a_pareto_front_of_bare_steps_from_an_older_operator_is_dropped() -> None:
     status = ForgeJobStatus.model_validate({"paretoFront": [100, 200]})
     assert status.pareto_front == []
+
+
+def test_the_confidence_margin_prefers_a_checkpoint_surely_within_the_budget() -> None:
+    reports = [
+        report(10, 1.2, 8.0, forgetting_stderr_percent=0.1),
+        report(20, 1.9, 12.0, forgetting_stderr_percent=0.2),  # 1.9 + 1.64 x 0.2 = 2.23 > 2: not sure
+    ]
+    sure = select(reports, None, "best-within-budget", 2, 95).selected
+    assert sure is not None and sure.step == 10
+    assert "with one-sided confidence z=1.64" in sure.reason and "+- 0.10" in sure.reason
+    # 50% compares the measured value alone, as before standard errors existed.
+    measured = select(reports, None, "best-within-budget", 2, 50).selected
+    assert measured is not None and measured.step == 20
+    # Without a reported standard error the measured value decides, whatever the confidence.
+    plain = [report(10, 1.2, 8.0), report(20, 1.9, 12.0)]
+    assert (select(plain, None, "best-within-budget", 2, 99).selected or sure).step == 20
+
+
+def test_when_nothing_is_surely_within_the_budget_the_measured_value_decides_and_says_so() -> None:
+    reports = [
+        report(10, 1.8, 8.0, forgetting_stderr_percent=0.3),
+        report(20, 1.95, 12.0, forgetting_stderr_percent=0.3),
+    ]
+    chosen = select(reports, None, "best-within-budget", 2, 95).selected
+    assert chosen is not None and chosen.step == 20
+    assert "by the measured forgetting (none is within it with the confidence asked)" in chosen.reason
+    pareto = select(reports, None, "pareto", 2, 95).selected
+    assert pareto is not None and pareto.step == 20
+
+
+@pytest.mark.parametrize(("percent", "z"), [(50, 0.0), (80, 0.8416), (95, 1.6449), (99, 2.3263)])
+def test_confidence_percent_maps_to_the_one_sided_normal_quantile(percent: int, z: float) -> None:
+    from forge_operator.selection import z_of
+
+    assert z_of(percent) == pytest.approx(z, abs=1e-4)

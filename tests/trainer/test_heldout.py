@@ -107,3 +107,25 @@ def test_kl_is_zero_for_the_base_and_exact_for_a_moved_model(model: Any, two_sou
     assert moved.kl is not None and moved.kl > 1e-4
     assert moved.kl == pytest.approx(float(full), rel=1e-4)  # k = vocabulary: the top-k KL is the full KL
     assert bound.kl is not None and 0.0 < bound.kl < moved.kl  # a small k: a lower bound of the same quantity
+
+
+def test_paired_standard_error_of_the_loss_difference_to_the_base(model: Any, two_sources: list[EvalSeq]) -> None:
+    base, _ = evaluate_set(model, CPU, two_sources, 2, 4, 0, 1)
+    assert base.sequences is not None and set(base.sequences) == set(range(len(two_sources)))
+    assert base.paired_stderr is None  # no base losses given
+    same, _ = evaluate_set(model, CPU, two_sources, 2, 4, 0, 1, base_losses=base.sequences)
+    assert same.paired_stderr == pytest.approx(0.0, abs=1e-9)  # the base against itself: every difference is 0
+
+    saved = model.lm_head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
+        moved, _ = evaluate_set(model, CPU, two_sources, 2, 4, 0, 1, base_losses=base.sequences)
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(saved)
+    assert moved.sequences is not None
+    diffs = torch.tensor([moved.sequences[i] - base.sequences[i] for i in base.sequences], dtype=torch.float64)
+    expected = float(diffs.std(unbiased=True) / len(diffs) ** 0.5)
+    assert moved.paired_stderr is not None and moved.paired_stderr > 0
+    assert moved.paired_stderr == pytest.approx(expected, rel=1e-6)

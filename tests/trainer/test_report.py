@@ -65,6 +65,11 @@ def test_latest_carries_the_kl_and_the_loss_of_each_general_source() -> None:
     ev = EvalResult.against(10, 1.9, 3.2, base, 0.0123456, [2.2, None])
     latest = latest_status(ev, None, None, None, None, ["s3://g/chat/", "s3://g/code/"])
     assert latest["klBaseNats"] == 0.0123
+    stderr = EvalResult.against(10, 1.9, 3.2, base, None, None, 0.015)
+    assert stderr.forgetting_stderr_percent == pytest.approx(0.5)  # 0.015 / base general loss 3.0
+    assert latest_status(stderr, None, None, None, None)["forgettingStderrPercent"] == 0.5
+    assert checkpoint_entry(10, "s3://b/x", stderr)["forgettingStderrPercent"] == 0.5
+    assert "forgettingStderrPercent" not in checkpoint_entry(10, "s3://b/x", ev)
     assert latest["generalSources"] == [
         {"uri": "s3://g/chat/", "loss": 2.2, "forgettingPercent": 10.0},
         {"uri": "s3://g/code/"},  # no labelled token in this source: nothing measured

@@ -34,6 +34,9 @@ class EvalResult:
     """General held-out loss per source, in the order of eval.general."""
     general_source_forgetting: list[float | None] | None = None
     """Forgetting per general source, in percent, against the base model's loss on that source."""
+    forgetting_stderr_percent: float | None = None
+    """Standard error of the forgetting, in points: of the mean per-sequence rise of the general loss over the base
+    (paired on the same sequences), relative to the base's general loss."""
 
     @staticmethod
     def against(
@@ -43,6 +46,7 @@ class EvalResult:
         baseline: EvalResult | None,
         kl_base: float | None = None,
         general_sources: list[float | None] | None = None,
+        general_paired_stderr: float | None = None,
     ) -> EvalResult:
         """Derive forgetting and gain from the baseline (the base model's losses)."""
         bd = baseline.domain_loss if baseline else None
@@ -51,6 +55,9 @@ class EvalResult:
         base_sources = baseline.general_source_losses if baseline else None
         if general_sources is not None and base_sources is not None and len(base_sources) == len(general_sources):
             per_source = [forgetting_percent(b, g) for b, g in zip(base_sources, general_sources, strict=True)]
+        stderr = None
+        if general_paired_stderr is not None and bg is not None and bg > 0:
+            stderr = 100.0 * general_paired_stderr / bg
         return EvalResult(
             step,
             domain,
@@ -60,4 +67,5 @@ class EvalResult:
             kl_base,
             general_sources,
             per_source,
+            stderr,
         )

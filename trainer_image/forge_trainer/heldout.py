@@ -47,15 +47,22 @@ class TopK:
 # The cache of one rank: TopK by the sequence's index in its set.
 KLCache = dict[int, TopK]
 
+# Mean loss of each of one rank's sequences, by the sequence's index in its set.
+SequenceLosses = dict[int, float]
+
 
 @dataclass(frozen=True)
 class SetLosses:
-    """Figures of one held-out set: the token-mean loss, the same per source (None: no labelled token), and the
-    mean KL(base || model) per labelled token in nats (None: not measured)."""
+    """Figures of one held-out set: the token-mean loss, the same per source (None: no labelled token), the mean
+    KL(base || model) per labelled token in nats (None: not measured), this rank's per-sequence mean losses, and the
+    standard error of the mean per-sequence loss difference to the base (None: no base losses given, or < 2
+    sequences)."""
 
     mean: float | None
     per_source: list[float | None]
     kl: float | None = None
+    sequences: SequenceLosses | None = None
+    paired_stderr: float | None = None
 
 
 def eval_sequences(
@@ -106,11 +113,14 @@ def evaluate_set(
     world_size: int,
     kl_cache: KLCache | None = None,
     build_top_k: int = 0,
+    base_losses: SequenceLosses | None = None,
 ) -> tuple[SetLosses, KLCache | None]:
     """Evaluate a fixed set split over ranks (every rank must call it with the same set).
 
     With ``kl_cache`` (this rank's, from the baseline pass) the KL to the base is measured; with ``build_top_k`` > 0
-    this pass is the base model's and returns the cache for this rank's sequences.
+    this pass is the base model's and returns the cache for this rank's sequences. With ``base_losses`` (this rank's
+    per-sequence losses of the base model) the standard error of the loss difference is measured: paired on the
+    same sequences, so the noise of the held-out sample cancels and what is left is how consistently the loss moved.
     """
     if not seqs:
         return SetLosses(None, [None] * n_sources), ({} if build_top_k else None)
@@ -124,6 +134,9 @@ def evaluate_set(
     per_rank = math.ceil(len(seqs) / world_size)
     dummy = (seqs[0].ids, np.zeros_like(seqs[0].ids, dtype=np.bool_))
     built: KLCache | None = {} if build_top_k else None
+    sequences: SequenceLosses = {}
+    # (sum of differences to the base, sum of their squares, sequences), per-sequence means
+    paired = torch.zeros(3, device=device, dtype=torch.float64)
     for start in range(0, per_rank, micro_batch):
         chunk = mine[start : start + micro_batch]
         batch = [(seqs[i].ids, seqs[i].mask) for i in chunk] or [dummy]
@@ -136,8 +149,15 @@ def evaluate_set(
         for row, index in enumerate(chunk):
             labelled = target[row] != IGNORE_INDEX
             source = seqs[index].source
-            sums[source, 0] += token_loss[row][labelled].double().sum()
-            sums[source, 1] += labelled.sum()
+            row_sum = token_loss[row][labelled].double().sum()
+            row_count = labelled.sum()
+            sums[source, 0] += row_sum
+            sums[source, 1] += row_count
+            if int(row_count) > 0:
+                sequences[index] = float(row_sum) / int(row_count)
+                if base_losses is not None and index in base_losses:
+                    diff = sequences[index] - base_losses[index]
+                    paired += torch.tensor([diff, diff * diff, 1.0], device=device, dtype=torch.float64)
             if built is None and (kl_cache is None or index not in kl_cache):
                 continue
             logp = torch.log_softmax(logits[row][labelled], dim=-1)
@@ -150,10 +170,21 @@ def evaluate_set(
                 sums[n_sources, 1] += cached.logp.shape[0]
     if world_size > 1:
         torch.distributed.all_reduce(sums)
+        if base_losses is not None:
+            torch.distributed.all_reduce(paired)
     module.train(was_training)
     counts = sums[:n_sources, 1]
     total = float(counts.sum())
     mean = float(sums[:n_sources, 0].sum()) / total if total > 0 else None
     per_source = [float(sums[i, 0] / sums[i, 1]) if sums[i, 1] > 0 else None for i in range(n_sources)]
     kl = float(sums[n_sources, 0] / sums[n_sources, 1]) if kl_cache is not None and sums[n_sources, 1] > 0 else None
-    return SetLosses(mean, per_source, kl), built
+    return SetLosses(mean, per_source, kl, sequences, _stderr(paired) if base_losses is not None else None), built
+
+
+def _stderr(paired: torch.Tensor) -> float | None:
+    """Standard error of a mean from (sum, sum of squares, count); None below two samples."""
+    total, squares, n = (float(x) for x in paired)
+    if n < 2:
+        return None
+    variance = max(0.0, (squares - total * total / n) / (n - 1))
+    return math.sqrt(variance / n)

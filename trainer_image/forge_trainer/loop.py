@@ -47,7 +47,7 @@ from forge_trainer.engine import (
 from forge_trainer.errors import EarlyStopError, StorageError
 from forge_trainer.evaluate import EvalResult
 from forge_trainer.guard import Guard, Verdict
-from forge_trainer.heldout import EvalSeq, KLCache, eval_sequences, evaluate_set
+from forge_trainer.heldout import EvalSeq, KLCache, SequenceLosses, eval_sequences, evaluate_set
 from forge_trainer.metrics import (
     TrainerMetrics,
     create_metrics,
@@ -171,6 +171,7 @@ class Run:
         self.eval_domain: EvalSet = []
         self.eval_general: EvalSet = []
         self.kl_cache: KLCache | None = None
+        self.base_losses: SequenceLosses | None = None
         self.flops_token = 0.0
         self.peak = device_peak_flops()
         self.tps: float | None = None
@@ -320,7 +321,7 @@ class Run:
             engine = build_engine(model, run_cfg, denv.world_size)
             try:
                 if baseline is None:
-                    baseline, _ = measure_heldout(engine.module, engine.device, sets, cfg, denv, 0, None)
+                    baseline, _, _ = measure_heldout(engine.module, engine.device, sets, cfg, denv, 0, None)
                     assert baseline is not None
                 points, finite = self._probe_run(engine, run_cfg, sets, baseline)
             finally:
@@ -366,7 +367,7 @@ class Run:
                     dist.all_reduce(losses)
                 if not bool(torch.isfinite(losses).all()):
                     return points, False
-                ev, _ = measure_heldout(engine.module, engine.device, sets, run_cfg, self.denv, step, baseline)
+                ev, _, _ = measure_heldout(engine.module, engine.device, sets, run_cfg, self.denv, step, baseline)
                 forgetting = ev.forgetting_percent if ev is not None else None
                 if forgetting is None or not math.isfinite(forgetting):
                     return points, False
@@ -560,12 +561,13 @@ class Run:
         return self.tps / self.denv.world_size * self.flops_token / self.peak
 
     def _measure_base(self, resumed: bool) -> None:
-        """The base model's pass (before any checkpoint is loaded): the baseline on a first start, and this rank's
-        KL cache on every start (the cache is not saved with checkpoints; rebuilding it costs one evaluation)."""
-        need_cache = self.cfg.eval.kl_top_k > 0 and bool(self.eval_general)
-        if resumed and (not need_cache or self.progress.baseline is None):
+        """The base model's pass (before any checkpoint is loaded): the baseline on a first start, and on every start
+        this rank's KL cache and per-sequence general losses (kept in memory, not in checkpoints: rebuilding them
+        costs one evaluation)."""
+        need_base = bool(self.eval_general)
+        if resumed and (not need_base or self.progress.baseline is None):
             return
-        ev = self._measure(0, build_cache=need_cache)
+        ev = self._measure(0, build_cache=need_base)
         if resumed or ev is None:
             return
         self.progress.baseline = ev
@@ -578,7 +580,7 @@ class Run:
         """Held-out figures of the model being trained, or of ``module`` (every rank takes part)."""
         if not self.eval_domain and not self.eval_general:
             return None
-        ev, cache = measure_heldout(
+        ev, cache, sequences = measure_heldout(
             self.engine.module if module is None else module,
             self.engine.device,
             (self.eval_domain, self.eval_general),
@@ -588,9 +590,11 @@ class Run:
             self.progress.baseline if step else None,
             kl_cache=None if build_cache else self.kl_cache,
             build_top_k=self.cfg.eval.kl_top_k if build_cache else 0,
+            base_losses=None if build_cache else self.base_losses,
         )
         if build_cache:
-            self.kl_cache = cache
+            self.kl_cache = cache if self.cfg.eval.kl_top_k > 0 else None
+            self.base_losses = sequences
         return ev
 
     def _record(self, ev: EvalResult) -> None:
@@ -896,12 +900,14 @@ def measure_heldout(
     baseline: EvalResult | None,
     kl_cache: KLCache | None = None,
     build_top_k: int = 0,
-) -> tuple[EvalResult | None, KLCache | None]:
-    """Held-out figures of ``module`` on the (domain, general) sets against ``baseline`` (every rank takes part), and
-    the KL cache built when ``build_top_k`` > 0. None when both sets are empty."""
+    base_losses: SequenceLosses | None = None,
+) -> tuple[EvalResult | None, KLCache | None, SequenceLosses | None]:
+    """Held-out figures of ``module`` on the (domain, general) sets against ``baseline`` (every rank takes part), the
+    KL cache built when ``build_top_k`` > 0, and this rank's per-sequence general losses (the base pass keeps them:
+    with ``base_losses`` the forgetting gets a paired standard error). None when both sets are empty."""
     domain_set, general_set = sets
     if not domain_set and not general_set:
-        return None, None
+        return None, None, None
     mb, rank, world = cfg.training.micro_batch_size, denv.rank, denv.world_size
     domain, _ = evaluate_set(module, device, domain_set, len(cfg.eval.domain), mb, rank, world)
     general, cache = evaluate_set(
@@ -914,9 +920,11 @@ def measure_heldout(
         world,
         kl_cache=kl_cache,
         build_top_k=build_top_k,
+        base_losses=base_losses,
     )
     sources = general.per_source if general.mean is not None else None
-    return EvalResult.against(step, domain.mean, general.mean, baseline, general.kl, sources), cache
+    ev = EvalResult.against(step, domain.mean, general.mean, baseline, general.kl, sources, general.paired_stderr)
+    return ev, cache, general.sequences
 
 
 STOP_MARKER = "forge-early-stop.json"

@@ -54,6 +54,7 @@ def eval_fields(ev: EvalResult | None) -> dict[str, Any]:
             "forgettingPercent": None,
             "domainGainPercent": None,
             "klBaseNats": None,
+            "forgettingStderrPercent": None,
         }
     return {
         "domainLoss": r4(ev.domain_loss),
@@ -61,6 +62,7 @@ def eval_fields(ev: EvalResult | None) -> dict[str, Any]:
         "forgettingPercent": r4(ev.forgetting_percent),
         "domainGainPercent": r4(ev.domain_gain_percent),
         "klBaseNats": r4(ev.kl_base),
+        "forgettingStderrPercent": r4(ev.forgetting_stderr_percent),
     }
 
 
@@ -101,8 +103,9 @@ def latest_status(
 def checkpoint_entry(step: int, uri: str, ev: EvalResult | None) -> dict[str, Any]:
     """One item of status.checkpoints (only complete checkpoints are ever reported)."""
     fields = eval_fields(ev)
-    if fields["klBaseNats"] is None:
-        del fields["klBaseNats"]  # not measured (eval.klTopK 0): no key rather than a null the API server drops
+    for optional in ("klBaseNats", "forgettingStderrPercent"):
+        if fields[optional] is None:
+            del fields[optional]  # not measured: no key rather than a null the API server drops
     return {"step": step, "uri": uri, **fields, "complete": True}
 
 
