@@ -8,7 +8,7 @@ evaluation and the default end-of-run candidates; the held-out sets are the corp
 1x is the learning rate the operator resolves for ``learningRate: auto`` for each cell (forge_operator.defaults:
 technique cpt, the model's size, the global batch, the cell's domainPercent), unless --base-lr pins one rate.
 
-Selection and regret: the operator's best-within-budget policy (default budgetConfidencePercent 95, with the
+Selection and regret: the operator's best-within-budget policy (default budgetConfidencePercent, with the
 trainer's standard errors) picks from the run's checkpoints and candidates on the eval split (what it sees in a
 real run); the oracle is best-within-budget on a separate test split; regret is
 the oracle's test domain gain minus the selected one's, in percentage points (0 = the oracle's pick).
@@ -37,6 +37,7 @@ SEQ_LENGTH = 128
 MICRO_BATCH = 8
 TEST_TOKENS = 8192
 PROBE_MULTIPLIERS = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+CONFIDENCE_LEVELS = [50, 70, 80, 90, 95]  # spec.checkpoints.budgetConfidencePercent values compared in the summary
 
 
 def config(
@@ -250,12 +251,23 @@ def select_and_regret(pool: list[dict[str, Any]], test: TestSplit, budget: float
         return next(e["test"] for e in pool if e["uri"] == ref.uri)
 
     chosen, best = test_of(picked), test_of(oracle)
+    by_confidence = {}
+    for level in CONFIDENCE_LEVELS:
+        pick = select(reports, None, "best-within-budget", budget, level).selected
+        assert pick is not None
+        figures = test_of(pick)
+        by_confidence[str(level)] = {
+            "selected": _label(pick),
+            "regret": best["domainGainPercent"] - figures["domainGainPercent"],
+            "testForgettingPercent": figures["forgettingPercent"],
+        }
     return {
         "selected": _label(picked),
         "selectedTest": chosen,
         "oracle": _label(oracle),
         "oracleTest": best,
         "regret": best["domainGainPercent"] - chosen["domainGainPercent"],
+        "byConfidence": by_confidence,
     }
 
 
@@ -515,6 +527,15 @@ def summary(rows: list[dict[str, Any]], reference: dict[str, Any] | None, budget
                 or "none"
             )
         )
+    for level in CONFIDENCE_LEVELS:
+        outcomes = [r["byConfidence"][str(level)] for r in rows if r.get("byConfidence")]
+        if outcomes:
+            regret = [o["regret"] for o in outcomes]
+            over = sum(1 for o in outcomes if o["testForgettingPercent"] > budget)
+            out.append(
+                f"- budgetConfidencePercent {level}: regret mean {sum(regret) / len(regret):.2f} / max "
+                f"{max(regret):.2f} pp, selections over budget on test: {over} of {len(outcomes)}"
+            )
     derived = [r for r in rows if str(r.get("selected", "")).startswith(("wise", "avg"))]
     out.append(f"- runs whose selection is an end-of-run candidate: {len(derived)} of {len(rows)}")
     return "\n".join(out)

@@ -138,7 +138,7 @@ def test_config_map_holds_the_config_and_the_accepted_spec() -> None:
 def test_digest_ignores_suspend_and_selection_only() -> None:
     assert spec_digest(spec()) == spec_digest(spec(suspend=True))
     assert spec_digest(spec()) == spec_digest(spec(checkpoints={"output": "s3://acme/o/", "selection": "last"}))
-    confident = spec(checkpoints={"output": "s3://acme/o/", "budgetConfidencePercent": 80})
+    confident = spec(checkpoints={"output": "s3://acme/o/", "budgetConfidencePercent": 95})
     assert spec_digest(spec()) == spec_digest(confident)
     assert spec_digest(spec()) != spec_digest(spec(training={"maxSteps": 5}))
     assert spec_digest(spec()) != spec_digest(spec(checkpoints={"output": "s3://acme/o/", "keep": 9}))
