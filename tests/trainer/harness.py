@@ -50,6 +50,16 @@ def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def run_export(
+    config: Path, checkpoint: str, out: Path, extra_env: dict[str, str] | None = None, timeout: float = 200
+) -> subprocess.CompletedProcess[str]:
+    """`forge-trainer export` of one checkpoint into ``out`` (the command users run), as a process."""
+    argv = [str(VENV_BIN / "forge-trainer"), "export", "--config", str(config), "--checkpoint", checkpoint]
+    return subprocess.run(
+        [*argv, "--out", str(out)], env=base_env(extra_env), capture_output=True, text=True, timeout=timeout
+    )
+
+
 def merged(base: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     """Deep-merge dict overrides into a copy of a config."""
     out = copy.deepcopy(base)

@@ -3,7 +3,6 @@ real ForgeJob) and ZeRO-3 in bf16 with both exports."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch
 from forge_trainer import checkpoint as ckpt
 from forge_trainer.config import ForgeJobRef
 from tests.trainer.conftest import Corpora
-from tests.trainer.harness import VENV_BIN, assert_ok, base_env, merged, run_ranks, step_losses, write_config
+from tests.trainer.harness import assert_ok, merged, run_export, run_ranks, step_losses, write_config
 from tests.trainer.test_report import forgejob_body, read_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(360)]
@@ -92,22 +91,7 @@ def test_lora_sft_in_one_pod_with_two_processes_reports_to_the_forgejob(
     assert all(".q_proj." in k or ".v_proj." in k for k in changed), changed
 
     out = tmp_path / "export"
-    proc = subprocess.run(
-        [
-            str(VENV_BIN / "forge-trainer"),
-            "export",
-            "--config",
-            str(config),
-            "--checkpoint",
-            f"{cfg['checkpoints']['output']}/step-00000008",
-            "--out",
-            str(out),
-        ],
-        env=base_env(),
-        capture_output=True,
-        text=True,
-        timeout=200,
-    )
+    proc = run_export(config, f"{cfg['checkpoints']['output']}/step-00000008", out, timeout=200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     offline = weights(out)
     for k in base_w:
@@ -128,22 +112,7 @@ def test_zero3_bf16_trains_and_both_exports_agree(base_config: dict[str, Any], t
     losses = step_losses(results[0].events)
     assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
     out = tmp_path / "export"
-    proc = subprocess.run(
-        [
-            str(VENV_BIN / "forge-trainer"),
-            "export",
-            "--config",
-            str(config),
-            "--checkpoint",
-            f"{cfg['checkpoints']['output']}/step-00000004",
-            "--out",
-            str(out),
-        ],
-        env=base_env(),
-        capture_output=True,
-        text=True,
-        timeout=200,
-    )
+    proc = run_export(config, f"{cfg['checkpoints']['output']}/step-00000004", out, timeout=200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fp32 = weights(out)  # from the fp32 master weights of the ZeRO-3 shards
     bf16 = weights(Path(cfg["checkpoints"]["output"]) / "step-00000004" / "hf")  # gathered 16-bit weights

@@ -23,13 +23,12 @@ from forge_trainer import storage
 from forge_trainer.errors import EXIT_DATA
 from tests.trainer.conftest import Corpora, make_base_config
 from tests.trainer.harness import (
-    VENV_BIN,
     RankResult,
     Ranks,
     S3Server,
     assert_ok,
-    base_env,
     merged,
+    run_export,
     run_ranks,
     start_ranks,
     step_losses,
@@ -228,22 +227,7 @@ def test_export_loads_with_from_pretrained(
 
     uri = f"s3://train/reference/{ckpt.tag_for(STEPS)}"
     out = tmp_path / "export"
-    proc = subprocess.run(
-        [
-            str(VENV_BIN / "forge-trainer"),
-            "export",
-            "--config",
-            str(reference.config),
-            "--checkpoint",
-            uri,
-            "--out",
-            str(out),
-        ],
-        env=base_env(s3.env),
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
+    proc = run_export(reference.config, uri, out, s3.env, timeout=170)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "model.safetensors").is_file()
     exported = load_weights(out)
@@ -258,22 +242,7 @@ def test_export_loads_with_from_pretrained(
 
 
 def test_incomplete_checkpoint_cannot_be_exported(reference: Reference, tmp_path: Path, s3: S3Server) -> None:
-    proc = subprocess.run(
-        [
-            str(VENV_BIN / "forge-trainer"),
-            "export",
-            "--config",
-            str(reference.config),
-            "--checkpoint",
-            "s3://train/reference/step-00000099",
-            "--out",
-            str(tmp_path / "x"),
-        ],
-        env=base_env(s3.env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_export(reference.config, "s3://train/reference/step-00000099", tmp_path / "x", s3.env, timeout=120)
     assert proc.returncode == 5, proc.stderr[-2000:]
     assert "not a complete checkpoint" in proc.stderr
 
