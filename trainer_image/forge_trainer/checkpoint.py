@@ -11,7 +11,10 @@ Layout, locally (``checkpoints.localDir``) and in ``checkpoints.output`` alike::
 
 A checkpoint is complete only when its manifest exists; without one it is never resumed from nor reported.
 Each rank uploads the files it wrote (its ZeRO shards and RNG file; rank 0 everything else) so that ranks on
-different nodes with separate local disks together upload the whole checkpoint; rank 0 then writes the manifest.
+different nodes with separate local disks together upload the whole checkpoint. The uploads run in a background
+thread while training goes on; once every rank has confirmed its files, rank 0 writes the manifest. A resume
+downloads only what the local rank needs: its own shards and RNG file, and the shared files (not the hf/ export).
+A storage read error is never taken for a missing manifest: it is retried, then raised.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import json
 import logging
 import re
 import shutil
+import threading
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,7 @@ from typing import Any
 import torch
 
 from forge_trainer import storage
-from forge_trainer.errors import StorageError
+from forge_trainer.errors import ConfigError, StorageError, StorageUnavailableError
 from forge_trainer.model import file_lock
 
 log = logging.getLogger(__name__)
@@ -93,17 +98,16 @@ def make_manifest(
 
 
 def read_json_object(uri: str, what: str) -> dict[str, Any] | None:
-    """The JSON object stored at ``uri``, or None when it is missing, unreadable, corrupt or not an object."""
-    try:
-        raw = storage.read_bytes(uri)
-    except Exception as err:  # an unreachable store is reported by the code that needs it, with its exit code
-        log.warning("cannot read %s: %s", what, err)
-        return None
+    """The JSON object stored at ``uri``; None when it does not exist, or is corrupt or not an object (logged).
+
+    A read error is not absence: storage faults are retried and then raised (StorageUnavailableError).
+    """
+    raw = storage.read_bytes(uri)
     if raw is None:
         return None
     try:
         doc = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         log.warning("ignoring %s: not valid JSON", what)
         return None
     return doc if isinstance(doc, dict) else None
@@ -117,20 +121,7 @@ def read_manifest(uri: str) -> dict[str, Any] | None:
 
 def list_tags(location: str) -> list[str]:
     """Checkpoint folder names directly under a local folder or S3 prefix, oldest first."""
-    tags: set[str] = set()
-    if storage.is_s3(location):
-        url = storage.parse_s3(location)
-        prefix = url.key.rstrip("/") + "/" if url.key else ""
-        paginator = storage.s3_client().get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=url.bucket, Prefix=prefix, Delimiter="/"):
-            for cp in page.get("CommonPrefixes", []):
-                name = cp["Prefix"][len(prefix) :].strip("/")
-                tags.add(name)
-    else:
-        root = Path(location)
-        if root.is_dir():
-            tags = {p.name for p in root.iterdir() if p.is_dir()}
-    return sorted(t for t in tags if step_of(t) is not None)
+    return [t for t in storage.list_folders(location) if step_of(t) is not None]
 
 
 def complete_checkpoints(output: str) -> list[dict[str, Any]]:
@@ -223,14 +214,41 @@ def upload_owned(places: Places, step: int, rank: int) -> list[tuple[str, int]]:
     files = owned_files(tag_dir, rank)
     if storage.same_place(str(places.local_dir), places.output):
         return files
-    try:
-        for rel, _ in files:
-            storage.upload(tag_dir / rel, storage.join(places.remote(step), rel))
-    except Exception as err:
-        raise StorageError(
-            f"checkpoints.output: upload of {tag_for(step)} failed: {type(err).__name__}: {err}"
-        ) from err
+    for rel, _ in files:
+        storage.upload(tag_dir / rel, storage.join(places.remote(step), rel))
     return files
+
+
+class BackgroundUpload:
+    """One rank's upload of its files of one checkpoint, in a thread, while training goes on."""
+
+    def __init__(self, places: Places, step: int, rank: int) -> None:
+        self.step = step
+        self.files: list[tuple[str, int]] | None = None
+        self.error: BaseException | None = None
+        self.started = time.monotonic()
+        self.seconds: float | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(places, rank), name=f"forge-upload-{tag_for(step)}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, places: Places, rank: int) -> None:
+        try:
+            self.files = upload_owned(places, self.step, rank)
+        except BaseException as err:  # handed to every rank by the next poll; the thread must not die silently
+            self.error = err
+        finally:
+            self.seconds = time.monotonic() - self.started
+
+    @property
+    def running(self) -> bool:
+        """True while the upload is under way."""
+        return self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the upload has finished or failed."""
+        self._thread.join()
 
 
 def write_local_manifest(places: Places, step: int, manifest: dict[str, Any]) -> None:
@@ -244,28 +262,55 @@ def publish_manifest(places: Places, step: int, manifest: dict[str, Any]) -> Non
     write_local_manifest(places, step, manifest)
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
     if not storage.same_place(str(places.local_dir), places.output):
-        try:
-            storage.write_bytes(storage.join(places.remote(step), MANIFEST), data)
-        except Exception as err:
-            raise StorageError(f"checkpoints.output: manifest of {tag_for(step)}: {err}") from err
+        storage.write_bytes(storage.join(places.remote(step), MANIFEST), data)
 
 
-def materialise(places: Places, manifest: dict[str, Any]) -> Path:
-    """Make every file of a complete checkpoint present in the local folder (download what is missing)."""
+def needed_for_resume(relpath: str, ranks: Collection[int]) -> bool:
+    """True for the files a node whose local ranks are ``ranks`` needs to resume: their own shards and RNG
+    files, and the files every rank reads (the model states, the trainer state); not the hf/ export."""
+    if relpath.startswith(HF_DIR + "/"):
+        return False
+    name = relpath.rsplit("/", 1)[-1]
+    if _OWNER_RE.search(name) is None:
+        return True
+    return owner_rank(relpath) in ranks
+
+
+def check_world_size(manifest: dict[str, Any], world_size: int, uri: str) -> None:
+    """A ZeRO checkpoint is partitioned for the world that wrote it: refuse another world size, saying so."""
+    saved = manifest.get("worldSize")
+    if isinstance(saved, int) and saved != world_size:
+        raise ConfigError(
+            f"resources: this job has {world_size} ranks but its latest checkpoint {uri} was written by {saved} "
+            f"(ZeRO shards the optimizer state per rank): run it with {saved} ranks again (nodes x gpusPerNode), "
+            "or start over with a new checkpoints.output"
+        )
+
+
+def materialise(places: Places, manifest: dict[str, Any], ranks: Collection[int] | None = None) -> Path:
+    """Make the files of a complete checkpoint that ``ranks`` need (every file: None) present in the local folder,
+    downloading what is missing or has the wrong size."""
     step = int(manifest["step"])
     tag_dir = places.local(step)
     with file_lock(places.lock):
         local_manifest = read_manifest(str(tag_dir))
         for f in manifest["files"]:
+            if ranks is not None and not needed_for_resume(f["path"], ranks):
+                continue
             dest = tag_dir / f["path"]
             if local_manifest is not None and dest.is_file() and dest.stat().st_size == f["size"]:
                 continue
             try:
                 storage.download(storage.join(places.remote(step), f["path"]), dest)
-            except Exception as err:
+            except StorageUnavailableError:
+                raise
+            except StorageError as err:
                 raise StorageError(f"checkpoint {places.remote(step)}: cannot download {f['path']}: {err}") from err
             if dest.stat().st_size != f["size"]:
-                raise StorageError(f"checkpoint {places.remote(step)}: {f['path']} has the wrong size")
+                raise StorageError(
+                    f"checkpoint {places.remote(step)}: {f['path']} has {dest.stat().st_size} bytes, "
+                    f"the manifest says {f['size']}"
+                )
         write_json(tag_dir / MANIFEST, manifest)
     return tag_dir
 
@@ -276,7 +321,7 @@ def prune_local(places: Places, keep: int) -> list[str]:
     with file_lock(places.lock):
         tags = list_tags(str(places.local_dir))
         complete = [t for t in tags if (places.local_dir / t / MANIFEST).is_file()]
-        keep_set = set(complete[-keep:])
+        keep_set = set(complete[-keep:]) if keep > 0 else set()
         newest_complete = complete[-1] if complete else None
         for t in tags:
             incomplete_old = t not in complete and newest_complete is not None and t < newest_complete

@@ -368,7 +368,22 @@ class CheckpointSettings(_Model):
             "and is complete only once its forge-manifest.json exists (written last)."
         )
     )
-    keep: int = Field(default=3, ge=1, le=10_000, description="Complete checkpoints kept on local disk (newest).")
+    keep: int = Field(
+        default=3,
+        ge=1,
+        le=10_000,
+        description=(
+            "Complete checkpoints kept on local disk (newest); older ones are removed before the next save. "
+            "When the output is the local folder itself, this bounds the output too."
+        ),
+    )
+    background_upload: bool = Field(
+        default=True,
+        description=(
+            "Upload each checkpoint in a background thread while training goes on (the checkpoint is complete "
+            "once every rank's upload is confirmed). False waits for the uploads at the save (for comparisons)."
+        ),
+    )
     local_dir: str = Field(
         default="/tmp/forge/checkpoints",
         min_length=1,

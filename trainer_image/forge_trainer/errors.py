@@ -1,8 +1,10 @@
 """Errors that end a run, each with its process exit code.
 
-Exit codes (documented in docs/trainer.md). Codes 1-127 are "permanent" for a PyTorchJob with restartPolicy
-ExitCode, so config and data errors are not retried; a crash by signal (128+N) is retried and resumes from the
-latest complete checkpoint.
+Exit codes (documented in docs/trainer.md) follow Kubeflow's ``restartPolicy: ExitCode`` rule: 1-127 are
+permanent (a bad config, bad data, a bug: running again cannot help, so the job fails at once and the cause is
+written to the ForgeJob's status), 128-255 are retryable (the pod is restarted and the run resumes from its latest
+complete checkpoint). Forge's own retryable codes are 200 and up, apart from the 128+N of a process killed by
+signal N.
 """
 
 from __future__ import annotations
@@ -14,8 +16,19 @@ EXIT_DATA = 3
 EXIT_MODEL = 4
 EXIT_STORAGE = 5
 EXIT_DISTRIBUTED = 6
-# The guard (issue 5) stopped the run early on purpose (e.g. forgetting over budget); a rerun exits 0 at once.
+# The guard stopped the run early on purpose (e.g. forgetting over budget); a rerun exits 0 at once.
 EXIT_EARLY_STOP = 10
+# Retryable: checkpoint storage stayed unreachable after the retries (an outage, a network partition).
+EXIT_STORAGE_UNAVAILABLE = 200
+# Retryable: another rank went away (crashed, killed, its node lost); this rank is collateral, not the cause.
+EXIT_PEER_LOST = 201
+
+FIRST_RETRYABLE_EXIT = 128
+
+
+def is_retryable_exit(code: int) -> bool:
+    """True for exit codes a PyTorchJob with ``restartPolicy: ExitCode`` restarts (Kubeflow's rule)."""
+    return code >= FIRST_RETRYABLE_EXIT or code < 0
 
 
 class ForgeError(Exception):
@@ -43,15 +56,27 @@ class ModelError(ForgeError):
 
 
 class StorageError(ForgeError):
-    """A checkpoint cannot be written, uploaded, listed or downloaded."""
+    """Storage refused a request for good (no such bucket, access denied, a corrupt checkpoint)."""
 
     exit_code = EXIT_STORAGE
+
+
+class StorageUnavailableError(StorageError):
+    """Storage could not be reached, or kept failing, for longer than the retries allow (retryable)."""
+
+    exit_code = EXIT_STORAGE_UNAVAILABLE
 
 
 class DistributedError(ForgeError):
     """The distributed environment (Kubeflow variables, rendezvous) is inconsistent."""
 
     exit_code = EXIT_DISTRIBUTED
+
+
+class PeerLostError(ForgeError):
+    """Another rank of the job went away; this rank stops too (retryable; the cause is in the other rank's log)."""
+
+    exit_code = EXIT_PEER_LOST
 
 
 class EarlyStopError(ForgeError):

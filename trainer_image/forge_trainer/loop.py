@@ -11,9 +11,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,13 @@ from forge_trainer.engine import (
     seed_everything,
     train_step,
 )
-from forge_trainer.errors import EarlyStopError, StorageError
+from forge_trainer.errors import (
+    EarlyStopError,
+    ForgeError,
+    PeerLostError,
+    StorageError,
+    StorageUnavailableError,
+)
 from forge_trainer.evaluate import EvalResult
 from forge_trainer.guard import Guard, Verdict
 from forge_trainer.heldout import EvalSeq, KLCache, SequenceLosses, eval_sequences, evaluate_set
@@ -78,6 +85,7 @@ from forge_trainer.report import (
 log = logging.getLogger(__name__)
 
 EvalSet = list[EvalSeq]
+T = TypeVar("T")
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -132,6 +140,15 @@ class Progress:
 
 
 @dataclass
+class PendingSave:
+    """A checkpoint saved locally whose upload is under way: complete once every rank has confirmed it."""
+
+    step: int
+    entry: dict[str, Any]
+    upload: ckpt.BackgroundUpload
+
+
+@dataclass
 class Throughput:
     """Training tokens per second over windows of steps (evaluation and checkpoints excluded)."""
 
@@ -178,6 +195,7 @@ class Run:
         self.last_data_state: dict[str, Any] | None = None
         self.encoder: DocEncoder | None = None
         self.prefetch: Prefetcher | None = None
+        self.pending_save: PendingSave | None = None
         self.guard = Guard(cfg.forgetting, cfg.training.max_steps, cfg.training.learning_rate, cfg.data.domain_percent)
         self.guard.can_rebalance = bool(cfg.data.general)
         self.guard.lr_of = lambda i: self.cfg.training.learning_rate * lr_factor(self.cfg.training, i)
@@ -207,7 +225,7 @@ class Run:
         manifest = self._find_resume()
         state: dict[str, Any] | None = None
         if manifest is not None:
-            tag_dir = ckpt.materialise(self.places, manifest)
+            tag_dir = ckpt.materialise(self.places, manifest, ranks={denv.rank})
             doc = ckpt.read_state(tag_dir)
             self.progress = Progress.from_json(doc)
             state = doc["data"]
@@ -279,16 +297,18 @@ class Run:
 
     def _read_probe_record(self) -> probe.ProbeRecord | None:
         """The record of an earlier probe, read by rank 0 for every rank (None: none, or unusable)."""
-        doc: dict[str, Any] | None = None
-        if self.denv.is_main:
+
+        def read() -> dict[str, Any] | None:
             doc = ckpt.read_json_object(self._probe_uri, probe.PROBE_FILE)
             if doc is not None:
                 try:
                     probe.ProbeRecord.from_json(doc)
                 except ValueError as err:
                     log.warning("ignoring %s: %s", self._probe_uri, err)
-                    doc = None
-        doc = self._broadcast(doc)
+                    return None
+            return doc
+
+        doc = self._on_main(read)
         return None if doc is None else probe.ProbeRecord.from_json(doc)
 
     def _use_multiplier(self, multiplier: float) -> None:
@@ -378,12 +398,14 @@ class Run:
         return points, True
 
     def _find_resume(self) -> dict[str, Any] | None:
-        found = [ckpt.latest_complete(self.cfg.checkpoints.output) if self.denv.is_main else None]
-        if self.denv.world_size > 1:
-            dist.broadcast_object_list(found, src=0)
-        if found[0] is not None and self.denv.is_main:
-            log.info("resuming from %s", self.places.remote(int(found[0]["step"])))
-        return found[0]
+        """The newest complete checkpoint in the output (rank 0 reads, every rank gets it, or the read error)."""
+        found = self._on_main(lambda: ckpt.latest_complete(self.cfg.checkpoints.output))
+        if found is not None:
+            uri = self.places.remote(int(found["step"]))
+            ckpt.check_world_size(found, self.denv.world_size, uri)
+            if self.denv.is_main:
+                log.info("resuming from %s", uri)
+        return found
 
     def _load(self, manifest: dict[str, Any]) -> None:
         step = int(manifest["step"])
@@ -436,6 +458,7 @@ class Run:
                 if len(pending) >= t.log_every_steps or due_eval or due_ckpt:
                     verdict = self._flush(pending, window)
                     pending = []
+                    self._poll_save()
                 if due_eval or due_ckpt:
                     self.latest_eval = self._evaluate(step)
                     if verdict is None and self.latest_eval is not None:
@@ -452,6 +475,7 @@ class Run:
                     self._report_progress()
         finally:
             self.prefetch.close()
+        self._settle_save()
         if self.denv.is_main:
             emit("finished", step=self.progress.step, mix=self.mix_report())
 
@@ -477,9 +501,8 @@ class Run:
             return
         if not saved and verdict.reason != "NonFiniteLoss":
             self._checkpoint(self.progress.step)
-        if self.denv.is_main:
-            write_stop_marker(self.cfg, verdict)
-        self._barrier()
+        self._settle_save()
+        self._on_main(lambda: write_stop_marker(self.cfg, verdict))
         if verdict.reason != "NonFiniteLoss":
             self.build_candidates()
         raise EarlyStopError(f"stopped by the guard at step {verdict.step}: {verdict.reason}: {verdict.message}")
@@ -639,7 +662,16 @@ class Run:
             dist.barrier()
 
     def _checkpoint(self, step: int) -> None:
+        """Save the checkpoint of ``step`` to local disk (every rank) and start uploading it in the background.
+
+        The previous save is settled first (one upload at a time), and local disk is pruned before the save. The
+        checkpoint becomes complete, is reported and is emitted when every rank has confirmed its upload
+        (``_poll_save``).
+        """
         cfg, denv, places = self.cfg, self.denv, self.places
+        self._settle_save()
+        if not self._output_is_local:
+            ckpt.prune_local(places, cfg.checkpoints.keep - 1)  # frees disk before the save; the output has them
         save_id = self._broadcast(ckpt.new_save_id() if denv.is_main else None)
         ckpt.prepare_local(places, step, save_id)
         self._barrier()
@@ -663,35 +695,112 @@ class Run:
             state["mix"] = self.mix_report()
             ckpt.write_json(tag_dir / ckpt.STATE_FILE, state)
         self._barrier()
-        files = ckpt.upload_owned(places, step, denv.rank)
-        gathered: list[Any] = [None] * denv.world_size
-        if denv.world_size > 1:
-            dist.all_gather_object(gathered, files)
-        else:
-            gathered = [files]
-        manifest: dict[str, Any] | None = None
-        if denv.is_main:
-            all_files = sorted({tuple(f) for fs in gathered for f in fs})
-            meta = {
-                "worldSize": denv.world_size,
-                "zeroStage": cfg.training.zero_stage,
-                "technique": cfg.model.technique,
-                "tokens": self.progress.tokens,
-            }
-            manifest = ckpt.make_manifest(step, [(p, s) for p, s in all_files], entry, meta)
-            ckpt.publish_manifest(places, step, manifest)
-            self.progress.checkpoints.append(entry)
-            emit("checkpoint", step=step, uri=places.remote(step), files=len(all_files))
-            if self.reporter is not None:
-                self.reporter.submit(status_patch(checkpoints=list(self.progress.checkpoints)))
-        manifest = self._broadcast(manifest)
-        if not denv.is_main:
+        self.pending_save = PendingSave(step, entry, ckpt.BackgroundUpload(places, step, denv.rank))
+        if self._output_is_local or not cfg.checkpoints.background_upload:
+            self._settle_save()
+
+    @property
+    def _output_is_local(self) -> bool:
+        """True when checkpoints are written straight into the output (nothing to upload)."""
+        return storage.same_place(str(self.places.local_dir), self.places.output)
+
+    def _settle_save(self) -> None:
+        """Wait for the pending save's uploads on every rank and complete it (every rank takes part)."""
+        if self.pending_save is not None:
+            self.pending_save.upload.wait()
+            self._poll_save()
+
+    def _poll_save(self) -> None:
+        """Every rank says how its upload of the pending save stands; once all are done rank 0 writes the manifest.
+
+        A failed upload on any rank ends the run on every rank at this point, with that rank's error (nobody waits
+        for a timeout). Called at steps every rank agrees on (the flush points), so its collectives line up.
+        """
+        pending = self.pending_save
+        if pending is None:
+            return
+        upload, world = pending.upload, self.denv.world_size
+        running = upload.running  # read first: once the thread has ended, its error is final
+        failed_here = not running and upload.error is not None
+        flags = torch.tensor([int(failed_here), int(running)], dtype=torch.int64)
+        if world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        failed, running = (bool(x) for x in flags.tolist())
+        if failed:
+            self.pending_save = None
+            raise self._upload_failure(pending)
+        if running:
+            return
+        self.pending_save = None
+        gathered: list[Any] = [upload.files]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, upload.files)
+        manifest = self._on_main(lambda: self._publish(pending, gathered))
+        if not self.denv.is_main:
             # Nodes other than rank 0's hold only their own shards; marking their copy complete lets prune work
             # there (resume still checks every file against the manifest and downloads what a node lacks).
-            ckpt.write_local_manifest(places, step, manifest)
+            ckpt.write_local_manifest(self.places, pending.step, manifest)
         self.progress.checkpoints = self._broadcast(self.progress.checkpoints)
         self.metrics.inc(self.metrics.checkpoints)
-        ckpt.prune_local(places, cfg.checkpoints.keep)
+        if self._output_is_local:
+            ckpt.prune_local(self.places, self.cfg.checkpoints.keep)
+
+    def _upload_failure(self, pending: PendingSave) -> StorageError:
+        """The error every rank raises when some rank's upload failed: the first failing rank's, named."""
+        mine = pending.upload.error
+        info = None if mine is None else (type(mine).__name__, str(mine), isinstance(mine, StorageUnavailableError))
+        gathered: list[Any] = [info]
+        if self.denv.world_size > 1:
+            gathered = [None] * self.denv.world_size
+            dist.all_gather_object(gathered, info)
+        rank, (kind, message, retryable) = next((r, e) for r, e in enumerate(gathered) if e is not None)
+        text = f"checkpoint {ckpt.tag_for(pending.step)}: upload failed on rank {rank}: {kind}: {message}"
+        return StorageUnavailableError(text) if retryable else StorageError(text)
+
+    def _publish(self, pending: PendingSave, gathered: list[Any]) -> dict[str, Any]:
+        """Rank 0: write the manifest of a save every rank has uploaded, and report the checkpoint."""
+        cfg, places = self.cfg, self.places
+        all_files = sorted({tuple(f) for fs in gathered for f in fs})
+        meta = {
+            "worldSize": self.denv.world_size,
+            "zeroStage": cfg.training.zero_stage,
+            "technique": cfg.model.technique,
+            "tokens": self.progress.tokens,
+        }
+        manifest = ckpt.make_manifest(pending.step, [(p, s) for p, s in all_files], pending.entry, meta)
+        ckpt.publish_manifest(places, pending.step, manifest)
+        self.progress.checkpoints.append(pending.entry)
+        seconds = pending.upload.seconds
+        emit(
+            "checkpoint",
+            step=pending.step,
+            uri=places.remote(pending.step),
+            files=len(all_files),
+            uploadSeconds=None if seconds is None else round(seconds, 3),
+        )
+        if self.reporter is not None:
+            self.reporter.submit(status_patch(checkpoints=list(self.progress.checkpoints)))
+        return manifest
+
+    def _on_main(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 only and hand every rank its result, or its error, raised on every rank at once."""
+        outcome: tuple[bool, Any] = (True, None)
+        failure: BaseException | None = None
+        if self.denv.is_main:
+            try:
+                outcome = (True, fn())
+            except Exception as err:
+                failure = err
+                shared = err if isinstance(err, ForgeError) else ForgeError(f"rank 0: {type(err).__name__}: {err}")
+                outcome = (False, shared)
+        ok, value = self._broadcast(outcome)
+        if failure is not None:
+            raise failure
+        if not ok:
+            raise value
+        result: T = value
+        return result
 
     def _export_live(self, out_dir: Path) -> None:
         cfg = self.cfg
@@ -724,7 +833,7 @@ class Run:
             if denv.is_main:
                 log.warning("no end-of-run candidates: they need checkpoints.exportHf and held-out sets")
             return
-        plans: list[cand.CandidatePlan] = self._broadcast(self._candidate_plans() if denv.is_main else None)
+        plans = self._on_main(self._candidate_plans)
         try:
             for plan in plans:
                 self._candidate(plan)
@@ -968,5 +1077,40 @@ def run(cfg: TrainerConfig) -> None:
         r.train()
         r.build_candidates()
         ok = True
+    except RuntimeError as err:
+        if not is_peer_loss(err):
+            raise
+        raise PeerLostError(
+            f"lost contact with another rank of the job ({_first_line(err)}): it crashed or its node went away; "
+            "this rank stops too and the job restarts from the latest complete checkpoint. The cause is in the "
+            "other rank's log."
+        ) from err
     finally:
         r.close(ok)
+
+
+# What gloo and NCCL say when a peer process or its connection is gone.
+_PEER_LOSS_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "remote worker crashing",
+    "NCCL communicator was aborted",
+    "Socket Timeout",
+)
+
+
+def is_peer_loss(err: BaseException) -> bool:
+    """True when a collective failed because another rank is gone (not because of this rank's own fault)."""
+    if isinstance(err, dist.DistNetworkError):
+        return True
+    text = str(err)
+    return any(marker in text for marker in _PEER_LOSS_MARKERS)
+
+
+def _first_line(err: BaseException) -> str:
+    """The gist of a long distributed error message."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "] " in text:
+        text = text.split("] ", 1)[1]  # drop the C++ source location
+    return text[:200]

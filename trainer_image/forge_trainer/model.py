@@ -13,7 +13,7 @@ import torch
 
 from forge_trainer import storage
 from forge_trainer.config import ModelSettings
-from forge_trainer.errors import ModelError, StorageError
+from forge_trainer.errors import ModelError, StorageError, StorageUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def fetch_model(base: str, cache_dir: Path) -> Path:
             for uri, _ in files:
                 rel = storage.parse_s3(uri).key[len(prefix) :]
                 storage.download(uri, dest / rel)
-        except ModelError:
+        except (ModelError, StorageUnavailableError):
             raise
         except Exception as err:
             raise StorageError(f"model.base: {base}: download failed: {type(err).__name__}: {err}") from err

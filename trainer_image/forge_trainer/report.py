@@ -15,10 +15,12 @@ import math
 import os
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 from forge_trainer.config import ForgeJobRef
+from forge_trainer.errors import is_retryable_exit
 from forge_trainer.evaluate import EvalResult
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,58 @@ def checkpoint_entry(step: int, uri: str, ev: EvalResult | None) -> dict[str, An
 def baseline_status(ev: EvalResult) -> dict[str, Any]:
     """status.baseline: the base model's held-out losses."""
     return {"domainLoss": r4(ev.domain_loss), "generalLoss": r4(ev.general_loss)}
+
+
+ERROR_MESSAGE_LIMIT = 4096
+
+
+def raised_at(err: BaseException) -> str | None:
+    """'forge_trainer/data/records.py:160': where in the code ``err`` was raised (the innermost frame)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return None
+    last = frames[-1]
+    path = last.filename.replace("\\", "/")
+    for package in ("forge_trainer/", "site-packages/"):
+        if package in path:
+            path = (package if package == "forge_trainer/" else "") + path.split(package, 1)[1]
+            break
+    return f"{path}:{last.lineno}"
+
+
+def error_status(err: BaseException, exit_code: int, rank: int, at: str) -> dict[str, Any]:
+    """status.trainerError: the error a rank exits with, whether the job retries it, and where it was raised."""
+    message = str(err) or type(err).__name__
+    if len(message) > ERROR_MESSAGE_LIMIT:
+        message = message[: ERROR_MESSAGE_LIMIT - 3] + "..."
+    out: dict[str, Any] = {
+        "kind": type(err).__name__,
+        "message": message,
+        "exitCode": exit_code,
+        "retryable": is_retryable_exit(exit_code),
+        "rank": rank,
+        "time": at,
+        "raisedAt": raised_at(err),
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def send_now(patcher_factory: Callable[[], PatchFn], patch: Patch, timeout_s: float) -> bool:
+    """Send one patch now, retrying transient failures until ``timeout_s``; True once it was accepted."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.5
+    while True:
+        try:
+            patcher_factory()(patch)
+            return True
+        except Exception as err:
+            code = http_status(err)
+            permanent = code is not None and 400 <= code < 500 and code not in RETRY_4XX
+            if permanent or time.monotonic() + delay > deadline:
+                log.warning("could not report the error to the ForgeJob's status: %s", err)
+                return False
+            time.sleep(delay)
+            delay = min(4.0, delay * 2)
 
 
 def status_patch(**fields: Any) -> Patch:

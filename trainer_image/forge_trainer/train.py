@@ -1,7 +1,8 @@
 """Entry point: ``forge-trainer --config PATH`` (the pod command) and ``forge-trainer export ...``.
 
-Exit codes: 0 done; 1 unexpected error; 2 config; 3 data; 4 model; 5 checkpoint storage; 6 distributed
-environment; 10 stopped early on purpose by the guard. See docs/trainer.md.
+Exit codes: 0 done; permanent (not retried): 1 unexpected error, 2 config, 3 data, 4 model, 5 storage refused,
+6 distributed environment, 10 stopped early on purpose by the guard; retryable: 200 storage unavailable after the
+retries, 201 another rank was lost. See docs/trainer.md.
 """
 
 from __future__ import annotations
@@ -11,10 +12,22 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from forge_trainer.errors import EXIT_EARLY_STOP, EXIT_OK, EXIT_UNEXPECTED, ForgeError
+from forge_trainer.errors import (
+    EXIT_EARLY_STOP,
+    EXIT_OK,
+    EXIT_UNEXPECTED,
+    EarlyStopError,
+    ForgeError,
+    PeerLostError,
+)
+
+if TYPE_CHECKING:
+    from forge_trainer.config import TrainerConfig
 
 
 def _setup_logging() -> None:
@@ -69,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     log = logging.getLogger("forge_trainer")
+    cfg: TrainerConfig | None = None
     try:
         if args[:1] == ["export"]:
             ea = _export_parser().parse_args(args[1:])
@@ -89,10 +103,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ForgeError as err:
         level = logging.WARNING if err.exit_code == EXIT_EARLY_STOP else logging.ERROR
         log.log(level, "%s: %s", type(err).__name__, err)
+        if not isinstance(err, EarlyStopError | PeerLostError):  # the guard reported its stop; a peer is no cause
+            report_error(cfg, err, err.exit_code)
         return err.exit_code
-    except Exception:
+    except Exception as err:
         log.exception("unexpected error")
+        report_error(cfg, err, EXIT_UNEXPECTED)
         return EXIT_UNEXPECTED
+
+
+def report_error(cfg: TrainerConfig | None, err: BaseException, exit_code: int) -> None:
+    """Write the error this rank exits with to the ForgeJob's status.trainerError (when the config names one), so
+    that the cause of a failure reaches ``kubectl describe`` and the Failed condition, not only this log."""
+    if cfg is None or cfg.report.forge_job is None:
+        return
+    from forge_trainer.report import error_status, kube_patcher, send_now, status_patch
+
+    ref = cfg.report.forge_job
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    doc = error_status(err, exit_code, int(os.environ.get("RANK", "0")), at)
+    timeout = float(os.environ.get("FORGE_REPORT_FLUSH_S", "30"))
+    send_now(lambda: kube_patcher(ref), status_patch(trainerError=doc), timeout)
 
 
 def entry() -> None:

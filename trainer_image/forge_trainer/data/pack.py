@@ -7,6 +7,7 @@ counters. Resuming re-reads that one document (S3 range request or seek) and con
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -63,6 +64,11 @@ class SourceState:
             counters=SourceCounters(**data["counters"]),
         )
 
+
+log = logging.getLogger(__name__)
+
+# Bad records named one by one in the log, per source and process; later ones are only counted.
+BAD_LINES_LOGGED = 20
 
 _Queued = Located | BadLine | EpochEnd
 _Encoded = tuple[Located, Doc | BadRecordError] | BadLine | EpochEnd
@@ -180,6 +186,18 @@ class PackedSource:
         if epoch > 0:
             return  # counted in the first pass already
         self.counters.bad_lines += 1
+        if self.counters.bad_lines <= BAD_LINES_LOGGED:
+            log.warning(
+                "%s:%d: %s: skipped (bad record %d of at most data.maxBadLines=%d in source %s)",
+                file,
+                line,
+                reason,
+                self.counters.bad_lines,
+                self.limits.max_bad_lines,
+                self.uri,
+            )
+        elif self.counters.bad_lines == BAD_LINES_LOGGED + 1:
+            log.warning("source %s: more bad records; the rest are counted, not logged", self.uri)
         if self.counters.bad_lines > self.limits.max_bad_lines:
             raise DataError(
                 f"{file}:{line}: {reason} (source {self.uri}: {self.counters.bad_lines} bad records exceed "

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import IO, Literal
 
 from forge_trainer import storage
-from forge_trainer.errors import DataError
+from forge_trainer.errors import DataError, StorageUnavailableError
 
 FileKind = Literal["jsonl", "txt"]
 
@@ -149,6 +149,8 @@ def iter_file(uri: str, kind: FileKind, epoch: int, file_pos: int, line: int = 1
     """Records of one file from (line, offset), as Located or BadLine items. Unreadable files raise DataError."""
     try:
         fh = _open(uri, offset)
+    except StorageUnavailableError:
+        raise
     except Exception as err:
         raise _read_error(uri, err) from err
     with fh:
@@ -158,6 +160,8 @@ def iter_file(uri: str, kind: FileKind, epoch: int, file_pos: int, line: int = 1
         while True:
             try:
                 raw = fh.readline()
+            except StorageUnavailableError:
+                raise
             except Exception as err:
                 raise _read_error(uri, err) from err
             if not raw:
@@ -176,6 +180,8 @@ def iter_file(uri: str, kind: FileKind, epoch: int, file_pos: int, line: int = 1
 def _iter_txt(fh: IO[bytes], uri: str, epoch: int, file_pos: int) -> Iterator[Item]:
     try:
         data = fh.read()
+    except StorageUnavailableError:
+        raise
     except Exception as err:
         raise _read_error(uri, err) from err
     try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from forge_trainer import storage
 from forge_trainer.data.records import EpochEnd, FileKind, Item, Position, file_kind, iter_file
-from forge_trainer.errors import DataError
+from forge_trainer.errors import DataError, StorageUnavailableError
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ def resolve_source(uri: str) -> SourceFiles:
     """List a source's files; raises DataError if there are none it can read."""
     try:
         listed = storage.list_files(uri)
+    except StorageUnavailableError:
+        raise
     except Exception as err:
         raise DataError(f"source {uri}: cannot list: {type(err).__name__}: {err}") from err
     files, ignored = [], []
