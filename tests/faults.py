@@ -5,19 +5,23 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 
 class TcpProxy:
     """A loopback TCP relay to a server that can be taken down and brought back (an outage), or made to drop its
-    open connections (a network blip)."""
+    open connections (a network blip). ``bytes_per_second`` caps the relay's total throughput (a slow link)."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], bytes_per_second: float | None = None) -> None:
         self.target = target
         self.port = 0
+        self.bytes_per_second = bytes_per_second
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._link_lock = threading.Lock()
+        self._link_free_at = 0.0
 
     def up(self) -> None:
         ls = socket.socket()
@@ -78,10 +82,21 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _throttle(self, size: int) -> None:
+        """Wait for this chunk's turn on the shared link."""
+        if not self.bytes_per_second:
+            return
+        with self._link_lock:
+            now = time.monotonic()
+            start = max(now, self._link_free_at)
+            self._link_free_at = start + size / self.bytes_per_second
+            wait = self._link_free_at - now
+        time.sleep(wait)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                self._throttle(len(data))
                 dst.sendall(data)
         except OSError:
             pass

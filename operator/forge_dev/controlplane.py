@@ -274,7 +274,10 @@ class ControlPlane:
             return "(no log)"
 
     def _write_kubeconfig(self) -> None:
-        access = ClusterAccess(server=self.server, insecure=True)
+        # The API server's self-signed certificate (with its CA) verifies TLS: clients need no insecure mode and
+        # print no insecure-request warnings.
+        ca_pem = (self._dir / "pki" / "apiserver.crt").read_bytes()
+        access = ClusterAccess(server=self.server, ca_pem=ca_pem)
         write_kubeconfig(self.kubeconfig, kubeconfig_text(access, self.token, "default", "admin"))
 
 

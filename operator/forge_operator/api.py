@@ -475,9 +475,11 @@ class RunPolicySpec(ApiModel):
     backoff_limit: int = Field(default=3, ge=0, le=100)
     """Restarts allowed before the PyTorchJob is marked Failed."""
 
-    restart_policy: RestartPolicy = "OnFailure"
-    """Replica restart policy: OnFailure (restart the container on any failure), ExitCode (the trainer's exit codes
-    1-127 are permanent failures, e.g. a bad config; 128+ are retried) or Never."""
+    restart_policy: RestartPolicy = "ExitCode"
+    """Replica restart policy. ExitCode (default): the trainer's exit codes 1-127 are permanent failures that no
+    restart can fix (bad config, bad data: the job fails at once, with the cause in the Failed condition), 128 and
+    above are retried (storage unavailable 200, a lost peer 201, killed by a signal 128+N). OnFailure restarts on
+    any failure (a permanent error is retried up to backoffLimit); Never restarts nothing."""
 
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0, le=31_536_000)
     """Delete the finished PyTorchJob (and its pods) after this many seconds; omitted: keep it. The ForgeJob keeps
@@ -850,6 +852,32 @@ class LrProbe(StatusModel):
     """Every probed multiple with its projected and measured forgetting."""
 
 
+class TrainerError(StatusModel):
+    """Written by a trainer rank just before it exits with an error, so that the cause reaches the status."""
+
+    kind: str = Field(min_length=1, max_length=128)
+    """The error's kind: DataError, ConfigError, ModelError, StorageError, StorageUnavailableError, or the Python
+    exception of an unexpected failure."""
+
+    message: str = Field(default="", max_length=4096)
+    """What went wrong; for data errors it names the file and line."""
+
+    exit_code: int = Field(ge=0, le=255)
+    """The rank's exit code (docs/trainer.md lists them)."""
+
+    retryable: bool = False
+    """True when the exit code is one that restartPolicy ExitCode retries (128 and above)."""
+
+    rank: int = Field(default=0, ge=0, le=1_000_000)
+    """The rank that failed."""
+
+    time: str | None = Field(default=None, max_length=64)
+    """When it failed (RFC 3339)."""
+
+    raised_at: str | None = Field(default=None, max_length=512)
+    """Where in the trainer's code the error was raised (file:line)."""
+
+
 class ForgeJobStatus(StatusModel):
     """Observed state; the operator and the trainer (progress, latest, checkpoints, baseline) write it."""
 
@@ -897,6 +925,9 @@ class ForgeJobStatus(StatusModel):
 
     lr_probe: LrProbe | None = None
     """Set by the trainer after the learning-rate probe (spec.training.learningRateProbe): the rate it trains at."""
+
+    trainer_error: TrainerError | None = None
+    """The last error a trainer rank exited with (kind, message, exit code, rank); the Failed condition quotes it."""
 
     @field_validator("pareto_front", mode="before")
     @classmethod

@@ -281,6 +281,40 @@ def early_stop_condition(
     return result
 
 
+REASON_TRAINER_ERROR = "TrainerError"
+
+
+def trainer_error_message(status: ForgeJobStatus) -> str | None:
+    """'DataError on rank 1 (exit code 3, not retried): /data/t.jsonl:2: ...': the trainer's own account."""
+    err = status.trainer_error
+    if err is None:
+        return None
+    retry = "retried" if err.retryable else "not retried"
+    where = f"; raised at {err.raised_at}" if err.raised_at else ""
+    return f"{err.kind} on rank {err.rank} (exit code {err.exit_code}, {retry}{where}): {err.message}"
+
+
+def failure_condition(
+    conditions: Sequence[Condition], status: ForgeJobStatus, *, at: str, generation: int | None
+) -> list[Condition]:
+    """A Failed=True condition carries the trainer's reported error, so the cause is in the status, not only in a
+    pod log: reason TrainerError and the trainer's message before what the PyTorchJob said."""
+    failed = cond.find(conditions, "Failed")
+    account = trainer_error_message(status)
+    if failed is None or failed.status != "True" or account is None or failed.message.startswith(account):
+        return list(conditions)
+    reported = f"; the PyTorchJob reported: {failed.message}" if failed.message else ""
+    return cond.upsert(
+        conditions,
+        "Failed",
+        "True",
+        REASON_TRAINER_ERROR,
+        f"{account}{reported}",
+        at=at,
+        observed_generation=generation,
+    )
+
+
 def rebalance_condition(
     conditions: Sequence[Condition], spec: ForgeJobSpec, status: ForgeJobStatus, *, at: str, generation: int | None
 ) -> list[Condition]:
@@ -429,6 +463,7 @@ def desired_status(
         conditions = forgetting_condition(conditions, spec, status, budget, at=at, generation=generation)
         conditions = early_stop_condition(conditions, status, at=at, generation=generation)
         conditions = rebalance_condition(conditions, spec, status, at=at, generation=generation)
+        conditions = failure_condition(conditions, status, at=at, generation=generation)
         selection = select(
             status.checkpoints,
             status.baseline,

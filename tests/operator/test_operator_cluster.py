@@ -141,7 +141,7 @@ def test_apply_creates_owned_children_with_the_right_specs(
     assert job["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
     assert job["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
     for replica in job["pytorchReplicaSpecs"].values():
-        assert replica["restartPolicy"] == "OnFailure"
+        assert replica["restartPolicy"] == "ExitCode"
         pod = replica["template"]["spec"]
         assert pod["serviceAccountName"] == "support-bot-trainer"
         assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}

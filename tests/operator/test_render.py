@@ -66,7 +66,7 @@ def test_pytorchjob_shape() -> None:
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
     assert job["spec"]["runPolicy"] == {"backoffLimit": 3, "suspend": False}
-    assert replicas["Master"]["restartPolicy"] == "OnFailure"
+    assert replicas["Master"]["restartPolicy"] == "ExitCode"
 
 
 def test_single_node_has_no_worker_and_cpu_has_no_gpu() -> None:

@@ -391,3 +391,45 @@ def test_the_pareto_front_is_written_in_api_form() -> None:
     assert change.patch["status"]["selected"]["kind"] == "checkpoint"
     again = desired_status(apply(report, change), pareto, generation=1, at="later")
     assert again.empty, "written back and read again: nothing changes"
+
+
+DATA_ERROR = {
+    "kind": "DataError",
+    "message": "/data/tickets.jsonl:2: 'text' must be a non-empty string",
+    "exitCode": 3,
+    "retryable": False,
+    "rank": 1,
+    "time": "2026-01-01T00:09:59Z",
+    "raisedAt": "forge_trainer/data/pack.py:197",
+}
+
+
+@pytest.mark.parametrize("report_first", [True, False])
+def test_the_failed_condition_quotes_the_trainers_error(report_first: bool) -> None:
+    """The cause reaches the status (and kubectl describe), whichever arrives first: the report or the failure."""
+    status = step(accepted(), pytorchjob=RUNNING)[0]
+    failed_job = pytorchjob(("Created", "True"), ("Running", "False"), ("Failed", "True"))
+    if report_first:
+        reported = with_report(status, trainerError=DATA_ERROR)
+        assert by_type(step(reported, pytorchjob=RUNNING)[0]).get("Failed") is None  # not failed before it fails
+        ended, _ = step(reported, pytorchjob=failed_job)
+    else:
+        failed, _ = step(status, pytorchjob=failed_job)
+        assert by_type(failed)["Failed"].reason == "PyTorchJobFailed"
+        ended, _ = step(with_report(failed, trainerError=DATA_ERROR))
+    assert ended.state == "Failed"
+    failed_condition = by_type(ended)["Failed"]
+    assert (failed_condition.status, failed_condition.reason) == ("True", "TrainerError")
+    assert failed_condition.message == (
+        "DataError on rank 1 (exit code 3, not retried; raised at forge_trainer/data/pack.py:197): "
+        "/data/tickets.jsonl:2: 'text' must be a non-empty string; the PyTorchJob reported: Failed message"
+    )
+    _, again = step(ended, at="2026-01-01T00:30:00Z", pytorchjob=failed_job)
+    assert again.empty, "idempotent: the message is not prefixed twice"
+
+
+def test_a_retried_trainer_error_does_not_fail_a_running_job() -> None:
+    status = step(accepted(), pytorchjob=RUNNING)[0]
+    transient = {**DATA_ERROR, "kind": "StorageUnavailableError", "exitCode": 200, "retryable": True}
+    running, _ = step(with_report(status, trainerError=transient), pytorchjob=RUNNING)
+    assert running.state == "Running" and "Failed" not in by_type(running)

@@ -171,8 +171,11 @@ def start_ranks(
     workdir: Path,
     env: dict[str, str] | None = None,
     nproc_per_node: int = 1,
+    env_of_pod: dict[int, dict[str, str]] | None = None,
 ) -> Ranks:
-    """One process per pod, as a PyTorchJob's pods: MASTER_ADDR/PORT, WORLD_SIZE, RANK (+ PET_*), no LOCAL_RANK."""
+    """One process per pod, as a PyTorchJob's pods: MASTER_ADDR/PORT, WORLD_SIZE, RANK (+ PET_*), no LOCAL_RANK.
+
+    ``env_of_pod`` adds variables to single pods (e.g. one pod's own route to storage, for fault drills)."""
     port = free_port()
     pods = world_size // nproc_per_node
     procs, logs = [], []
@@ -188,6 +191,7 @@ def start_ranks(
             PET_NODE_RANK=str(pod),
             PET_NPROC_PER_NODE=str(nproc_per_node),
         )
+        pod_env.update((env_of_pod or {}).get(pod, {}))
         log = workdir / f"rank{pod}"
         with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
             procs.append(

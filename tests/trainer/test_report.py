@@ -25,6 +25,7 @@ from forge_trainer.report import (
     status_patch,
 )
 from tests.faults import TcpProxy
+from tests.trainer.harness import merged, run_ranks, write_config
 
 BASE = EvalResult(0, 2.0, 3.0, None, None)
 
@@ -299,3 +300,28 @@ def test_guard_status_is_accepted_by_the_crd_and_a_rejected_patch_is_dropped(
     assert status["progress"]["step"] == 10
     parsed = ForgeJobStatus.model_validate(status)
     assert parsed.early_stop is not None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_data_error_reaches_the_forgejob_status_with_file_and_line(
+    cluster: Any, forgejob: ForgeJobRef, base_config: dict[str, Any], tmp_path: Path
+) -> None:
+    """The real trainer (2 ranks) meets garbage in a domain file: before exiting with the permanent data-error code
+    it writes the cause, with file and line, to its ForgeJob's status on the real API server."""
+    from forge_operator.api import ForgeJobStatus
+    from forge_trainer.errors import EXIT_DATA
+
+    bad = tmp_path / "bad" / "tickets.jsonl"
+    bad.parent.mkdir()
+    bad.write_text('{"text": "ticket 1: fine."}\n{"text": 5}\n' + '{"text": "ticket 2: fine."}\n' * 50)
+    ref = {"namespace": forgejob.namespace, "name": forgejob.name}
+    cfg = merged(base_config, data={"domain": [{"uri": str(bad)}], "maxBadLines": 0}, report={"forgeJob": ref})
+    env = {"KUBECONFIG": str(cluster.kubeconfig)}
+    results = run_ranks(write_config(tmp_path / "c.json", cfg), 2, tmp_path / "run", env=env, timeout=200)
+    assert [r.returncode for r in results] == [EXIT_DATA, EXIT_DATA], "\n".join(r.describe() for r in results)
+    error = read_status(cluster, forgejob)["trainerError"]
+    assert error["kind"] == "DataError" and error["exitCode"] == EXIT_DATA and error["retryable"] is False
+    assert error["message"].startswith(f"{bad}:2: 'text' must be a non-empty string")
+    assert error["rank"] in (0, 1) and error["raisedAt"].startswith("forge_trainer/")
+    assert ForgeJobStatus.model_validate(read_status(cluster, forgejob)).trainer_error is not None

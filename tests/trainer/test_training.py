@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,8 @@ import torch
 
 from forge_trainer import checkpoint as ckpt
 from forge_trainer import storage
-from forge_trainer.errors import EXIT_DATA
+from forge_trainer.errors import EXIT_DATA, EXIT_PEER_LOST, EXIT_STORAGE_UNAVAILABLE
+from tests.faults import TcpProxy
 from tests.trainer.conftest import Corpora, make_base_config
 from tests.trainer.harness import (
     RankResult,
@@ -181,7 +185,9 @@ def test_killed_rank_resumes_and_matches_the_uninterrupted_run(
     except subprocess.TimeoutExpired:
         pytest.fail("rank 0 hung after its peer was killed")
     first = ranks.collect()
-    assert first[0].returncode != 0
+    assert first[0].returncode == EXIT_PEER_LOST, first[0].describe()  # collateral: retried, and says so
+    lost = [line for line in first[0].stderr.splitlines() if "PeerLostError" in line]
+    assert len(lost) == 1 and "lost contact with another rank" in lost[0] and "Traceback" not in first[0].stderr
     done = [m["step"] for m in ckpt.complete_checkpoints("s3://train/resume/")]
     assert done and done[-1] < STEPS, done
     last = done[-1]
@@ -194,11 +200,16 @@ def test_killed_rank_resumes_and_matches_the_uninterrupted_run(
             assert data is not None
             storage.write_bytes(f"s3://train/resume/{half}/{rel}", data)
 
-    # The rerun lands on "another node": an empty local disk, so the checkpoint comes back from S3.
+    # The rerun lands on "another node": an empty local disk, so the checkpoint comes back from S3; and S3 is
+    # unreachable for its first seconds: the manifest reads fail, are retried, and must not send it back to step 0.
     cfg2 = merged(cfg, checkpoints={"localDir": str(tmp_path / "local-after-restart")})
     config2 = write_config(tmp_path / "config2.json", cfg2)
-    second = run_ranks(config2, 2, tmp_path / "second", env=s3.env, timeout=240)
+    with s3_relay(s3) as (relay, env):
+        relay.down()
+        threading.Timer(6.0, relay.up).start()
+        second = run_ranks(config2, 2, tmp_path / "second", env=env, timeout=240)
     assert_ok(second)
+    assert "retrying" in second[0].stderr, "the outage was not met: the test would prove nothing"
     events = second[0].events
     resumed = [e for e in events if e["event"] == "resumed"]
     assert [e["step"] for e in resumed] == [last]
@@ -210,6 +221,70 @@ def test_killed_rank_resumes_and_matches_the_uninterrupted_run(
     new_final = [e for e in events if e["event"] == "eval"][-1]
     assert new_final == ref_final
     assert [m["step"] for m in ckpt.complete_checkpoints("s3://train/resume/")] == list(range(EVERY, STEPS + 1, EVERY))
+
+
+@contextmanager
+def s3_relay(s3: S3Server, retry_seconds: float = 60) -> Iterator[tuple[TcpProxy, dict[str, str]]]:
+    """A relay to the S3 server the test can take down, and the trainer env that goes through it."""
+    host, port = s3.endpoint.removeprefix("http://").split(":")
+    relay = TcpProxy((host, int(port)))
+    relay.up()
+    env = {
+        **s3.env,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay.port}",
+        storage.RETRY_SECONDS_ENV: str(retry_seconds),
+    }
+    try:
+        yield relay, env
+    finally:
+        relay.down()
+
+
+@pytest.mark.timeout(300)
+def test_s3_down_during_a_save_costs_no_step(reference: Reference, tmp_path: Path, s3: S3Server) -> None:
+    """S3 refuses connections for a few seconds while a checkpoint uploads: the upload is retried in the background,
+    the run finishes, trains every step once with the reference's losses, and every checkpoint is complete."""
+    cfg = reference_config(reference.cfg, "train", "outage-save", tmp_path / "local")
+    config = write_config(tmp_path / "config.json", cfg)
+    with s3_relay(s3) as (relay, env):
+        ranks = start_ranks(config, 2, tmp_path / "run", env=env)
+        ranks.wait_for_event(lambda e: e["event"] == "step" and e["step"] == EVERY - 1, timeout=240)
+        with relay.outage(5.0):
+            time.sleep(0.1)
+        results = ranks.wait(timeout=240)
+    assert_ok(results)
+    assert "retrying" in results[0].stderr + results[1].stderr, "the outage was not met: the test would prove nothing"
+    losses = step_losses(results[0].events)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert all(abs(losses[s] - reference.losses[s]) <= RESUME_TOLERANCE for s in losses)
+    assert not [e for e in results[0].events if e["event"] == "resumed"]
+    done = [e["step"] for e in results[0].events if e["event"] == "checkpoint"]
+    assert done == [4, 8, 12] == [m["step"] for m in ckpt.complete_checkpoints("s3://train/outage-save/")]
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_upload_on_one_rank_ends_the_save_on_every_rank(
+    reference: Reference, tmp_path: Path, s3: S3Server
+) -> None:
+    """Rank 1's route to S3 goes down for good after it started: its upload fails after the retries and every rank
+    ends within seconds with the retryable storage code, rank 0 naming rank 1; the checkpoint stays incomplete."""
+    cfg = reference_config(reference.cfg, "train", "rank1-upload", tmp_path / "local")
+    config = write_config(tmp_path / "config.json", cfg)
+    with s3_relay(s3, retry_seconds=4) as (relay, env):
+        ranks = start_ranks(
+            config, 2, tmp_path / "run", env={**s3.env, storage.RETRY_SECONDS_ENV: "4"}, env_of_pod={1: env}
+        )
+        ranks.wait_for_event(lambda e: e["event"] == "step" and e["step"] == 2, timeout=240)
+        relay.down()
+        ranks.wait_for_event(lambda e: e["event"] == "step" and e["step"] == EVERY, timeout=120)
+        saved_at = time.monotonic()
+        results = ranks.wait(timeout=120)
+        ended_after = time.monotonic() - saved_at
+    assert [r.returncode for r in results] == [EXIT_STORAGE_UNAVAILABLE] * 2, [r.describe() for r in results]
+    assert "upload failed on rank 1" in results[0].stderr and "upload failed on rank 1" in results[1].stderr
+    assert ended_after < 100, f"the ranks took {ended_after:.0f}s: they waited for the distributed timeout (120 s)"
+    assert ckpt.complete_checkpoints("s3://train/rank1-upload/") == []
+    assert not [e for e in results[0].events if e["event"] == "checkpoint"]
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -1111,6 +1111,6 @@ def is_peer_loss(err: BaseException) -> bool:
 def _first_line(err: BaseException) -> str:
     """The gist of a long distributed error message."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if "] " in text:
+    if text.startswith("[") and "] " in text:
         text = text.split("] ", 1)[1]  # drop the C++ source location
-    return text[:200]
+    return text.split(". ", 1)[0][:200]  # the first sentence: gloo's advice follows it

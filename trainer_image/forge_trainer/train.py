@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +39,17 @@ def _setup_logging() -> None:
         stream=sys.stderr,
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_notices()
+
+
+def _quiet_notices() -> None:
+    """Keep the replica logs to what a user can act on: DeepSpeed's "no GPU detected, using the CPU" warning (on a
+    CPU run, where that is the point) and a deprecation inside DeepSpeed's own collectives are not."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 def _parser() -> argparse.ArgumentParser:
