@@ -28,6 +28,7 @@ ForgettingAction = Literal["stop", "warn", "rebalance"]
 SelectionPolicy = Literal["best-within-budget", "pareto", "last"]
 CandidateKind = Literal["checkpoint", "average", "interpolation"]
 RestartPolicy = Literal["OnFailure", "ExitCode", "Never"]
+OutputRetention = Literal["dropOptimizerState", "keepAll"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 State = Literal["Pending", "Invalid", "Running", "Restarting", "Suspended", "Succeeded", "EarlyStopped", "Failed"]
 STATES: tuple[State, ...] = (
@@ -358,6 +359,16 @@ class CheckpointSpec(ApiModel):
 
     keep: int = Field(default=3, ge=1, le=10_000)
     """Complete checkpoints kept on the trainer's local disk (newest first)."""
+
+    keep_resumable: int = Field(default=2, ge=1, le=10_000)
+    """The newest complete checkpoints that keep their training state (optimizer and RNG states) in the output, so
+    that the run can resume from them."""
+
+    output_retention: OutputRetention = "dropOptimizerState"
+    """What the output keeps. dropOptimizerState: after each save the trainer drops the training state of the
+    checkpoints beyond keepResumable that are neither status.selected nor on the Pareto set (their hf/ export, the
+    weights, stays, so selection can still pick them); keepAll: every checkpoint whole (hundreds of GB per
+    checkpoint at 7B and up)."""
 
     candidates: CandidatesSpec = section()
     """End-of-run candidates: averages and interpolations built from the saved checkpoints when the run ends (also

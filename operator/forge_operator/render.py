@@ -232,6 +232,8 @@ def build_trainer_config(
             "everySteps": spec.checkpoints.every_steps,
             "output": spec.checkpoints.output,
             "keep": spec.checkpoints.keep,
+            "keepResumable": spec.checkpoints.keep_resumable,
+            "outputRetention": spec.checkpoints.output_retention,
             "localDir": CHECKPOINT_LOCAL_DIR,
             "candidates": {
                 "averageLast": candidates.average_last,

@@ -263,3 +263,42 @@ def test_an_aggressive_learning_rate_is_stopped_early_with_its_reason(stack: Sta
     assert condition["status"] == "True" and condition["reason"] == early["reason"]
     assert condition["message"], condition
     assert status["progress"]["step"] < max_steps
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_bad_data_fails_at_once_with_file_and_line_in_the_status(stack: Stack) -> None:
+    """Garbage in a domain file is a permanent error: the trainer reports it before exiting with the data-error code,
+    the ForgeJob's Failed condition quotes it with file and line, and restartPolicy ExitCode does not retry it."""
+    from forge_trainer import tiny
+
+    good = tiny.write_corpus(stack.workdir / "bad-data" / "good.jsonl", "chat", 200, seed=5).read_text().splitlines()
+    bad = "\n".join([good[0], '{"messages": 5}', *good[1:]]) + "\n"
+    stack.s3.put_object(Bucket=BUCKET, Key="data/bad.jsonl", Body=bad.encode())
+    name = "bad-data"
+    manifest = forgejob(name, "3e-3", 30)
+    manifest["spec"]["data"]["domain"] = [{"uri": f"s3://{BUCKET}/data/bad.jsonl"}]
+    manifest["spec"]["data"]["maxBadLines"] = 0
+    client.CustomObjectsApi(stack.api).create_namespaced_custom_object(
+        GROUP, VERSION, stack.namespace, PLURAL, manifest
+    )
+
+    def failed() -> dict[str, Any] | None:
+        status: dict[str, Any] = stack.forgejob(name).get("status") or {}
+        if status.get("state") in ("Succeeded", "EarlyStopped", "Invalid"):
+            raise AssertionError(f"the run ended {status.get('state')}: {json.dumps(status, indent=1)}\n{stack.logs()}")
+        condition = {c["type"]: c for c in status.get("conditions", [])}.get("Failed", {})
+        return status if status.get("state") == "Failed" and condition.get("reason") == "TrainerError" else None
+
+    status = wait_for(failed, "the ForgeJob to fail with the trainer's error", 300, stack.logs)
+    condition = {c["type"]: c for c in status["conditions"]}["Failed"]
+    assert f"s3://{BUCKET}/data/bad.jsonl:2:" in condition["message"], condition
+    assert condition["message"].startswith("DataError on rank"), condition
+    error = status["trainerError"]
+    assert error["kind"] == "DataError" and error["exitCode"] == 3 and error["retryable"] is False
+    assert "Restarting" not in {c["type"] for c in status["conditions"]}, "a permanent error was retried"
+    job = client.CustomObjectsApi(stack.api).get_namespaced_custom_object(
+        "kubeflow.org", "v1", stack.namespace, "pytorchjobs", status["pytorchJob"]
+    )
+    seen = {c["type"] for c in job["status"]["conditions"]}
+    assert "Failed" in seen and "Restarting" not in seen, job["status"]

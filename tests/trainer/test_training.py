@@ -86,7 +86,9 @@ def scrape_while_running(ranks: Ranks, rank: int, timeout: float) -> list[str]:
         if port is not None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
-                    scrapes.append(resp.read().decode())
+                    body = resp.read().decode()
+                if body:  # a scrape cut short by the process exiting reads as an empty body
+                    scrapes.append(body)
             except OSError:
                 pass
         time.sleep(0.1)

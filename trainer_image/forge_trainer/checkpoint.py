@@ -142,6 +142,17 @@ def latest_complete(output: str) -> dict[str, Any] | None:
     return found[-1] if found else None
 
 
+def is_resumable(manifest: dict[str, Any]) -> bool:
+    """False for a checkpoint whose training state the output retention dropped (only its hf/ export is left)."""
+    return manifest.get("resumable") is not False
+
+
+def latest_resumable(output: str) -> dict[str, Any] | None:
+    """The newest complete checkpoint that still holds its training state (a run resumes from it)."""
+    found = [m for m in complete_checkpoints(output) if is_resumable(m)]
+    return found[-1] if found else None
+
+
 @dataclass(frozen=True)
 class Places:
     """Where checkpoints go: node-local folder and durable output."""
@@ -329,6 +340,14 @@ def prune_local(places: Places, keep: int) -> list[str]:
                 shutil.rmtree(places.local_dir / t, ignore_errors=True)
                 removed.append(t)
     return removed
+
+
+def remove_empty_folders(folder: str) -> None:
+    """Remove the empty folders under a local folder (after files were deleted from it)."""
+    root = Path(folder)
+    for path in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(path.iterdir()):
+            path.rmdir()
 
 
 def read_state(tag_dir: Path) -> dict[str, Any]:

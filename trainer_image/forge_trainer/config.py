@@ -377,6 +377,23 @@ class CheckpointSettings(_Model):
             "When the output is the local folder itself, this bounds the output too."
         ),
     )
+    keep_resumable: int = Field(
+        default=2,
+        ge=1,
+        le=10_000,
+        description=(
+            "The newest complete checkpoints that keep their training state (optimizer, RNG) in the output, so that "
+            "a run can resume from them; older ones keep it too while they are selected or on the Pareto set."
+        ),
+    )
+    output_retention: Literal["keepAll", "dropOptimizerState"] = Field(
+        default="dropOptimizerState",
+        description=(
+            "dropOptimizerState: after each save, drop the training state of the output's checkpoints beyond "
+            "keepResumable that are neither selected nor on the Pareto set (their hf/ export stays); keepAll: "
+            "keep every checkpoint whole."
+        ),
+    )
     background_upload: bool = Field(
         default=True,
         description=(

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from forge_trainer import candidates as cand
 from forge_trainer import checkpoint as ckpt
-from forge_trainer import probe, storage
+from forge_trainer import probe, retention, storage
 from forge_trainer.config import TrainerConfig
 from forge_trainer.data.encode import DocEncoder
 from forge_trainer.data.loader import (
@@ -76,7 +77,9 @@ from forge_trainer.report import (
     StatusReporter,
     baseline_status,
     checkpoint_entry,
+    chosen_uris,
     kube_patcher,
+    kube_status_reader,
     latest_status,
     progress_status,
     status_patch,
@@ -196,6 +199,7 @@ class Run:
         self.encoder: DocEncoder | None = None
         self.prefetch: Prefetcher | None = None
         self.pending_save: PendingSave | None = None
+        self.retention_thread: threading.Thread | None = None
         self.guard = Guard(cfg.forgetting, cfg.training.max_steps, cfg.training.learning_rate, cfg.data.domain_percent)
         self.guard.can_rebalance = bool(cfg.data.general)
         self.guard.lr_of = lambda i: self.cfg.training.learning_rate * lr_factor(self.cfg.training, i)
@@ -399,7 +403,7 @@ class Run:
 
     def _find_resume(self) -> dict[str, Any] | None:
         """The newest complete checkpoint in the output (rank 0 reads, every rank gets it, or the read error)."""
-        found = self._on_main(lambda: ckpt.latest_complete(self.cfg.checkpoints.output))
+        found = self._on_main(lambda: ckpt.latest_resumable(self.cfg.checkpoints.output))
         if found is not None:
             uri = self.places.remote(int(found["step"]))
             ckpt.check_world_size(found, self.denv.world_size, uri)
@@ -781,7 +785,28 @@ class Run:
         )
         if self.reporter is not None:
             self.reporter.submit(status_patch(checkpoints=list(self.progress.checkpoints)))
+        self._start_retention()
         return manifest
+
+    def _start_retention(self) -> None:
+        """Rank 0: a retention pass over the output in the background, after a save became complete."""
+        if self.cfg.checkpoints.output_retention == "keepAll" or self._output_is_local:
+            return
+        if self.retention_thread is not None and self.retention_thread.is_alive():
+            return  # the next completed save starts another pass
+        self.retention_thread = threading.Thread(target=self._retention_pass, name="forge-retention", daemon=True)
+        self.retention_thread.start()
+
+    def _retention_pass(self) -> None:
+        cfg = self.cfg.checkpoints
+        try:
+            chosen: list[str] = []
+            if self.cfg.report.forge_job is not None:
+                chosen = chosen_uris(kube_status_reader(self.cfg.report.forge_job)())
+            for slimmed in retention.apply_retention(cfg.output, cfg.keep_resumable, chosen):
+                emit("retention", step=slimmed.step, droppedFiles=slimmed.files, droppedBytes=slimmed.bytes)
+        except Exception as err:  # retention saves space; it must never end the run. The next pass tries again.
+            log.warning("output retention pass skipped: %s: %s", type(err).__name__, err)
 
     def _on_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only and hand every rank its result, or its error, raised on every rank at once."""
@@ -989,6 +1014,8 @@ class Run:
     def close(self, ok: bool) -> None:
         """Flush reports and leave the process group (after a barrier when every rank got here cleanly)."""
         flush_s = float(os.environ.get("FORGE_REPORT_FLUSH_S", "30"))
+        if self.retention_thread is not None:
+            self.retention_thread.join(flush_s)
         if self.reporter is not None and not self.reporter.close(timeout=flush_s):
             log.warning("some status reports could not be delivered")
         if dist.is_initialized():

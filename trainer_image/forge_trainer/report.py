@@ -221,6 +221,35 @@ def kube_patcher(ref: ForgeJobRef) -> PatchFn:
     return patch
 
 
+def kube_status_reader(ref: ForgeJobRef) -> Callable[[], dict[str, Any]]:
+    """A function that reads the ForgeJob's status (the trainer's Role grants get on its own ForgeJob)."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    api = client.CustomObjectsApi()
+
+    def read() -> dict[str, Any]:
+        obj = api.get_namespaced_custom_object(
+            ref.group, ref.version, ref.namespace, ref.plural, ref.name, _request_timeout=(5, 15)
+        )
+        status: dict[str, Any] = obj.get("status") or {}
+        return status
+
+    return read
+
+
+def chosen_uris(status: dict[str, Any]) -> list[str]:
+    """The URIs the operator chose or may still choose: status.selected and status.paretoFront."""
+    uris = [str(p["uri"]) for p in status.get("paretoFront") or [] if isinstance(p, dict) and p.get("uri")]
+    selected = status.get("selected")
+    if isinstance(selected, dict) and selected.get("uri"):
+        uris.append(str(selected["uri"]))
+    return uris
+
+
 class StatusReporter:
     """Sends coalesced status patches from a background thread, at most one per ``min_interval`` seconds."""
 

@@ -78,6 +78,13 @@ def export_checkpoint(config_path: str, checkpoint: str, out: Path) -> None:
     manifest = ckpt.read_manifest(checkpoint)
     if manifest is None:
         raise StorageError(f"{checkpoint}: not a complete checkpoint (no {ckpt.MANIFEST})")
+    if not ckpt.is_resumable(manifest):
+        # The output retention kept only this checkpoint's hf/ export (weights, config, tokenizer): that is the export.
+        prefix = ckpt.HF_DIR + "/"
+        for f in manifest["files"]:
+            if f["path"].startswith(prefix):
+                storage.download(storage.join(checkpoint, f["path"]), out / f["path"][len(prefix) :])
+        return
     with tempfile.TemporaryDirectory(prefix="forge-export-") as tmp:
         parent = checkpoint.rstrip("/").rsplit("/", 1)[0]
         if not storage.is_s3(checkpoint) and Path(checkpoint).is_dir():
