@@ -29,10 +29,13 @@ SelectionPolicy = Literal["best-within-budget", "pareto", "last"]
 CandidateKind = Literal["checkpoint", "average", "interpolation"]
 RestartPolicy = Literal["OnFailure", "ExitCode", "Never"]
 ConditionStatus = Literal["True", "False", "Unknown"]
-State = Literal["Pending", "Invalid", "Running", "Restarting", "Suspended", "Succeeded", "EarlyStopped", "Failed"]
+State = Literal[
+    "Pending", "Invalid", "Queued", "Running", "Restarting", "Suspended", "Succeeded", "EarlyStopped", "Failed"
+]
 STATES: tuple[State, ...] = (
     "Pending",
     "Invalid",
+    "Queued",
     "Running",
     "Restarting",
     "Suspended",
@@ -469,6 +472,28 @@ class EnvVar(ApiModel):
     """Value from a Secret, a ConfigMap or the pod; exclusive with value."""
 
 
+# A Kubernetes label value (a LocalQueue name, a WorkloadPriorityClass name) and a DNS-1123 subdomain (PriorityClass).
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+class SchedulingSpec(ApiModel):
+    """How the run shares the cluster: the Kueue queue it waits in and its priority."""
+
+    queue_name: str | None = Field(default=None, max_length=63, pattern=LABEL_VALUE_PATTERN)
+    """Kueue LocalQueue (in the ForgeJob's namespace) the run waits in: the PyTorchJob gets the label
+    kueue.x-k8s.io/queue-name, is created suspended, and Kueue un-suspends it when it admits it (and suspends it again
+    when it pre-empts it). The ForgeJob's state is Queued while Kueue holds it. Omitted: no queue."""
+
+    workload_priority_class: str | None = Field(default=None, max_length=63, pattern=LABEL_VALUE_PATTERN)
+    """Kueue WorkloadPriorityClass of the run (label kueue.x-k8s.io/priority-class): its priority in the queue and
+    for pre-emption, without changing the pods' priority. Needs queueName."""
+
+    priority_class_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Kubernetes PriorityClass of the trainer pods (priorityClassName); Kueue also uses it as the run's priority
+    when no workloadPriorityClass is set."""
+
+
 class RunPolicySpec(ApiModel):
     """How the PyTorchJob retries and is cleaned up (Kubeflow runPolicy)."""
 
@@ -524,9 +549,13 @@ class ForgeJobSpec(ApiModel):
     run_policy: RunPolicySpec = section()
     """Retries, restart policy, deadline and clean-up of the PyTorchJob."""
 
+    scheduling: SchedulingSpec = section()
+    """Queue (Kueue) and priority of the run on a shared cluster."""
+
     suspend: bool = False
     """Pause (true) or resume (false) the run. With checkpoints.selection, the only fields that may change once the
-    PyTorchJob exists."""
+    PyTorchJob exists. The operator writes the PyTorchJob's runPolicy.suspend only when this field changes; with
+    scheduling.queueName it never un-suspends the PyTorchJob itself (Kueue does, when it admits the run)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -544,8 +573,8 @@ class Condition(StatusModel):
     """One aspect of the ForgeJob's state (Kubernetes API conventions)."""
 
     type: str = Field(min_length=1, max_length=316)
-    """Accepted, Created, Running, Restarting, Suspended, Succeeded, Failed, ForgettingWithinBudget, EarlyStopped,
-    GuardWarning, Rebalanced."""
+    """Accepted, Queued, Created, Running, Restarting, Suspended, Succeeded, Failed, ForgettingWithinBudget,
+    EarlyStopped, GuardWarning, Rebalanced."""
 
     status: ConditionStatus
     """True, False or Unknown."""

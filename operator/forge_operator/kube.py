@@ -167,6 +167,30 @@ class Kube:
         holder = f"{controller.get('kind')} uid {controller.get('uid')}" if controller else "no controller"
         return Ensured(existing, conflict=f"{kind} {namespace}/{name} already exists and belongs to {holder}")
 
+    def set_finalizer(self, kind: str, namespace: str, name: str, finalizer: str, *, present: bool) -> None:
+        """Add or remove one finalizer, keeping the others; a concurrent change is re-read (409), a gone object is
+        fine (404)."""
+        for _ in range(8):
+            obj = self.get(kind, namespace, name)
+            if obj is None:
+                return
+            finalizers = list(obj["metadata"].get("finalizers") or [])
+            if (finalizer in finalizers) == present:
+                return
+            if present and obj["metadata"].get("deletionTimestamp"):
+                return  # no new finalizer on an object being deleted
+            finalizers = [*finalizers, finalizer] if present else [f for f in finalizers if f != finalizer]
+            patch = {"metadata": {"finalizers": finalizers, "resourceVersion": obj["metadata"]["resourceVersion"]}}
+            try:
+                self.merge_patch(kind, namespace, name, patch)
+                return
+            except ApiException as error:
+                if error.status == 404:
+                    return
+                if error.status != 409:
+                    raise
+        raise StatusConflictError(f"finalizers of {kind} {namespace}/{name} kept changing")
+
     def update_status(
         self,
         namespace: str,

@@ -44,6 +44,17 @@ def forgejob_spec(body: kopf.Body, memo: Any, logger: Logger, **_: Any) -> None:
         handle_reconcile_forgejob.reconcile(_ctx(memo), body, logger)
 
 
+def _resync_seconds() -> float:
+    """The timer's interval is fixed when kopf registers it, at import: read from FORGE_RESYNC_SECONDS."""
+    return float(Settings().resync_seconds)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=_resync_seconds(), initial_delay=_resync_seconds())
+def forgejob_resync(body: kopf.Body, memo: Any, logger: Logger, **_: Any) -> None:
+    with guard(handle_reconcile_forgejob.RESYNC, body):
+        handle_reconcile_forgejob.reconcile(_ctx(memo), body, logger)
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def forgejob_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
     with guard(handle_sync_status.HANDLER, body):

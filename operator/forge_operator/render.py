@@ -30,6 +30,15 @@ MANAGED_BY = "forge-operator"
 JOB_LABEL = "forge.dev/forgejob"
 SPEC_DIGEST_ANNOTATION = "forge.dev/spec-digest"
 ACCEPTED_SPEC_ANNOTATION = "forge.dev/accepted-spec"
+# The last spec.suspend the operator wrote to runPolicy.suspend: the field is written again only when spec.suspend
+# differs from it, so a queue manager (Kueue) owns runPolicy.suspend in between.
+SUSPEND_ANNOTATION = "forge.dev/suspend-requested"
+# Keeps a deleted PyTorchJob readable until the operator has mirrored its final conditions (e.g. deleted by
+# ttlSecondsAfterFinished while the operator was down): a finished run is then never started again.
+FINAL_STATUS_FINALIZER = "forge.dev/final-status"
+# Kueue's contract for jobs it manages (kueue.x-k8s.io labels on the job's metadata).
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"
 # spec fields that may change after the PyTorchJob exists (pydantic exclude form); every other change is refused.
 MUTABLE_SPEC_FIELDS: dict[str, Any] = {
     "suspend": True,
@@ -386,16 +395,39 @@ def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, imag
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
     if spec.resources.tolerations:
         pod_spec["tolerations"] = [t.to_api() for t in spec.resources.tolerations]
+    if spec.scheduling.priority_class_name:
+        pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
     return {"metadata": {"labels": labels(owner.name)}, "spec": pod_spec}
 
 
+def suspend_value(suspend: bool) -> str:
+    """The SUSPEND_ANNOTATION value for a spec.suspend."""
+    return "true" if suspend else "false"
+
+
+def created_suspended(spec: ForgeJobSpec) -> bool:
+    """A queued run is created suspended, as Kueue's webhook would make it: no pod starts before admission."""
+    return spec.suspend or spec.scheduling.queue_name is not None
+
+
 def build_run_policy(spec: ForgeJobSpec) -> dict[str, Any]:
-    run_policy: dict[str, Any] = {"backoffLimit": spec.run_policy.backoff_limit, "suspend": spec.suspend}
+    run_policy: dict[str, Any] = {"backoffLimit": spec.run_policy.backoff_limit, "suspend": created_suspended(spec)}
     if spec.run_policy.ttl_seconds_after_finished is not None:
         run_policy["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
     if spec.run_policy.active_deadline_seconds is not None:
         run_policy["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
     return run_policy
+
+
+def queue_labels(spec: ForgeJobSpec) -> dict[str, str]:
+    """Kueue's labels on the PyTorchJob: the LocalQueue and the WorkloadPriorityClass."""
+    scheduling = spec.scheduling
+    result: dict[str, str] = {}
+    if scheduling.queue_name:
+        result[QUEUE_LABEL] = scheduling.queue_name
+    if scheduling.workload_priority_class:
+        result[PRIORITY_CLASS_LABEL] = scheduling.workload_priority_class
+    return result
 
 
 def build_pytorchjob(owner: Owner, spec: ForgeJobSpec, options: RenderOptions) -> dict[str, Any]:
@@ -411,10 +443,14 @@ def build_pytorchjob(owner: Owner, spec: ForgeJobSpec, options: RenderOptions) -
     replicas = {"Master": replica(1)}
     if spec.resources.nodes > 1:
         replicas["Worker"] = replica(spec.resources.nodes - 1)
+    annotations = {SPEC_DIGEST_ANNOTATION: spec_digest(spec), SUSPEND_ANNOTATION: suspend_value(spec.suspend)}
+    metadata = _metadata(owner, pytorchjob_name(owner.name), annotations)
+    metadata["labels"].update(queue_labels(spec))
+    metadata["finalizers"] = [FINAL_STATUS_FINALIZER]
     return {
         "apiVersion": PYTORCHJOB_API_VERSION,
         "kind": PYTORCHJOB_KIND,
-        "metadata": _metadata(owner, pytorchjob_name(owner.name), {SPEC_DIGEST_ANNOTATION: spec_digest(spec)}),
+        "metadata": metadata,
         "spec": {
             "nprocPerNode": str(processes_per_pod(spec)),
             "runPolicy": build_run_policy(spec),

@@ -294,3 +294,34 @@ def test_learning_rate_probe_is_rendered_as_factors_only_when_set() -> None:
     assert training["probe"] == {"multipliers": [0.1, 1.5], "steps": 50, "evaluations": 5, "evalMaxTokens": 16384}
     assert all(type(value) is float for value in training["probe"]["multipliers"])
     assert changed_paths(frozen_spec(spec()), frozen_spec(default)) == ["spec.training.learningRateProbe"]
+
+
+def test_queue_and_priority_reach_kueue_and_the_pods() -> None:
+    queued = build_pytorchjob(
+        OWNER,
+        spec(scheduling={"queueName": "team-a", "workloadPriorityClass": "high", "priorityClassName": "batch"}),
+        OPTIONS,
+    )
+    labels = queued["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "team-a" and labels["kueue.x-k8s.io/priority-class"] == "high"
+    assert queued["spec"]["runPolicy"]["suspend"] is True, "created suspended, as Kueue's webhook would make it"
+    assert queued["metadata"]["annotations"]["forge.dev/suspend-requested"] == "false"
+    for replica in queued["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["priorityClassName"] == "batch"
+        assert "kueue.x-k8s.io/queue-name" not in replica["template"]["metadata"]["labels"]
+    plain = build_pytorchjob(OWNER, spec(), OPTIONS)
+    assert not any(key.startswith("kueue.x-k8s.io/") for key in plain["metadata"]["labels"])
+    assert plain["spec"]["runPolicy"]["suspend"] is False
+    assert "priorityClassName" not in plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+
+
+def test_pytorchjob_keeps_its_final_status_until_the_operator_read_it() -> None:
+    job = build_pytorchjob(OWNER, spec(suspend=True), OPTIONS)
+    assert job["metadata"]["finalizers"] == ["forge.dev/final-status"]
+    assert job["metadata"]["annotations"]["forge.dev/suspend-requested"] == "true"
+
+
+def test_queue_is_frozen_once_started() -> None:
+    before = spec(scheduling={"queueName": "team-a"})
+    after = spec(scheduling={"queueName": "team-b"})
+    assert changed_paths(frozen_spec(before), frozen_spec(after)) == ["spec.scheduling.queueName"]
