@@ -70,6 +70,14 @@ class Acceptance:
     message: str
     resolved: Resolved | None = None
     pytorch_job: str | None = None
+    unknown: bool = False
+    """Accepted=Unknown: the cluster refused what the decision needs (a missing CRD, RBAC, an outage)."""
+
+    @property
+    def condition_status(self) -> ConditionStatus:
+        if self.unknown:
+            return "Unknown"
+        return "True" if self.accepted else "False"
 
 
 @dataclass(frozen=True)
@@ -455,7 +463,7 @@ def desired_status(
         conditions = cond.upsert(
             conditions,
             ACCEPTED,
-            "True" if acceptance.accepted else "False",
+            acceptance.condition_status,
             acceptance.reason,
             acceptance.message,
             at=at,

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from forge_operator import metrics
@@ -28,7 +29,7 @@ from forge_operator.handlers.common import (
     settle_deleted_pytorchjob,
     write_status,
 )
-from forge_operator.kube import Ensured, controller_of, namespace_terminating
+from forge_operator.kube import Ensured, Refusal, controller_of, namespace_terminating, refusal
 from forge_operator.render import (
     ACCEPTED_SPEC_ANNOTATION,
     FINAL_STATUS_FINALIZER,
@@ -278,11 +279,39 @@ def reconcile_once(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger
         raise kopf.TemporaryError(acceptance.message, delay=CONFLICT_RETRY_SECONDS)
 
 
-def reconcile(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger) -> None:
-    """Bring one ForgeJob's children and Accepted condition in line with its spec."""
+def backoff_seconds(retry: int, ceiling: int) -> int:
+    """5 s, 10 s, 20 s, ... up to ``ceiling``: how long to wait after the ``retry``-th refusal in a row."""
+    return int(min(5 * 2 ** min(retry, 20), ceiling))
+
+
+def report_refusal(ctx: OperatorContext, body: Mapping[str, Any], refused: Refusal, logger: Logger) -> None:
+    """Accepted=Unknown with the refusal's message (one Event when it changes); only logged when even the status
+    write is refused (an outage, a missing RBAC rule on forgejobs/status)."""
+    metadata = body["metadata"]
+    generation = int(metadata.get("generation") or 0)
+    acceptance = Acceptance(generation, False, refused.reason, refused.message, unknown=True)
+    try:
+        write_status(ctx, metadata["namespace"], metadata["name"], HANDLER, uid=metadata["uid"], acceptance=acceptance)
+    except (ApiException, urllib3.exceptions.HTTPError) as error:
+        logger.warning("cannot record %s on the ForgeJob either: %s", refused.reason, error)
+
+
+def reconcile(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger, retry: int = 0) -> None:
+    """Bring one ForgeJob's children and Accepted condition in line with its spec.
+
+    When the cluster refuses (a missing CRD, missing RBAC, an unreachable API server) the ForgeJob says so in
+    Accepted=Unknown and the reconcile is retried with an exponential back-off instead of kopf's fixed delay.
+    """
     try:
         reconcile_once(ctx, body, logger)
-    except ApiException as error:
-        if not namespace_terminating(error):
+    except (ApiException, urllib3.exceptions.HTTPError) as error:
+        if isinstance(error, ApiException) and namespace_terminating(error):
+            logger.info("namespace %s is being deleted: nothing to reconcile", body["metadata"]["namespace"])
+            return
+        refused = refusal(error)
+        if refused is None:
             raise
-        logger.info("namespace %s is being deleted: nothing to reconcile", body["metadata"]["namespace"])
+        metrics.ERRORS.labels(kind=refused.reason).inc()
+        report_refusal(ctx, body, refused, logger)
+        delay = backoff_seconds(retry, ctx.settings.retry_max_seconds)
+        raise kopf.TemporaryError(f"{refused.reason}: {refused.message} (next try in {delay} s)", delay=delay) from None
