@@ -67,6 +67,9 @@ QUANTITY_PATTERN = (
 URI_MAX = 2048
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
+# A Kubernetes label value (a LocalQueue name, a WorkloadPriorityClass name) and a DNS-1123 subdomain (PriorityClass).
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 Uri = Annotated[str, Field(min_length=1, max_length=URI_MAX)]
 Quantity = Annotated[int | str, Field(json_schema_extra={"pattern": QUANTITY_PATTERN})]
 
@@ -405,7 +408,8 @@ class ResourcesSpec(ApiModel):
     """Pods (nodes) of the PyTorchJob: one Master and nodes-1 Workers."""
 
     gpus_per_node: int = Field(default=1, ge=0, le=16)
-    """GPUs (nvidia.com/gpu) per pod, and trainer processes per pod; 0 runs one CPU process per pod."""
+    """GPUs (gpuResource, default nvidia.com/gpu) per pod, and trainer processes per pod; 0 runs one CPU process per
+    pod."""
 
     image: str | None = Field(default=None, min_length=1, max_length=1024)
     """Trainer image; omitted: the operator's default (FORGE_TRAINER_IMAGE)."""
@@ -421,6 +425,28 @@ class ResourcesSpec(ApiModel):
 
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     """Tolerations of the trainer pods."""
+
+    gpu_resource: str = Field(
+        default="nvidia.com/gpu",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-A-Za-z0-9_.]+$",
+    )
+    """Extended resource that gpusPerNode requests: nvidia.com/gpu, amd.com/gpu, or a MIG profile such as
+    nvidia.com/mig-3g.40gb."""
+
+    image_pull_secrets: list[Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]] = (
+        Field(default_factory=list, max_length=16)
+    )
+    """Secrets (kubernetes.io/dockerconfigjson, in the ForgeJob's namespace) for pulling a private trainer image: set
+    on the trainer pods and on their ServiceAccount."""
+
+    scratch_size_limit: Quantity | None = None
+    """sizeLimit of the scratch emptyDir (/tmp/forge: local checkpoints, caches); omitted: no limit."""
+
+    shm_size_limit: Quantity | None = None
+    """sizeLimit of the in-memory /dev/shm emptyDir (pods with GPUs); omitted: no limit (it counts against the
+    container's memory)."""
 
 
 class KeyRef(ApiModel):
@@ -470,11 +496,6 @@ class EnvVar(ApiModel):
 
     value_from: EnvVarSource | None = None
     """Value from a Secret, a ConfigMap or the pod; exclusive with value."""
-
-
-# A Kubernetes label value (a LocalQueue name, a WorkloadPriorityClass name) and a DNS-1123 subdomain (PriorityClass).
-LABEL_VALUE_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 class SchedulingSpec(ApiModel):

@@ -13,7 +13,9 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from forge_operator import metrics
 from forge_operator.api import GROUP, PLURAL, VERSION
+from forge_operator.permissions import api_resource
 from forge_operator.status import StatusChange
 
 logger = logging.getLogger(__name__)
@@ -153,6 +155,8 @@ class Kube:
         if body is not None:
             headers["Content-Type"] = content_type
         what = describe_request(method, path)
+        group, resource = api_resource(path)
+        metrics.API_REQUESTS.labels(verb=VERBS.get(method, method.lower()), group=group, resource=resource).inc()
         method, url, headers, payload, post = self.api.param_serialize(
             method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
         )

@@ -18,6 +18,7 @@ TRAINER_CONFIG_VERSION = 1
 CONFIG_KEY = "config.json"
 CONFIG_DIR = "/etc/forge"
 SCRATCH_DIR = "/tmp/forge"
+TMP_DIR = "/tmp"
 CHECKPOINT_LOCAL_DIR = f"{SCRATCH_DIR}/checkpoints"
 TRAINER_COMMAND = "forge-trainer"
 PYTORCH_CONTAINER = "pytorch"
@@ -66,6 +67,9 @@ class RenderOptions:
     """Default {limits, requests} of the trainer container, for ForgeJobs that set no spec.resources.resources."""
     trainer_image_pull_policy: str | None = None
     """Default imagePullPolicy of the trainer container, for ForgeJobs that set no spec.resources.imagePullPolicy."""
+    restricted: bool = True
+    """Trainer pods meet Pod Security "restricted" (non-root, RuntimeDefault seccomp, no privilege escalation, no
+    capabilities, read-only root filesystem with /tmp and the scratch folder writable)."""
 
 
 def config_map_name(job: str) -> str:
@@ -283,12 +287,15 @@ def build_config_map(owner: Owner, spec: ForgeJobSpec, resolved: Resolved, optio
     }
 
 
-def build_service_account(owner: Owner) -> dict[str, Any]:
-    return {
+def build_service_account(owner: Owner, spec: ForgeJobSpec | None = None) -> dict[str, Any]:
+    account: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": _metadata(owner, trainer_account_name(owner.name)),
     }
+    if spec is not None and spec.resources.image_pull_secrets:
+        account["imagePullSecrets"] = [{"name": name} for name in spec.resources.image_pull_secrets]
+    return account
 
 
 def build_role(owner: Owner) -> dict[str, Any]:
@@ -330,8 +337,8 @@ def _container_resources(spec: ForgeJobSpec, options: RenderOptions) -> dict[str
         limits = dict(options.trainer_resources.get("limits", {}))
         requests = dict(options.trainer_resources.get("requests", {}))
     if spec.resources.gpus_per_node > 0:
-        limits[GPU_RESOURCE] = spec.resources.gpus_per_node
-        requests[GPU_RESOURCE] = spec.resources.gpus_per_node
+        limits[spec.resources.gpu_resource] = spec.resources.gpus_per_node
+        requests[spec.resources.gpu_resource] = spec.resources.gpus_per_node
     resources: dict[str, Any] = {}
     if limits:
         resources["limits"] = limits
@@ -358,6 +365,15 @@ def metrics_ports(spec: ForgeJobSpec, options: RenderOptions) -> list[dict[str, 
     ]
 
 
+def _empty_dir(medium: str | None, size_limit: int | str | None) -> dict[str, Any]:
+    empty_dir: dict[str, Any] = {}
+    if medium:
+        empty_dir["medium"] = medium
+    if size_limit is not None:
+        empty_dir["sizeLimit"] = size_limit
+    return empty_dir
+
+
 def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, image: str) -> dict[str, Any]:
     mounts: list[dict[str, Any]] = [
         {"name": "forge-config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -365,12 +381,16 @@ def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, imag
     ]
     volumes: list[dict[str, Any]] = [
         {"name": "forge-config", "configMap": {"name": config_map_name(owner.name)}},
-        {"name": "scratch", "emptyDir": {}},
+        {"name": "scratch", "emptyDir": _empty_dir(None, spec.resources.scratch_size_limit)},
     ]
+    if options.restricted:
+        # The root filesystem is read-only: torchrun, Python and the compilers write temporary files under /tmp.
+        mounts.append({"name": "tmp", "mountPath": TMP_DIR})
+        volumes.append({"name": "tmp", "emptyDir": {}})
     if spec.resources.gpus_per_node > 0:
         # NCCL and data loaders need more shared memory than a container's default 64 MiB.
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        volumes.append({"name": "dshm", "emptyDir": _empty_dir("Memory", spec.resources.shm_size_limit)})
     container: dict[str, Any] = {
         "name": PYTORCH_CONTAINER,
         "image": image,
@@ -391,10 +411,20 @@ def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, imag
         "containers": [container],
         "volumes": volumes,
     }
+    if options.restricted:
+        pod_spec["securityContext"] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        container["securityContext"] = {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+        }
     if spec.resources.node_selector:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
     if spec.resources.tolerations:
         pod_spec["tolerations"] = [t.to_api() for t in spec.resources.tolerations]
+    if spec.resources.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.resources.image_pull_secrets]
     if spec.scheduling.priority_class_name:
         pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
     return {"metadata": {"labels": labels(owner.name)}, "spec": pod_spec}
@@ -465,7 +495,7 @@ def build_children(
     """Every child in creation order: the PyTorchJob last, once what its pods need exists."""
     return [
         build_config_map(owner, spec, resolved, options),
-        build_service_account(owner),
+        build_service_account(owner, spec),
         build_role(owner),
         build_role_binding(owner),
         build_pytorchjob(owner, spec, options),

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     workers: int = Field(default=16, ge=1, le=256)
     """Threads running handlers (each handler makes blocking API calls)."""
 
+    trainer_pod_security: Literal["restricted", "none"] = "restricted"
+    """restricted: trainer pods meet Pod Security "restricted" (runAsNonRoot, seccomp RuntimeDefault, no privilege
+    escalation, capabilities dropped, read-only root filesystem with /tmp writable); the trainer image must run as a
+    numeric non-root user (Forge's does, 10001). none: no securityContext (for images that need root)."""
+
     resync_seconds: int = Field(default=60, ge=1, le=86_400)
     """Seconds between two resyncs of each ForgeJob: the reconcile runs again without any event (children
     re-ensured, the PyTorchJob re-mirrored), so a failed status write or re-create is repaired."""
@@ -149,4 +154,5 @@ class Settings(BaseSettings):
             report_min_interval_seconds=self.report_min_interval_seconds,
             trainer_resources=self.trainer_resources.to_api() if self.trainer_resources else {},
             trainer_image_pull_policy=self.trainer_image_pull_policy,
+            restricted=self.trainer_pod_security == "restricted",
         )

@@ -335,13 +335,24 @@ def check_resources(spec: ForgeJobSpec, default_image: str | None) -> list[Field
         errors += check_image("spec.resources.image", resources.image)
     errors += check_quantities("spec.resources.resources", resources.resources.limits, resources.resources.requests)
     for kind in ("limits", "requests"):
-        if GPU_RESOURCE in getattr(resources.resources, kind):
+        for gpu in sorted({GPU_RESOURCE, resources.gpu_resource} & set(getattr(resources.resources, kind))):
             errors.append(
                 FieldError(
-                    f'spec.resources.resources.{kind}["{GPU_RESOURCE}"]',
-                    "set GPUs with spec.resources.gpusPerNode, not here",
+                    f'spec.resources.resources.{kind}["{gpu}"]',
+                    "set GPUs with spec.resources.gpusPerNode (and gpuResource), not here",
                 )
             )
+    for field, limit in (
+        ("scratchSizeLimit", resources.scratch_size_limit),
+        ("shmSizeLimit", resources.shm_size_limit),
+    ):
+        if limit is None:
+            continue
+        try:
+            if parse_quantity(limit) <= 0:
+                errors.append(FieldError(f"spec.resources.{field}", f"{limit} must be positive"))
+        except ValueError as error:
+            errors.append(FieldError(f"spec.resources.{field}", str(error)))
     for key, value in resources.node_selector.items():
         errors += _check_label_key(f'spec.resources.nodeSelector["{key}"]', key)
         if not LABEL_VALUE.match(value):

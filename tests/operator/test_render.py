@@ -325,3 +325,80 @@ def test_queue_is_frozen_once_started() -> None:
     before = spec(scheduling={"queueName": "team-a"})
     after = spec(scheduling={"queueName": "team-b"})
     assert changed_paths(frozen_spec(before), frozen_spec(after)) == ["spec.scheduling.queueName"]
+
+
+def test_trainer_pods_meet_pod_security_restricted_by_default() -> None:
+    from tests.operator.pod_security import restricted_violations
+
+    for gpus in (0, 4):
+        job = build_pytorchjob(OWNER, spec(resources={"nodes": 2, "gpusPerNode": gpus}), OPTIONS)
+        for replica in job["spec"]["pytorchReplicaSpecs"].values():
+            pod = replica["template"]["spec"]
+            assert restricted_violations(pod) == []
+            (container,) = pod["containers"]
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+            assert {"/tmp", "/tmp/forge"} <= writable, "temporary files and the scratch folder stay writable"
+    opted_out = build_pytorchjob(OWNER, spec(), RenderOptions(trainer_image="t:1", restricted=False))
+    pod = opted_out["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "securityContext" not in pod
+    assert any("runAsNonRoot" in problem for problem in restricted_violations(pod)), "the checker can fail"
+
+
+def test_the_restricted_checker_flags_each_rule() -> None:
+    from tests.operator.pod_security import restricted_violations
+
+    bad = {
+        "hostNetwork": True,
+        "securityContext": {"runAsUser": 0},
+        "volumes": [{"name": "h", "hostPath": {"path": "/"}}],
+        "containers": [
+            {
+                "name": "c",
+                "ports": [{"containerPort": 80, "hostPort": 80}],
+                "securityContext": {"privileged": True, "capabilities": {"add": ["SYS_ADMIN"]}},
+            }
+        ],
+    }
+    problems = " | ".join(restricted_violations(bad))
+    for expected in (
+        "hostNetwork",
+        "runAsUser is 0",
+        "hostPath",
+        "hostPort",
+        "privileged",
+        "SYS_ADMIN",
+        "allowPrivilegeEscalation",
+        "drop ALL",
+        "runAsNonRoot",
+        "seccompProfile",
+    ):
+        assert expected in problems, expected
+
+
+def test_gpu_type_pull_secrets_and_volume_limits_reach_the_pods() -> None:
+    custom = spec(
+        resources={
+            "nodes": 2,
+            "gpusPerNode": 2,
+            "gpuResource": "amd.com/gpu",
+            "imagePullSecrets": ["regcred"],
+            "scratchSizeLimit": "100Gi",
+            "shmSizeLimit": "8Gi",
+        }
+    )
+    job = build_pytorchjob(OWNER, custom, OPTIONS)
+    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert (
+        container["resources"]["limits"]["amd.com/gpu"] == 2
+        and "nvidia.com/gpu" not in container["resources"]["limits"]
+    )
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["scratch"]["emptyDir"] == {"sizeLimit": "100Gi"}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    account = next(c for c in build_children(OWNER, custom, resolve(custom), OPTIONS) if c["kind"] == "ServiceAccount")
+    assert account["imagePullSecrets"] == [{"name": "regcred"}]
+    plain = build_pytorchjob(OWNER, spec(), OPTIONS)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "imagePullSecrets" not in plain and {v["name"]: v for v in plain["volumes"]}["scratch"]["emptyDir"] == {}

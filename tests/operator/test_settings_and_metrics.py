@@ -165,3 +165,22 @@ def test_selected_step_and_checkpoints_per_forgejob() -> None:
     metrics.forget("team", "gauged")
     assert labels not in _samples("forge_forgejob_checkpoints")
     metrics.forget("team", "gauged")  # twice: nothing to remove, no error
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/apis/kubeflow.org/v1/namespaces/a/pytorchjobs/x", ("kubeflow.org", "pytorchjobs")),
+        ("/api/v1/namespaces/a/configmaps", ("", "configmaps")),
+        ("/apis/forge.dev/v1alpha1/namespaces/a/forgejobs/x/status", ("forge.dev", "forgejobs/status")),
+        ("/apis/kubeflow.org/v1", ("kubeflow.org", "")),
+        (
+            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+            ("authorization.k8s.io", "selfsubjectaccessreviews"),
+        ),
+    ],
+)
+def test_requests_are_counted_by_the_rbac_resource_they_need(path: str, expected: tuple[str, str]) -> None:
+    from forge_operator.permissions import api_resource
+
+    assert api_resource(path) == expected

@@ -126,6 +126,13 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         'spec.resources.resources.requests["cpu"]',
         "above its limit",
     ),
+    (
+        "gpu of the chosen type in requests",
+        {"resources__gpuResource": "amd.com/gpu", "resources__resources": {"requests": {"amd.com/gpu": 1}}},
+        'spec.resources.resources.requests["amd.com/gpu"]',
+        "gpusPerNode",
+    ),
+    ("zero scratch limit", {"resources__scratchSizeLimit": "0"}, "spec.resources.scratchSizeLimit", "must be positive"),
     ("image with a space", {"resources__image": "registry/forge trainer:1"}, "spec.resources.image", "whitespace"),
     ("image with a newline", {"resources__image": "registry/forge:1\n"}, "spec.resources.image", "whitespace"),
     ("image upper case", {"resources__image": "registry/Forge:1"}, "spec.resources.image", "not an image reference"),
