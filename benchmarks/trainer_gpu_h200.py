@@ -12,20 +12,13 @@ Reported: tokens/s and MFU (6N + 12*L*H*S FLOPs per token over 989.4 TFLOP/s den
 Forge variant's ratio to the bare loop. References measured on an H200 before: bare loop 47.3k tokens/s (35.0%),
 HF Trainer + DeepSpeed 44.7k (33.1%), plain torch.compile 59-60k (44-45%). Goal: Forge >= 1.25x bare.
 
-The device image has torch, transformers, tokenizers, peft, prometheus-client but not deepspeed, hjson or pydantic.
-Prepare wheels once, here, in the repository root (they are ignored by git and carried to the device)::
-
-    echo /.whl/ >> .git/info/exclude
-    .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \\
-        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0
-    DS_BUILD_OPS=0 .venv/bin/python -m pip wheel --no-deps -w .whl deepspeed==0.19.8
-
-and run it (device tool, carry [".whl"], timeout_s 600)::
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \\
-    export PYTHONPATH=/tmp/site:$PWD/trainer_image:$PWD PYTHONUNBUFFERED=1 && \\
-    python3 benchmarks/trainer_gpu_h200.py --out $OUT
+The device image has torch, transformers, tokenizers, peft, accelerate, prometheus-client, but not deepspeed or
+the packages only deepspeed and the trainer's config bring (``WHEELS``). ``--print-setup`` prints the commands that
+prepare them once, here, in the repository root (``.whl/`` is ignored by git and carried to the device), and the
+command to run on the device (device tool, carry [".whl"], timeout_s 600). The whole run is bounded by
+``--budget-s`` (default 540 s): every phase gets a deadline from what is left, each child's stderr goes to a file
+(``<work>/<name>.err``; a full pipe cannot block it) and ``results.json`` is rewritten after every phase, so a run
+cut short still reports what it measured.
 
 ``--shape tiny`` runs the same plumbing with a tiny model (CPU or GPU) to check the script itself.
 """
@@ -36,15 +29,51 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Packages the device image lacks, as wheels for its Python 3.12 (deepspeed's own requirements and the trainer's
+# config); tests/trainer/test_gpu_benchmark.py checks this list against deepspeed's and forge-trainer's metadata.
+WHEELS = (
+    "pydantic==2.14.4",
+    "pydantic-core==2.50.5",
+    "annotated-types==0.8.0",
+    "typing-inspection==0.4.5",
+    "typing-extensions==4.16.0",
+    "hjson==3.1.0",
+    "einops==0.8.2",
+    "msgpack==1.2.4",
+    "ninja==1.13.2",
+    "py-cpuinfo==9.0.0",
+)
+DEEPSPEED = "deepspeed==0.19.8"
+# What the device image has (distribution names), for the same check.
+IMAGE_HAS = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "huggingface-hub",
+    "peft",
+    "accelerate",
+    "prometheus-client",
+    "numpy",
+    "packaging",
+    "psutil",
+    "tqdm",
+    "pyyaml",
+    "regex",
+    "filelock",
+)
 
 SHAPES: dict[str, dict[str, int]] = {
     "1.1b": {"hidden": 2048, "layers": 22, "heads": 32, "kv": 4, "inter": 5632, "vocab": 32000, "seq": 2048},
@@ -125,13 +154,24 @@ def single_rank_env() -> dict[str, str]:
     return env
 
 
-def run_bare(model: Path, s: dict[str, int], steps: int, skip: int, micro: int) -> list[float]:
+def run_bare(model: Path, steps: int, skip: int, micro: int, work: Path, timeout: float) -> list[float]:
     cmd = [sys.executable, __file__, "--bare-rank", str(model), "--steps", str(steps), "--micro", str(micro)]
-    out = subprocess.run(cmd, env=single_rank_env(), capture_output=True, text=True, timeout=900)
+    err_path = work / "bare.err"
+    with open(err_path, "w") as err:
+        try:
+            out = subprocess.run(
+                cmd, env=single_rank_env(), stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"bare loop: no result within {timeout:.0f} s:\n{tail(err_path)}") from None
     if out.returncode:
-        raise RuntimeError(f"bare loop failed:\n{out.stderr[-4000:]}")
+        raise RuntimeError(f"bare loop failed ({out.returncode}):\n{tail(err_path)}")
     times: list[float] = json.loads(out.stdout.strip().splitlines()[-1])
     return times[skip:]
+
+
+def tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
 def bare_rank(model_dir: str, steps: int, micro: int) -> None:
@@ -183,7 +223,6 @@ def forge_config(model: Path, data: Path, work: Path, s: dict[str, int], overrid
         "precision": "bf16",
         "zeroStage": 2,
         "seed": 1,
-        "logEverySteps": 5,
         **overrides,
     }
     return {
@@ -205,86 +244,160 @@ def forge_config(model: Path, data: Path, work: Path, s: dict[str, int], overrid
     }
 
 
-def run_forge(config: Path, flushes: int, skip_flushes: int, timeout: float) -> list[float]:
-    """Per-flush tokens/s of a forge-trainer run, stopped after ``flushes`` loss read-backs."""
+def run_forge(config: Path, windows: int, skip: int, log_every: int, err_path: Path, timeout: float) -> list[float]:
+    """Tokens/s of the windows between read-backs of a forge-trainer run, stopped after ``windows`` of them."""
     cmd = [sys.executable, "-m", "forge_trainer.train", "--config", str(config)]
-    proc = subprocess.Popen(cmd, env=single_rank_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rates: list[float] = []
     deadline = time.monotonic() + timeout
-    assert proc.stdout is not None
-    try:
-        last = None
-        for line in proc.stdout:
-            if time.monotonic() > deadline:
-                break
-            if not line.startswith("{"):
-                continue
-            ev = json.loads(line)
-            if ev.get("event") == "step" and ev["tokensPerSecond"] != last:
-                last = ev["tokensPerSecond"]  # every step of one flush carries the flush's rate
-                rates.append(float(last))
-                if len(rates) >= flushes:
-                    break
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, env=single_rank_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+        assert proc.stdout is not None
+        # a watchdog: stdout may stay silent for long (compilation, a hang); the deadline must hold regardless
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
         try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-    if len(rates) < flushes:
-        raise RuntimeError(f"forge-trainer gave {len(rates)} rates:\n{err[-4000:]}")
-    return rates[skip_flushes:]
+            for line in proc.stdout:
+                if not line.startswith("{"):
+                    continue
+                ev = json.loads(line)
+                # every step of a window carries the window's rate; a window ends every log_every steps
+                if ev.get("event") == "step" and ev["step"] % log_every == 0:
+                    rates.append(float(ev["tokensPerSecond"]))
+                    if len(rates) >= windows or time.monotonic() > deadline:
+                        break
+        finally:
+            timer.cancel()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    if len(rates) <= skip:
+        raise RuntimeError(f"forge-trainer gave {len(rates)} windows within {timeout:.0f} s:\n{tail(err_path)}")
+    return rates[skip:]
+
+
+class Budget:
+    """The run's time limit: each phase gets at most its share of what is left."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def share(self, phases_left: int, cap: float) -> float:
+        return max(0.0, min(cap, self.left() / max(1, phases_left)))
+
+
+def setup_commands() -> str:
+    """Shell commands: wheels prepared here once, and the device command."""
+    wheels = " ".join(WHEELS)
+    return f"""# here, in the repository root (once)
+EXCLUDE="$(git rev-parse --git-path info/exclude)"; grep -qx /.whl/ "$EXCLUDE" || echo /.whl/ >> "$EXCLUDE"
+.venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl {wheels}
+DS_BUILD_OPS=0 .venv/bin/python -m pip wheel --no-deps -w .whl {DEEPSPEED}
+# on the device (carry [".whl"])
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \\
+export PYTHONPATH=/tmp/site:$PWD/trainer_image:$PWD PYTHONUNBUFFERED=1 && \\
+python3 benchmarks/trainer_gpu_h200.py --out $OUT"""
+
+
+def write_results(out: Path | None, results: dict[str, Any]) -> None:
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(out / "results.json")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
-    ap.add_argument("--steps", type=int, default=40, help="timed steps of the bare loop (first 10 skipped)")
-    ap.add_argument("--flushes", type=int, default=10, help="Forge loss read-backs (5 steps each; first 3 skipped)")
+    ap.add_argument("--steps", type=int, default=40, help="timed steps of the bare loop (the first quarter skipped)")
+    ap.add_argument("--windows", type=int, default=5, help="Forge windows between read-backs (the first one skipped)")
+    ap.add_argument("--log-every", type=int, default=10, help="training.logEverySteps of the Forge runs")
     ap.add_argument(
         "--variants", default="forge-zero2,forge-zero2-compile", help=f"comma-separated, of: {', '.join(VARIANTS)}"
     )
+    ap.add_argument("--budget-s", type=float, default=540, help="the whole run, preparation included")
     ap.add_argument("--work", type=Path, default=Path("/tmp/forge-gpu-bench"))
-    ap.add_argument("--out", type=Path, default=None, help="folder for results.json")
+    ap.add_argument("--out", type=Path, default=None, help="folder for results.json (rewritten after every phase)")
+    ap.add_argument("--print-setup", action="store_true", help="print the wheel preparation and device commands")
     ap.add_argument("--bare-rank", help=argparse.SUPPRESS)
     ap.add_argument("--micro", type=int, default=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.print_setup:
+        print(setup_commands())
+        return
     if args.bare_rank:
         bare_rank(args.bare_rank, args.steps, args.micro)
         return
+    budget = Budget(args.budget_s)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     s = SHAPES[args.shape]
     fpt = flops_per_token(s)
     work = args.work
+    work.mkdir(parents=True, exist_ok=True)
     model, data = work / "model", work / "data"
     t0 = time.time()
     if not (model / "config.json").exists():
         build_model(model, s)
     if not (data / "domain").exists():
-        build_data(data, 20000 if args.shape == "1.1b" else 2000)
-    print(f"shape {args.shape}: {fpt / 6e9:.2f}B-parameter equivalent, prepared in {time.time() - t0:.0f} s")
-    results: dict[str, Any] = {"shape": args.shape, "flopsPerToken": fpt, "peak": PEAK_BF16}
+        build_data(data, 20000 if args.shape == "1.1b" else 300)
+    print(
+        f"shape {args.shape}: {fpt / 6e9:.2f}B-parameter equivalent, prepared in {time.time() - t0:.0f} s", flush=True
+    )
+    results: dict[str, Any] = {"shape": args.shape, "flopsPerToken": fpt, "peak": PEAK_BF16, "logEvery": args.log_every}
+    results["device"] = device_name()
+    write_results(args.out, results)
 
-    bare = run_bare(model, s, args.steps, min(10, args.steps // 2), 8)
-    bare_tps = 8 * s["seq"] / statistics.median(bare)
-    results["bare"] = {"tokensPerSecond": bare_tps, "mfu": bare_tps * fpt / PEAK_BF16}
-    print(f"bare DeepSpeed ZeRO-2 bf16: {bare_tps:9.0f} tokens/s  MFU {100 * bare_tps * fpt / PEAK_BF16:5.1f}%")
+    try:
+        bare = run_bare(model, args.steps, args.steps // 4, 8, work, budget.share(1 + len(variants), 240))
+        bare_tps = 8 * s["seq"] / statistics.median(bare)
+        results["bare"] = {"tokensPerSecond": bare_tps, "mfu": bare_tps * fpt / PEAK_BF16}
+        print(f"bare DeepSpeed ZeRO-2 bf16: {bare_tps:9.0f} tokens/s  MFU {100 * bare_tps * fpt / PEAK_BF16:5.1f}%")
+    except RuntimeError as err:
+        print(f"bare: FAILED: {err}", flush=True)
+        results["bare"] = {"error": str(err)[-2000:]}
+        bare_tps = None
+    write_results(args.out, results)
 
-    for name in [v for v in args.variants.split(",") if v]:
+    for i, name in enumerate(variants):
         cfg_path = work / f"{name}.json"
-        cfg_path.write_text(json.dumps(forge_config(model, data, work / name, s, VARIANTS[name])))
+        overrides = {**VARIANTS[name], "logEverySteps": args.log_every}
+        cfg_path.write_text(json.dumps(forge_config(model, data, work / name, s, overrides)))
+        timeout = budget.share(len(variants) - i, 300)
         try:
-            rates = run_forge(cfg_path, args.flushes, min(3, args.flushes // 2), timeout=480)
+            rates = run_forge(cfg_path, args.windows, 1, args.log_every, work / f"{name}.err", timeout)
         except RuntimeError as err:
-            print(f"{name}: FAILED: {err}")
+            print(f"{name}: FAILED: {err}", flush=True)
             results[name] = {"error": str(err)[-2000:]}
+            write_results(args.out, results)
             continue
         tps = statistics.median(rates)
-        results[name] = {"tokensPerSecond": tps, "mfu": tps * fpt / PEAK_BF16, "ratioToBare": tps / bare_tps}
-        print(f"{name:26s}: {tps:9.0f} tokens/s  MFU {100 * tps * fpt / PEAK_BF16:5.1f}%  x{tps / bare_tps:.3f}")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+        row: dict[str, Any] = {"tokensPerSecond": tps, "mfu": tps * fpt / PEAK_BF16, "windows": rates}
+        line = f"{name:26s}: {tps:9.0f} tokens/s  MFU {100 * tps * fpt / PEAK_BF16:5.1f}%"
+        if bare_tps:
+            row["ratioToBare"] = tps / bare_tps
+            line += f"  x{tps / bare_tps:.3f}"
+        results[name] = row
+        print(line, flush=True)
+        write_results(args.out, results)
+    if args.out is not None:
+        for err_file in work.glob("*.err"):
+            shutil.copy(err_file, args.out / err_file.name)
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

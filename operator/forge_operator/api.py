@@ -30,10 +30,13 @@ CandidateKind = Literal["checkpoint", "average", "interpolation"]
 RestartPolicy = Literal["OnFailure", "ExitCode", "Never"]
 OutputRetention = Literal["dropOptimizerState", "keepAll"]
 ConditionStatus = Literal["True", "False", "Unknown"]
-State = Literal["Pending", "Invalid", "Running", "Restarting", "Suspended", "Succeeded", "EarlyStopped", "Failed"]
+State = Literal[
+    "Pending", "Invalid", "Queued", "Running", "Restarting", "Suspended", "Succeeded", "EarlyStopped", "Failed"
+]
 STATES: tuple[State, ...] = (
     "Pending",
     "Invalid",
+    "Queued",
     "Running",
     "Restarting",
     "Suspended",
@@ -65,6 +68,9 @@ QUANTITY_PATTERN = (
 URI_MAX = 2048
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
+# A Kubernetes label value (a LocalQueue name, a WorkloadPriorityClass name) and a DNS-1123 subdomain (PriorityClass).
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 Uri = Annotated[str, Field(min_length=1, max_length=URI_MAX)]
 Quantity = Annotated[int | str, Field(json_schema_extra={"pattern": QUANTITY_PATTERN})]
 
@@ -413,7 +419,8 @@ class ResourcesSpec(ApiModel):
     """Pods (nodes) of the PyTorchJob: one Master and nodes-1 Workers."""
 
     gpus_per_node: int = Field(default=1, ge=0, le=16)
-    """GPUs (nvidia.com/gpu) per pod, and trainer processes per pod; 0 runs one CPU process per pod."""
+    """GPUs (gpuResource, default nvidia.com/gpu) per pod, and trainer processes per pod; 0 runs one CPU process per
+    pod."""
 
     image: str | None = Field(default=None, min_length=1, max_length=1024)
     """Trainer image; omitted: the operator's default (FORGE_TRAINER_IMAGE)."""
@@ -429,6 +436,28 @@ class ResourcesSpec(ApiModel):
 
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     """Tolerations of the trainer pods."""
+
+    gpu_resource: str = Field(
+        default="nvidia.com/gpu",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-A-Za-z0-9_.]+$",
+    )
+    """Extended resource that gpusPerNode requests: nvidia.com/gpu, amd.com/gpu, or a MIG profile such as
+    nvidia.com/mig-3g.40gb."""
+
+    image_pull_secrets: list[Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]] = (
+        Field(default_factory=list, max_length=16)
+    )
+    """Secrets (kubernetes.io/dockerconfigjson, in the ForgeJob's namespace) for pulling a private trainer image: set
+    on the trainer pods and on their ServiceAccount."""
+
+    scratch_size_limit: Quantity | None = None
+    """sizeLimit of the scratch emptyDir (/tmp/forge: local checkpoints, caches); omitted: no limit."""
+
+    shm_size_limit: Quantity | None = None
+    """sizeLimit of the in-memory /dev/shm emptyDir (pods with GPUs); omitted: no limit (it counts against the
+    container's memory)."""
 
 
 class KeyRef(ApiModel):
@@ -478,6 +507,23 @@ class EnvVar(ApiModel):
 
     value_from: EnvVarSource | None = None
     """Value from a Secret, a ConfigMap or the pod; exclusive with value."""
+
+
+class SchedulingSpec(ApiModel):
+    """How the run shares the cluster: the Kueue queue it waits in and its priority."""
+
+    queue_name: str | None = Field(default=None, max_length=63, pattern=LABEL_VALUE_PATTERN)
+    """Kueue LocalQueue (in the ForgeJob's namespace) the run waits in: the PyTorchJob gets the label
+    kueue.x-k8s.io/queue-name, is created suspended, and Kueue un-suspends it when it admits it (and suspends it again
+    when it pre-empts it). The ForgeJob's state is Queued while Kueue holds it. Omitted: no queue."""
+
+    workload_priority_class: str | None = Field(default=None, max_length=63, pattern=LABEL_VALUE_PATTERN)
+    """Kueue WorkloadPriorityClass of the run (label kueue.x-k8s.io/priority-class): its priority in the queue and
+    for pre-emption, without changing the pods' priority. Needs queueName."""
+
+    priority_class_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Kubernetes PriorityClass of the trainer pods (priorityClassName); Kueue also uses it as the run's priority
+    when no workloadPriorityClass is set."""
 
 
 class RunPolicySpec(ApiModel):
@@ -537,9 +583,13 @@ class ForgeJobSpec(ApiModel):
     run_policy: RunPolicySpec = section()
     """Retries, restart policy, deadline and clean-up of the PyTorchJob."""
 
+    scheduling: SchedulingSpec = section()
+    """Queue (Kueue) and priority of the run on a shared cluster."""
+
     suspend: bool = False
     """Pause (true) or resume (false) the run. With checkpoints.selection, the only fields that may change once the
-    PyTorchJob exists."""
+    PyTorchJob exists. The operator writes the PyTorchJob's runPolicy.suspend only when this field changes; with
+    scheduling.queueName it never un-suspends the PyTorchJob itself (Kueue does, when it admits the run)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -557,8 +607,8 @@ class Condition(StatusModel):
     """One aspect of the ForgeJob's state (Kubernetes API conventions)."""
 
     type: str = Field(min_length=1, max_length=316)
-    """Accepted, Created, Running, Restarting, Suspended, Succeeded, Failed, ForgettingWithinBudget, EarlyStopped,
-    GuardWarning, Rebalanced."""
+    """Accepted, Queued, Created, Running, Restarting, Suspended, Succeeded, Failed, ForgettingWithinBudget,
+    EarlyStopped, GuardWarning, Rebalanced."""
 
     status: ConditionStatus
     """True, False or Unknown."""

@@ -13,7 +13,9 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from forge_operator import metrics
 from forge_operator.api import GROUP, PLURAL, VERSION
+from forge_operator.permissions import api_resource
 from forge_operator.status import StatusChange
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,67 @@ MERGE_PATCH = "application/merge-patch+json"
 def namespace_terminating(error: ApiException) -> bool:
     """A 403 because the namespace is being deleted: its objects (the ForgeJob too) are going away."""
     return error.status == 403 and "NamespaceTerminating" in str(error.body or "")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The cluster said no to something the operator must do: what, why, and what a person can do about it."""
+
+    reason: str
+    """MissingAPI, Forbidden or APIUnavailable: the Accepted=Unknown reason."""
+    message: str
+
+
+def _status_body(error: ApiException) -> dict[str, Any] | None:
+    try:
+        body = json.loads(error.body or "")
+    except (TypeError, ValueError):
+        return None
+    return body if isinstance(body, dict) and body.get("kind") == "Status" else None
+
+
+def object_missing(error: ApiException) -> bool:
+    """A 404 about one object (a Status naming it), not about a whole API that the server does not serve."""
+    if error.status != 404:
+        return False
+    body = _status_body(error)
+    return body is not None and bool((body.get("details") or {}).get("name") or (body.get("details") or {}).get("kind"))
+
+
+VERBS = {"GET": "get", "POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
+
+
+def describe_request(method: str, path: str) -> str:
+    """'create /apis/kubeflow.org/v1/namespaces/team/pytorchjobs': the verb RBAC checks, and the resource path."""
+    return f"{VERBS.get(method, method.lower())} {path.split('?', 1)[0]}"
+
+
+def refusal(error: BaseException) -> Refusal | None:
+    """Classify an error of the API server (or of reaching it) that a person must act on; None for the others.
+
+    The message names the refused request (``Kube.request`` records it on the error).
+    """
+    what = getattr(error, "forge_request", None) or "a request to the API server"
+    if isinstance(error, urllib3.exceptions.HTTPError):
+        return Refusal("APIUnavailable", f"{what}: the API server cannot be reached ({type(error).__name__}); retrying")
+    if not isinstance(error, ApiException):
+        return None
+    if error.status == 404 and not object_missing(error):
+        return Refusal(
+            "MissingAPI",
+            f"{what}: the API server does not serve this resource. Install the Kubeflow training-operator "
+            "(its PyTorchJob CRD, kubeflow.org/v1: `kubectl get crd pytorchjobs.kubeflow.org`) or Forge's CRDs",
+        )
+    if error.status == 403 and not namespace_terminating(error):
+        detail = (_status_body(error) or {}).get("message") or "forbidden"
+        return Refusal(
+            "Forbidden",
+            f"{what}: {detail}. Grant the operator's ServiceAccount this permission (the Helm chart's rbac.create "
+            "renders every rule the operator needs)",
+        )
+    if error.status in (429, 500, 502, 503, 504) or error.status == 0:
+        return Refusal("APIUnavailable", f"{what}: the API server answered {error.status} {error.reason}; retrying")
+    return None
 
 
 class StatusConflictError(RuntimeError):
@@ -91,13 +154,22 @@ class Kube:
         headers = {"Accept": JSON}
         if body is not None:
             headers["Content-Type"] = content_type
+        what = describe_request(method, path)
+        group, resource = api_resource(path)
+        metrics.API_REQUESTS.labels(verb=VERBS.get(method, method.lower()), group=group, resource=resource).inc()
         method, url, headers, payload, post = self.api.param_serialize(
             method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
         )
-        response = self.api.call_api(method, url, header_params=headers, body=payload, post_params=post)
+        try:
+            response = self.api.call_api(method, url, header_params=headers, body=payload, post_params=post)
+        except urllib3.exceptions.HTTPError as error:
+            error.forge_request = what  # type: ignore[attr-defined]
+            raise
         data = response.read()
         if not 200 <= response.status < 300:
-            raise ApiException(http_resp=response.response)
+            failure = ApiException(http_resp=response.response)
+            failure.forge_request = what
+            raise failure
         result: dict[str, Any] = json.loads(data) if data else {}
         return result
 
@@ -115,7 +187,7 @@ class Kube:
         try:
             return self.request("GET", self.path(kind, namespace, name))
         except ApiException as error:
-            if error.status == 404:
+            if object_missing(error):
                 return None
             raise
 
@@ -166,6 +238,30 @@ class Kube:
             return Ensured(existing)
         holder = f"{controller.get('kind')} uid {controller.get('uid')}" if controller else "no controller"
         return Ensured(existing, conflict=f"{kind} {namespace}/{name} already exists and belongs to {holder}")
+
+    def set_finalizer(self, kind: str, namespace: str, name: str, finalizer: str, *, present: bool) -> None:
+        """Add or remove one finalizer, keeping the others; a concurrent change is re-read (409), a gone object is
+        fine (404)."""
+        for _ in range(8):
+            obj = self.get(kind, namespace, name)
+            if obj is None:
+                return
+            finalizers = list(obj["metadata"].get("finalizers") or [])
+            if (finalizer in finalizers) == present:
+                return
+            if present and obj["metadata"].get("deletionTimestamp"):
+                return  # no new finalizer on an object being deleted
+            finalizers = [*finalizers, finalizer] if present else [f for f in finalizers if f != finalizer]
+            patch = {"metadata": {"finalizers": finalizers, "resourceVersion": obj["metadata"]["resourceVersion"]}}
+            try:
+                self.merge_patch(kind, namespace, name, patch)
+                return
+            except ApiException as error:
+                if error.status == 404:
+                    return
+                if error.status != 409:
+                    raise
+        raise StatusConflictError(f"finalizers of {kind} {namespace}/{name} kept changing")
 
     def update_status(
         self,

@@ -39,9 +39,20 @@ def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger, **_: Any
 @kopf.on.resume(GROUP, VERSION, PLURAL, backoff=5)
 @kopf.on.create(GROUP, VERSION, PLURAL, backoff=5)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", backoff=5)
-def forgejob_spec(body: kopf.Body, memo: Any, logger: Logger, **_: Any) -> None:
+def forgejob_spec(body: kopf.Body, memo: Any, logger: Logger, retry: int, **_: Any) -> None:
     with guard(handle_reconcile_forgejob.HANDLER, body):
-        handle_reconcile_forgejob.reconcile(_ctx(memo), body, logger)
+        handle_reconcile_forgejob.reconcile(_ctx(memo), body, logger, retry)
+
+
+def _resync_seconds() -> float:
+    """The timer's interval is fixed when kopf registers it, at import: read from FORGE_RESYNC_SECONDS."""
+    return float(Settings().resync_seconds)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=_resync_seconds(), initial_delay=_resync_seconds())
+def forgejob_resync(body: kopf.Body, memo: Any, logger: Logger, retry: int, **_: Any) -> None:
+    with guard(handle_reconcile_forgejob.RESYNC, body):
+        handle_reconcile_forgejob.reconcile(_ctx(memo), body, logger, retry)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -30,6 +30,13 @@ RECONCILE_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
     registry=REGISTRY,
 )
+API_REQUESTS = Counter(
+    "forge_api_requests",
+    "Requests of the operator's own code to the API server, by RBAC verb, API group and resource (kopf's watches "
+    "not included).",
+    ["verb", "group", "resource"],
+    registry=REGISTRY,
+)
 ERRORS = Counter(
     "forge_reconcile_errors_total",
     "Handler errors and refusals by kind: invalid_spec, spec_change_refused, child_conflict, conflict, api, internal.",

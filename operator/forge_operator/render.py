@@ -18,6 +18,7 @@ TRAINER_CONFIG_VERSION = 1
 CONFIG_KEY = "config.json"
 CONFIG_DIR = "/etc/forge"
 SCRATCH_DIR = "/tmp/forge"
+TMP_DIR = "/tmp"
 CHECKPOINT_LOCAL_DIR = f"{SCRATCH_DIR}/checkpoints"
 TRAINER_COMMAND = "forge-trainer"
 PYTORCH_CONTAINER = "pytorch"
@@ -30,6 +31,15 @@ MANAGED_BY = "forge-operator"
 JOB_LABEL = "forge.dev/forgejob"
 SPEC_DIGEST_ANNOTATION = "forge.dev/spec-digest"
 ACCEPTED_SPEC_ANNOTATION = "forge.dev/accepted-spec"
+# The last spec.suspend the operator wrote to runPolicy.suspend: the field is written again only when spec.suspend
+# differs from it, so a queue manager (Kueue) owns runPolicy.suspend in between.
+SUSPEND_ANNOTATION = "forge.dev/suspend-requested"
+# Keeps a deleted PyTorchJob readable until the operator has mirrored its final conditions (e.g. deleted by
+# ttlSecondsAfterFinished while the operator was down): a finished run is then never started again.
+FINAL_STATUS_FINALIZER = "forge.dev/final-status"
+# Kueue's contract for jobs it manages (kueue.x-k8s.io labels on the job's metadata).
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"
 # spec fields that may change after the PyTorchJob exists (pydantic exclude form); every other change is refused.
 MUTABLE_SPEC_FIELDS: dict[str, Any] = {
     "suspend": True,
@@ -57,6 +67,9 @@ class RenderOptions:
     """Default {limits, requests} of the trainer container, for ForgeJobs that set no spec.resources.resources."""
     trainer_image_pull_policy: str | None = None
     """Default imagePullPolicy of the trainer container, for ForgeJobs that set no spec.resources.imagePullPolicy."""
+    restricted: bool = True
+    """Trainer pods meet Pod Security "restricted" (non-root, RuntimeDefault seccomp, no privilege escalation, no
+    capabilities, read-only root filesystem with /tmp and the scratch folder writable)."""
 
 
 def config_map_name(job: str) -> str:
@@ -276,12 +289,15 @@ def build_config_map(owner: Owner, spec: ForgeJobSpec, resolved: Resolved, optio
     }
 
 
-def build_service_account(owner: Owner) -> dict[str, Any]:
-    return {
+def build_service_account(owner: Owner, spec: ForgeJobSpec | None = None) -> dict[str, Any]:
+    account: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": _metadata(owner, trainer_account_name(owner.name)),
     }
+    if spec is not None and spec.resources.image_pull_secrets:
+        account["imagePullSecrets"] = [{"name": name} for name in spec.resources.image_pull_secrets]
+    return account
 
 
 def build_role(owner: Owner) -> dict[str, Any]:
@@ -323,8 +339,8 @@ def _container_resources(spec: ForgeJobSpec, options: RenderOptions) -> dict[str
         limits = dict(options.trainer_resources.get("limits", {}))
         requests = dict(options.trainer_resources.get("requests", {}))
     if spec.resources.gpus_per_node > 0:
-        limits[GPU_RESOURCE] = spec.resources.gpus_per_node
-        requests[GPU_RESOURCE] = spec.resources.gpus_per_node
+        limits[spec.resources.gpu_resource] = spec.resources.gpus_per_node
+        requests[spec.resources.gpu_resource] = spec.resources.gpus_per_node
     resources: dict[str, Any] = {}
     if limits:
         resources["limits"] = limits
@@ -351,6 +367,15 @@ def metrics_ports(spec: ForgeJobSpec, options: RenderOptions) -> list[dict[str, 
     ]
 
 
+def _empty_dir(medium: str | None, size_limit: int | str | None) -> dict[str, Any]:
+    empty_dir: dict[str, Any] = {}
+    if medium:
+        empty_dir["medium"] = medium
+    if size_limit is not None:
+        empty_dir["sizeLimit"] = size_limit
+    return empty_dir
+
+
 def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, image: str) -> dict[str, Any]:
     mounts: list[dict[str, Any]] = [
         {"name": "forge-config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -358,12 +383,16 @@ def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, imag
     ]
     volumes: list[dict[str, Any]] = [
         {"name": "forge-config", "configMap": {"name": config_map_name(owner.name)}},
-        {"name": "scratch", "emptyDir": {}},
+        {"name": "scratch", "emptyDir": _empty_dir(None, spec.resources.scratch_size_limit)},
     ]
+    if options.restricted:
+        # The root filesystem is read-only: torchrun, Python and the compilers write temporary files under /tmp.
+        mounts.append({"name": "tmp", "mountPath": TMP_DIR})
+        volumes.append({"name": "tmp", "emptyDir": {}})
     if spec.resources.gpus_per_node > 0:
         # NCCL and data loaders need more shared memory than a container's default 64 MiB.
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        volumes.append({"name": "dshm", "emptyDir": _empty_dir("Memory", spec.resources.shm_size_limit)})
     container: dict[str, Any] = {
         "name": PYTORCH_CONTAINER,
         "image": image,
@@ -384,20 +413,53 @@ def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, imag
         "containers": [container],
         "volumes": volumes,
     }
+    if options.restricted:
+        pod_spec["securityContext"] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        container["securityContext"] = {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+        }
     if spec.resources.node_selector:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
     if spec.resources.tolerations:
         pod_spec["tolerations"] = [t.to_api() for t in spec.resources.tolerations]
+    if spec.resources.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.resources.image_pull_secrets]
+    if spec.scheduling.priority_class_name:
+        pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
     return {"metadata": {"labels": labels(owner.name)}, "spec": pod_spec}
 
 
+def suspend_value(suspend: bool) -> str:
+    """The SUSPEND_ANNOTATION value for a spec.suspend."""
+    return "true" if suspend else "false"
+
+
+def created_suspended(spec: ForgeJobSpec) -> bool:
+    """A queued run is created suspended, as Kueue's webhook would make it: no pod starts before admission."""
+    return spec.suspend or spec.scheduling.queue_name is not None
+
+
 def build_run_policy(spec: ForgeJobSpec) -> dict[str, Any]:
-    run_policy: dict[str, Any] = {"backoffLimit": spec.run_policy.backoff_limit, "suspend": spec.suspend}
+    run_policy: dict[str, Any] = {"backoffLimit": spec.run_policy.backoff_limit, "suspend": created_suspended(spec)}
     if spec.run_policy.ttl_seconds_after_finished is not None:
         run_policy["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
     if spec.run_policy.active_deadline_seconds is not None:
         run_policy["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
     return run_policy
+
+
+def queue_labels(spec: ForgeJobSpec) -> dict[str, str]:
+    """Kueue's labels on the PyTorchJob: the LocalQueue and the WorkloadPriorityClass."""
+    scheduling = spec.scheduling
+    result: dict[str, str] = {}
+    if scheduling.queue_name:
+        result[QUEUE_LABEL] = scheduling.queue_name
+    if scheduling.workload_priority_class:
+        result[PRIORITY_CLASS_LABEL] = scheduling.workload_priority_class
+    return result
 
 
 def build_pytorchjob(owner: Owner, spec: ForgeJobSpec, options: RenderOptions) -> dict[str, Any]:
@@ -413,10 +475,14 @@ def build_pytorchjob(owner: Owner, spec: ForgeJobSpec, options: RenderOptions) -
     replicas = {"Master": replica(1)}
     if spec.resources.nodes > 1:
         replicas["Worker"] = replica(spec.resources.nodes - 1)
+    annotations = {SPEC_DIGEST_ANNOTATION: spec_digest(spec), SUSPEND_ANNOTATION: suspend_value(spec.suspend)}
+    metadata = _metadata(owner, pytorchjob_name(owner.name), annotations)
+    metadata["labels"].update(queue_labels(spec))
+    metadata["finalizers"] = [FINAL_STATUS_FINALIZER]
     return {
         "apiVersion": PYTORCHJOB_API_VERSION,
         "kind": PYTORCHJOB_KIND,
-        "metadata": _metadata(owner, pytorchjob_name(owner.name), {SPEC_DIGEST_ANNOTATION: spec_digest(spec)}),
+        "metadata": metadata,
         "spec": {
             "nprocPerNode": str(processes_per_pod(spec)),
             "runPolicy": build_run_policy(spec),
@@ -431,7 +497,7 @@ def build_children(
     """Every child in creation order: the PyTorchJob last, once what its pods need exists."""
     return [
         build_config_map(owner, spec, resolved, options),
-        build_service_account(owner),
+        build_service_account(owner, spec),
         build_role(owner),
         build_role_binding(owner),
         build_pytorchjob(owner, spec, options),

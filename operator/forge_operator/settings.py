@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from forge_operator.api import QUANTITY_PATTERN
 from forge_operator.render import GPU_RESOURCE, PYTORCH_PORT, RenderOptions
+from forge_operator.validation import check_image, check_quantities, format_errors
 
 # Local ranks per pod are at most 16 (spec.resources.gpusPerNode <= 16): ports metricsPort .. metricsPort + 15.
 MAX_LOCAL_RANKS = 16
@@ -34,6 +35,13 @@ class TrainerResources(BaseModel):
             if isinstance(quantity, bool) or not _QUANTITY.match(str(quantity)):
                 raise ValueError(f"{name}: {quantity!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
         return value
+
+    @model_validator(mode="after")
+    def _sane(self) -> TrainerResources:
+        errors = check_quantities("trainer_resources", self.limits, self.requests)
+        if errors:
+            raise ValueError(format_errors(errors))
+        return self
 
     def to_api(self) -> dict[str, dict[str, int | str]]:
         return {key: dict(value) for key, value in (("limits", self.limits), ("requests", self.requests)) if value}
@@ -78,6 +86,19 @@ class Settings(BaseSettings):
     workers: int = Field(default=16, ge=1, le=256)
     """Threads running handlers (each handler makes blocking API calls)."""
 
+    trainer_pod_security: Literal["restricted", "none"] = "restricted"
+    """restricted: trainer pods meet Pod Security "restricted" (runAsNonRoot, seccomp RuntimeDefault, no privilege
+    escalation, capabilities dropped, read-only root filesystem with /tmp writable); the trainer image must run as a
+    numeric non-root user (Forge's does, 10001). none: no securityContext (for images that need root)."""
+
+    resync_seconds: int = Field(default=60, ge=1, le=86_400)
+    """Seconds between two resyncs of each ForgeJob: the reconcile runs again without any event (children
+    re-ensured, the PyTorchJob re-mirrored), so a failed status write or re-create is repaired."""
+
+    retry_max_seconds: int = Field(default=300, ge=5, le=3600)
+    """Ceiling of the exponential back-off (5 s, 10 s, 20 s, ...) after the cluster refuses a reconcile (missing
+    CRD, missing RBAC, API server unavailable)."""
+
     status_conflict_retries: int = Field(default=8, ge=1, le=100)
     """How often a status write is recomputed after a 409 Conflict before the handler is retried."""
 
@@ -86,6 +107,14 @@ class Settings(BaseSettings):
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trainer_image")
+    @classmethod
+    def _image(cls, value: str | None) -> str | None:
+        errors = check_image("trainer_image", value) if value else []
+        if errors:
+            raise ValueError(errors[0].message)
         return value
 
     @field_validator("trainer_image_pull_policy", mode="before")
@@ -125,4 +154,5 @@ class Settings(BaseSettings):
             report_min_interval_seconds=self.report_min_interval_seconds,
             trainer_resources=self.trainer_resources.to_api() if self.trainer_resources else {},
             trainer_image_pull_policy=self.trainer_image_pull_policy,
+            restricted=self.trainer_pod_security == "restricted",
         )

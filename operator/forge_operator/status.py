@@ -38,6 +38,12 @@ FORGETTING = "ForgettingWithinBudget"
 EARLY_STOPPED = "EarlyStopped"
 GUARD_WARNING = "GuardWarning"
 REBALANCED = "Rebalanced"
+QUEUED = "Queued"
+# Kueue's label on a job it manages (render.QUEUE_LABEL; status.py does not import the builders).
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+REASON_WAITING_FOR_ADMISSION = "WaitingForAdmission"
+REASON_PREEMPTED = "Preempted"
+REASON_ADMITTED = "Admitted"
 # The training operator's condition types, mirrored one to one.
 MIRRORED_TYPES = ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 
@@ -64,6 +70,14 @@ class Acceptance:
     message: str
     resolved: Resolved | None = None
     pytorch_job: str | None = None
+    unknown: bool = False
+    """Accepted=Unknown: the cluster refused what the decision needs (a missing CRD, RBAC, an outage)."""
+
+    @property
+    def condition_status(self) -> ConditionStatus:
+        if self.unknown:
+            return "Unknown"
+        return "True" if self.accepted else "False"
 
 
 @dataclass(frozen=True)
@@ -144,6 +158,48 @@ def mirror_pytorchjob(
                 observed_generation=generation,
             )
     return result
+
+
+def queued_condition(
+    conditions: Sequence[Condition],
+    pytorchjob: Mapping[str, Any],
+    suspend_requested: bool,
+    *,
+    at: str,
+    generation: int | None,
+) -> list[Condition]:
+    """Queued=True while Kueue holds the run: the PyTorchJob carries a queue label and is suspended, and the user did
+    not ask for it. Reason WaitingForAdmission before the run ever ran, Preempted after (Kueue suspended it again);
+    Queued=False, reason Admitted, once Kueue un-suspends it."""
+    if _terminal(conditions):
+        return list(conditions)
+    metadata = pytorchjob.get("metadata") or {}
+    queue = (metadata.get("labels") or {}).get(QUEUE_LABEL)
+    if not queue:
+        return list(conditions)
+    suspended = bool(((pytorchjob.get("spec") or {}).get("runPolicy") or {}).get("suspend", False))
+    name, namespace = metadata.get("name", ""), metadata.get("namespace", "")
+    if suspended and not suspend_requested:
+        if cond.find(conditions, "Running") is not None:
+            reason = REASON_PREEMPTED
+            why = (
+                "Kueue suspended it again (pre-empted or evicted); it resumes from its last checkpoint when re-admitted"
+            )
+        else:
+            reason = REASON_WAITING_FOR_ADMISSION
+            why = "waiting for Kueue to admit it (quota in the ClusterQueue behind the LocalQueue)"
+        message = (
+            f"PyTorchJob {name} is held in LocalQueue {queue}: {why}; see `kubectl get workloads -n {namespace}` "
+            "(no Workload: is Kueue installed, with the PyTorchJob integration?)"
+        )
+        return cond.upsert(conditions, QUEUED, "True", reason, message, at=at, observed_generation=generation)
+    if cond.find(conditions, QUEUED) is None:
+        return list(conditions)
+    if suspended:  # the user's spec.suspend: the Suspended state says it
+        reason, message = "SuspendedBySpec", f"suspended by spec.suspend; Kueue queue {queue}"
+    else:
+        reason, message = REASON_ADMITTED, f"admitted by Kueue from LocalQueue {queue}"
+    return cond.upsert(conditions, QUEUED, "False", reason, message, at=at, observed_generation=generation)
 
 
 def _percent(value: float) -> str:
@@ -343,6 +399,8 @@ def derive_state(conditions: Sequence[Condition], started: bool) -> State:
         return "Failed"
     if cond.is_true(conditions, "Succeeded"):
         return "Succeeded"
+    if cond.is_true(conditions, QUEUED):
+        return "Queued"
     if cond.is_true(conditions, "Suspended"):
         return "Suspended"
     if cond.is_true(conditions, "Restarting"):
@@ -357,6 +415,7 @@ def _state_message(state: State, conditions: Sequence[Condition]) -> str:
         "Failed": "Failed",
         "Succeeded": "Succeeded",
         "EarlyStopped": EARLY_STOPPED,
+        "Queued": QUEUED,
         "Suspended": "Suspended",
         "Restarting": "Restarting",
         "Running": "Running",
@@ -438,7 +497,7 @@ def desired_status(
         conditions = cond.upsert(
             conditions,
             ACCEPTED,
-            "True" if acceptance.accepted else "False",
+            acceptance.condition_status,
             acceptance.reason,
             acceptance.message,
             at=at,
@@ -453,6 +512,8 @@ def desired_status(
             pytorch_job_name = acceptance.pytorch_job
     if pytorchjob is not None:
         conditions = mirror_pytorchjob(conditions, pytorchjob, at=at, generation=generation)
+        suspend_requested = spec.suspend if spec is not None else False
+        conditions = queued_condition(conditions, pytorchjob, suspend_requested, at=at, generation=generation)
     selected_changed = False
     new_selected = status.selected
     resolved = acceptance.resolved if acceptance is not None and acceptance.resolved else status.resolved

@@ -7,8 +7,9 @@ Accepted condition's message and the Event tell the user exactly what to change.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from pydantic import ValidationError
@@ -30,6 +31,15 @@ RESERVED_ENV = frozenset(
     {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK"}
 )
 RESERVED_ENV_PREFIXES = ("PET_",)
+# A container image reference: [registry[:port]/]path[:tag][@digest], as the container runtimes parse it.
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE = re.compile(
+    rf"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_PATH_PART}(?:/{_PATH_PART})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
+)
+_QUANTITY_PARTS = re.compile(r"^([+-]?)([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(.*)$")
+_BINARY = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
+_DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
 MAX_GRADIENT_CLIPPING = 100.0
 MAX_WEIGHT_DECAY = 1.0
 
@@ -247,19 +257,102 @@ def _check_toleration(path: str, toleration: Toleration) -> list[FieldError]:
     return errors
 
 
+def parse_quantity(text: int | str) -> Decimal:
+    """A Kubernetes quantity ("500m", "64Gi", "1e3", 8) as a number; ValueError when it is none."""
+    match = _QUANTITY_PARTS.match(str(text).strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a Kubernetes quantity")
+    sign, number, suffix = match.groups()
+    value = Decimal(number)
+    if suffix in _BINARY:
+        value *= Decimal(1024) ** _BINARY[suffix]
+    elif suffix in _DECIMAL:
+        value *= Decimal(10) ** _DECIMAL[suffix]
+    elif re.fullmatch(r"[eE][+-]?[0-9]+", suffix):
+        value *= Decimal(10) ** int(suffix[1:])
+    else:
+        raise ValueError(f"{text!r} is not a Kubernetes quantity (unknown suffix {suffix!r})")
+    return -value if sign == "-" else value
+
+
+def check_quantities(path: str, limits: Mapping[str, int | str], requests: Mapping[str, int | str]) -> list[FieldError]:
+    """No negative quantity, and no request above its limit (the API server would refuse the pods)."""
+    errors: list[FieldError] = []
+    parsed: dict[str, dict[str, Decimal]] = {"limits": {}, "requests": {}}
+    for kind, values in (("limits", limits), ("requests", requests)):
+        for name, quantity in values.items():
+            try:
+                value = parse_quantity(quantity)
+            except ValueError as error:
+                errors.append(FieldError(f'{path}.{kind}["{name}"]', str(error)))
+                continue
+            if value < 0:
+                errors.append(FieldError(f'{path}.{kind}["{name}"]', f"{quantity} is negative"))
+            parsed[kind][name] = value
+    for name, request in parsed["requests"].items():
+        limit = parsed["limits"].get(name)
+        if limit is not None and request > limit:
+            errors.append(
+                FieldError(
+                    f'{path}.requests["{name}"]',
+                    f'{requests[name]} is above its limit {limits[name]} ({path}.limits["{name}"])',
+                )
+            )
+    return errors
+
+
+def check_image(path: str, image: str) -> list[FieldError]:
+    if any(character.isspace() for character in image):
+        return [FieldError(path, f"{image!r} contains whitespace: not an image reference")]
+    if not IMAGE_REFERENCE.match(image):
+        return [
+            FieldError(
+                path,
+                f"{image!r} is not an image reference ([registry[:port]/]name[:tag][@sha256:digest], lower-case name)",
+            )
+        ]
+    return []
+
+
+def check_scheduling(spec: ForgeJobSpec) -> list[FieldError]:
+    scheduling = spec.scheduling
+    if scheduling.workload_priority_class and not scheduling.queue_name:
+        return [
+            FieldError(
+                "spec.scheduling.workloadPriorityClass",
+                "needs spec.scheduling.queueName: a Kueue priority applies only to a queued run",
+            )
+        ]
+    return []
+
+
 def check_resources(spec: ForgeJobSpec, default_image: str | None) -> list[FieldError]:
     resources = spec.resources
     errors: list[FieldError] = []
     if not resources.image and not default_image:
         errors.append(FieldError("spec.resources.image", "required: the operator has no default trainer image"))
+    if resources.image:
+        errors += check_image("spec.resources.image", resources.image)
+    errors += check_quantities("spec.resources.resources", resources.resources.limits, resources.resources.requests)
     for kind in ("limits", "requests"):
-        if GPU_RESOURCE in getattr(resources.resources, kind):
+        for gpu in sorted({GPU_RESOURCE, resources.gpu_resource} & set(getattr(resources.resources, kind))):
             errors.append(
                 FieldError(
-                    f'spec.resources.resources.{kind}["{GPU_RESOURCE}"]',
-                    "set GPUs with spec.resources.gpusPerNode, not here",
+                    f'spec.resources.resources.{kind}["{gpu}"]',
+                    "set GPUs with spec.resources.gpusPerNode (and gpuResource), not here",
                 )
             )
+    for field, limit in (
+        ("scratchSizeLimit", resources.scratch_size_limit),
+        ("shmSizeLimit", resources.shm_size_limit),
+    ):
+        if limit is None:
+            continue
+        try:
+            if parse_quantity(limit) <= 0:
+                errors.append(FieldError(f"spec.resources.{field}", f"{limit} must be positive"))
+        except ValueError as error:
+            errors.append(FieldError(f"spec.resources.{field}", str(error)))
     for key, value in resources.node_selector.items():
         errors += _check_label_key(f'spec.resources.nodeSelector["{key}"]', key)
         if not LABEL_VALUE.match(value):
@@ -315,5 +408,6 @@ def validate(name: str, spec: ForgeJobSpec, default_image: str | None) -> list[F
         *check_learning_rate_probe(spec),
         *check_checkpoints(spec),
         *check_resources(spec, default_image),
+        *check_scheduling(spec),
         *check_env(spec),
     ]

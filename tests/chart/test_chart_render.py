@@ -140,25 +140,46 @@ def rules_of(role: dict[str, Any]) -> set[tuple[str, str, str]]:
     }
 
 
-def test_cluster_wide_rbac_is_least_privilege(tmp_path: Path) -> None:
+def test_cluster_wide_rbac_is_exactly_what_the_code_uses(tmp_path: Path) -> None:
+    """The ClusterRole of a default install grants the verbs of forge_operator.permissions, nothing more or less."""
+    from forge_operator.permissions import CLUSTER, NAMESPACED
+
     role = one(template(tmp_path), "ClusterRole")
     got = rules_of(role)
-    expected = (
-        {("forge.dev", "forgejobs", v) for v in ("get", "list", "watch", "patch")}
-        | {("forge.dev", "forgejobs/status", v) for v in ("get", "patch")}
-        | {("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "patch", "delete")}
-        | {("", r, v) for r in ("configmaps", "serviceaccounts") for v in ("create", "get", "list", "watch", "patch")}
-        | {("", "configmaps", "update")}
-        | {
-            ("rbac.authorization.k8s.io", r, v)
-            for r in ("roles", "rolebindings")
-            for v in ("create", "get", "list", "watch", "patch")
-        }
-        | {("", "events", v) for v in ("create", "patch")}
-        | {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
-    )
+    expected = {
+        (group, resource, verb) for (group, resource), verbs in {**NAMESPACED, **CLUSTER}.items() for verb in verbs
+    }
     assert got == expected, f"extra: {sorted(got - expected)}; missing: {sorted(expected - got)}"
     assert all("*" not in rule["verbs"] and "*" not in rule["resources"] for rule in role["rules"])
+    assert ("", "configmaps", "list") not in got and ("", "configmaps", "watch") not in got
+    assert ("forge.dev", "forgejobs/finalizers", "update") in got
+
+
+def test_trainer_pods_of_a_default_install_pass_pod_security_restricted(tmp_path: Path) -> None:
+    """The operator configured as the default chart configures it renders trainer pods that meet "restricted"; so
+    does the operator's own pod."""
+    from forge_operator.api import ForgeJobSpec
+    from forge_operator.render import Owner, build_pytorchjob
+    from forge_operator.settings import Settings
+    from tests.operator.pod_security import restricted_violations
+
+    objects = template(tmp_path)
+    deployment = one(objects, "Deployment")
+    env = env_of(deployment)
+    settings = Settings(**{k.removeprefix("FORGE_").lower(): v for k, v in env.items() if k.startswith("FORGE_")})
+    spec = ForgeJobSpec.model_validate(
+        {
+            "model": {"base": "s3://models/llama-3.2-1b"},
+            "technique": "sft",
+            "data": {"domain": [{"uri": "s3://acme/tickets/"}], "general": [{"uri": "s3://curated/chat/"}]},
+            "checkpoints": {"output": "s3://acme/forge/"},
+            "resources": {"nodes": 2, "gpusPerNode": 8},
+        }
+    )
+    job = build_pytorchjob(Owner("bot", "team-a", "uid-1"), spec, settings.render_options())
+    for replica_type, replica in job["spec"]["pytorchReplicaSpecs"].items():
+        assert restricted_violations(replica["template"]["spec"]) == [], replica_type
+    assert restricted_violations(deployment["spec"]["template"]["spec"]) == []
 
 
 # --- non-default values -------------------------------------------------------------------------------------------

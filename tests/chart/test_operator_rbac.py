@@ -4,6 +4,7 @@ for a namespaced and for a cluster-wide install; and that RBAC grants nothing be
 from __future__ import annotations
 
 import re
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,11 +13,20 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from forge_dev.controlplane import free_port
+from forge_operator.permissions import CODE
 from tests.chart.helm import wait_for
 from tests.chart.install import condition, create_forgejob, dump, forgejob, get_forgejob, installed
 from tests.conftest import LocalCluster
 
 PERMISSION_PROBLEM = re.compile(r"\b403\b|[Ff]orbidden|Not enough permissions|permission", re.IGNORECASE)
+
+
+def requests_made(metrics_port: int) -> set[tuple[str, str, str]]:
+    """(verb, group, resource) of every request the operator counted in forge_api_requests_total."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    pattern = r'^forge_api_requests_total\{group="([^"]*)",resource="([^"]*)",verb="([^"]*)"\} (\S+)$'
+    return {(verb, group, resource) for group, resource, verb, count in re.findall(pattern, text, re.M) if float(count)}
 
 
 def forbidden(call: Callable[[], object]) -> bool:
@@ -83,6 +93,18 @@ def test_operator_reconciles_with_rendered_rbac(
 
         problems = [line for line in install.log().splitlines() if PERMISSION_PROBLEM.search(line)]
         assert not problems, "the operator hit RBAC limits:\n" + "\n".join(problems[:20])
+
+        # Every request the operator's code made is in forge_operator.permissions.CODE (which the chart grants).
+        used = requests_made(values["operator"]["metricsPort"])
+        assert ("create", "kubeflow.org", "pytorchjobs") in used, used
+        outside = {
+            (verb, group, resource)
+            for verb, group, resource in used
+            if resource  # API discovery, allowed to every authenticated user
+            and resource != "selfsubjectaccessreviews"  # likewise (system:basic-user)
+            and verb not in CODE.get((group, resource), frozenset())
+        }
+        assert not outside, f"requests outside forge_operator.permissions.CODE: {sorted(outside)}"
 
         # Least privilege: what the operator never needs is refused.
         with install.operator_api() as op:

@@ -193,6 +193,14 @@ def test_single_node_cpu_job_has_no_worker_and_no_gpu(
         {"nodes": 1, "gpusPerNode": 8},
         {"nodes": 16, "gpusPerNode": 8, "imagePullPolicy": "IfNotPresent"},
         {"nodes": 2, "gpusPerNode": 0, "tolerations": [{"key": "k", "operator": "Equal", "value": "v"}]},
+        {
+            "nodes": 2,
+            "gpusPerNode": 2,
+            "gpuResource": "nvidia.com/mig-3g.40gb",
+            "imagePullSecrets": ["registry-creds"],
+            "scratchSizeLimit": "200Gi",
+            "shmSizeLimit": "16Gi",
+        },
     ],
 )
 def test_rendered_pytorchjobs_pass_the_kubeflow_schema(
@@ -202,6 +210,7 @@ def test_rendered_pytorchjobs_pass_the_kubeflow_schema(
     if not uses_real_kubeflow_crd():
         pytest.skip("Kubeflow's PyTorchJob CRD is not in ../shared/fixtures: nothing to validate against")
     from forge_operator.api import ForgeJobSpec
+    from forge_operator.kube import Kube as OperatorKube
     from forge_operator.render import Owner, RenderOptions, build_pytorchjob
 
     spec = ForgeJobSpec.model_validate(forgejob("x", resources=resources)["spec"])
@@ -211,6 +220,26 @@ def test_rendered_pytorchjobs_pass_the_kubeflow_schema(
         "kubeflow.org", "v1", namespace, "pytorchjobs", rendered, dry_run="All"
     )
     assert created["spec"] == rendered["spec"], "the Kubeflow schema pruned or changed rendered fields"
+    # The pods the training operator will create from each template pass the core API's own validation (and its
+    # admission, which needs their ServiceAccount).
+    kube.core.create_namespaced_service_account(namespace, {"metadata": {"name": "dry-trainer"}})
+    wait_for(
+        lambda: kube.core.read_namespaced_service_account("dry-trainer", namespace).secrets,
+        what="the ServiceAccount's token",
+    )
+    for replica_type, replica in rendered["spec"]["pytorchReplicaSpecs"].items():
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"dry-{replica_type.lower()}-0", **replica["template"]["metadata"]},
+            "spec": {**replica["template"]["spec"], "restartPolicy": "OnFailure"},
+        }
+        # Through plain JSON (the typed client would coerce the integer GPU quantities first).
+        checked = OperatorKube(kube.api).request(
+            "POST", f"/api/v1/namespaces/{namespace}/pods", pod, query={"dryRun": "All"}
+        )
+        assert checked["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert checked["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 def test_pytorchjob_with_an_unknown_field_is_rejected_by_kubeflow_schema(kube: Kube, namespace: str) -> None:

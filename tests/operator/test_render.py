@@ -294,3 +294,111 @@ def test_learning_rate_probe_is_rendered_as_factors_only_when_set() -> None:
     assert training["probe"] == {"multipliers": [0.1, 1.5], "steps": 50, "evaluations": 5, "evalMaxTokens": 16384}
     assert all(type(value) is float for value in training["probe"]["multipliers"])
     assert changed_paths(frozen_spec(spec()), frozen_spec(default)) == ["spec.training.learningRateProbe"]
+
+
+def test_queue_and_priority_reach_kueue_and_the_pods() -> None:
+    queued = build_pytorchjob(
+        OWNER,
+        spec(scheduling={"queueName": "team-a", "workloadPriorityClass": "high", "priorityClassName": "batch"}),
+        OPTIONS,
+    )
+    labels = queued["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "team-a" and labels["kueue.x-k8s.io/priority-class"] == "high"
+    assert queued["spec"]["runPolicy"]["suspend"] is True, "created suspended, as Kueue's webhook would make it"
+    assert queued["metadata"]["annotations"]["forge.dev/suspend-requested"] == "false"
+    for replica in queued["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["priorityClassName"] == "batch"
+        assert "kueue.x-k8s.io/queue-name" not in replica["template"]["metadata"]["labels"]
+    plain = build_pytorchjob(OWNER, spec(), OPTIONS)
+    assert not any(key.startswith("kueue.x-k8s.io/") for key in plain["metadata"]["labels"])
+    assert plain["spec"]["runPolicy"]["suspend"] is False
+    assert "priorityClassName" not in plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+
+
+def test_pytorchjob_keeps_its_final_status_until_the_operator_read_it() -> None:
+    job = build_pytorchjob(OWNER, spec(suspend=True), OPTIONS)
+    assert job["metadata"]["finalizers"] == ["forge.dev/final-status"]
+    assert job["metadata"]["annotations"]["forge.dev/suspend-requested"] == "true"
+
+
+def test_queue_is_frozen_once_started() -> None:
+    before = spec(scheduling={"queueName": "team-a"})
+    after = spec(scheduling={"queueName": "team-b"})
+    assert changed_paths(frozen_spec(before), frozen_spec(after)) == ["spec.scheduling.queueName"]
+
+
+def test_trainer_pods_meet_pod_security_restricted_by_default() -> None:
+    from tests.operator.pod_security import restricted_violations
+
+    for gpus in (0, 4):
+        job = build_pytorchjob(OWNER, spec(resources={"nodes": 2, "gpusPerNode": gpus}), OPTIONS)
+        for replica in job["spec"]["pytorchReplicaSpecs"].values():
+            pod = replica["template"]["spec"]
+            assert restricted_violations(pod) == []
+            (container,) = pod["containers"]
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+            assert {"/tmp", "/tmp/forge"} <= writable, "temporary files and the scratch folder stay writable"
+    opted_out = build_pytorchjob(OWNER, spec(), RenderOptions(trainer_image="t:1", restricted=False))
+    pod = opted_out["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "securityContext" not in pod
+    assert any("runAsNonRoot" in problem for problem in restricted_violations(pod)), "the checker can fail"
+
+
+def test_the_restricted_checker_flags_each_rule() -> None:
+    from tests.operator.pod_security import restricted_violations
+
+    bad = {
+        "hostNetwork": True,
+        "securityContext": {"runAsUser": 0},
+        "volumes": [{"name": "h", "hostPath": {"path": "/"}}],
+        "containers": [
+            {
+                "name": "c",
+                "ports": [{"containerPort": 80, "hostPort": 80}],
+                "securityContext": {"privileged": True, "capabilities": {"add": ["SYS_ADMIN"]}},
+            }
+        ],
+    }
+    problems = " | ".join(restricted_violations(bad))
+    for expected in (
+        "hostNetwork",
+        "runAsUser is 0",
+        "hostPath",
+        "hostPort",
+        "privileged",
+        "SYS_ADMIN",
+        "allowPrivilegeEscalation",
+        "drop ALL",
+        "runAsNonRoot",
+        "seccompProfile",
+    ):
+        assert expected in problems, expected
+
+
+def test_gpu_type_pull_secrets_and_volume_limits_reach_the_pods() -> None:
+    custom = spec(
+        resources={
+            "nodes": 2,
+            "gpusPerNode": 2,
+            "gpuResource": "amd.com/gpu",
+            "imagePullSecrets": ["regcred"],
+            "scratchSizeLimit": "100Gi",
+            "shmSizeLimit": "8Gi",
+        }
+    )
+    job = build_pytorchjob(OWNER, custom, OPTIONS)
+    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert (
+        container["resources"]["limits"]["amd.com/gpu"] == 2
+        and "nvidia.com/gpu" not in container["resources"]["limits"]
+    )
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["scratch"]["emptyDir"] == {"sizeLimit": "100Gi"}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    account = next(c for c in build_children(OWNER, custom, resolve(custom), OPTIONS) if c["kind"] == "ServiceAccount")
+    assert account["imagePullSecrets"] == [{"name": "regcred"}]
+    plain = build_pytorchjob(OWNER, spec(), OPTIONS)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "imagePullSecrets" not in plain and {v["name"]: v for v in plain["volumes"]}["scratch"]["emptyDir"] == {}

@@ -32,6 +32,7 @@ def test_defaults_watch_every_namespace(monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.delenv(name, raising=False)
     settings = Settings()
     assert settings.namespaces == [] and settings.trainer_image is None and settings.metrics_port == 9300
+    assert settings.resync_seconds == 60
 
 
 def test_bad_settings_fail_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,6 +112,14 @@ def test_empty_trainer_resources_mean_no_default(monkeypatch: pytest.MonkeyPatch
         ("FORGE_TRAINER_IMAGE_PULL_POLICY", "Sometimes", "trainer_image_pull_policy"),
         ("FORGE_TRAINER_METRICS_PORT", "23450", "PyTorchJob port 23456"),
         ("FORGE_TRAINER_METRICS_PORT", "65530", "trainer_metrics_port"),
+        ("FORGE_TRAINER_RESOURCES", '{"requests": {"memory": "-8Gi"}}', "-8Gi is negative"),
+        (
+            "FORGE_TRAINER_RESOURCES",
+            '{"requests": {"cpu": "4"}, "limits": {"cpu": "2"}}',
+            'trainer_resources.requests["cpu"]: 4 is above its limit 2',
+        ),
+        ("FORGE_TRAINER_IMAGE", "repo/trainer :1", "whitespace"),
+        ("FORGE_RESYNC_SECONDS", "0", "resync_seconds"),
     ],
 )
 def test_bad_trainer_settings_fail_at_start(
@@ -156,3 +165,22 @@ def test_selected_step_and_checkpoints_per_forgejob() -> None:
     metrics.forget("team", "gauged")
     assert labels not in _samples("forge_forgejob_checkpoints")
     metrics.forget("team", "gauged")  # twice: nothing to remove, no error
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/apis/kubeflow.org/v1/namespaces/a/pytorchjobs/x", ("kubeflow.org", "pytorchjobs")),
+        ("/api/v1/namespaces/a/configmaps", ("", "configmaps")),
+        ("/apis/forge.dev/v1alpha1/namespaces/a/forgejobs/x/status", ("forge.dev", "forgejobs/status")),
+        ("/apis/kubeflow.org/v1", ("kubeflow.org", "")),
+        (
+            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+            ("authorization.k8s.io", "selfsubjectaccessreviews"),
+        ),
+    ],
+)
+def test_requests_are_counted_by_the_rbac_resource_they_need(path: str, expected: tuple[str, str]) -> None:
+    from forge_operator.permissions import api_resource
+
+    assert api_resource(path) == expected

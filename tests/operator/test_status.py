@@ -433,3 +433,61 @@ def test_a_retried_trainer_error_does_not_fail_a_running_job() -> None:
     transient = {**DATA_ERROR, "kind": "StorageUnavailableError", "exitCode": 200, "retryable": True}
     running, _ = step(with_report(status, trainerError=transient), pytorchjob=RUNNING)
     assert running.state == "Running" and "Failed" not in by_type(running)
+
+
+def queued_pytorchjob(suspend: bool, *conditions: tuple[str, str]) -> dict[str, Any]:
+    job = pytorchjob(*conditions)
+    job["metadata"] = {"name": "job", "namespace": "ns", "labels": {"kueue.x-k8s.io/queue-name": "team-a"}}
+    job["spec"] = {"runPolicy": {"suspend": suspend}}
+    return job
+
+
+def test_kueue_hold_admission_and_preemption_show_as_queued() -> None:
+    accepted, _ = step(ForgeJobStatus(), acceptance=ACCEPT)
+    held, change = step(accepted, pytorchjob=queued_pytorchjob(True, ("Created", "True"), ("Suspended", "True")))
+    queued = next(c for c in held.conditions if c.type == "Queued")
+    assert (held.state, queued.status, queued.reason) == ("Queued", "True", "WaitingForAdmission")
+    assert "LocalQueue team-a" in queued.message
+    assert any(t.reason == "Queued" for t in change.transitions)
+    admitted, _ = step(
+        held, pytorchjob=queued_pytorchjob(False, ("Created", "True"), ("Suspended", "False"), ("Running", "True"))
+    )
+    queued = next(c for c in admitted.conditions if c.type == "Queued")
+    assert (admitted.state, queued.status, queued.reason) == ("Running", "False", "Admitted")
+    preempted, _ = step(
+        admitted, pytorchjob=queued_pytorchjob(True, ("Created", "True"), ("Suspended", "True"), ("Running", "False"))
+    )
+    queued = next(c for c in preempted.conditions if c.type == "Queued")
+    assert (preempted.state, queued.status, queued.reason) == ("Queued", "True", "Preempted")
+
+
+def test_a_suspend_the_user_asked_for_is_not_a_queue_hold() -> None:
+    suspended_spec = SPEC.model_copy(update={"suspend": True})
+    accepted, _ = step(ForgeJobStatus(), acceptance=ACCEPT)
+    change = desired_status(
+        accepted,
+        suspended_spec,
+        generation=2,
+        at="2026-01-01T00:00:00Z",
+        pytorchjob=queued_pytorchjob(True, ("Created", "True"), ("Suspended", "True")),
+    )
+    status = apply(accepted, change)
+    assert status.state == "Suspended"
+    assert all(c.type != "Queued" or c.status == "False" for c in status.conditions)
+
+
+def test_without_a_queue_label_there_is_no_queued_condition() -> None:
+    accepted, _ = step(ForgeJobStatus(), acceptance=ACCEPT)
+    job = pytorchjob(("Created", "True"), ("Suspended", "True"))
+    job["spec"] = {"runPolicy": {"suspend": True}}
+    status, _ = step(accepted, pytorchjob=job)
+    assert status.state == "Suspended" and all(c.type != "Queued" for c in status.conditions)
+
+
+def test_final_conditions_carried_by_a_deleted_pytorchjob_make_the_run_terminal() -> None:
+    running, _ = step(
+        ForgeJobStatus(), acceptance=ACCEPT, pytorchjob=pytorchjob(("Created", "True"), ("Running", "True"))
+    )
+    assert not is_terminal(running)
+    ended, _ = step(running, pytorchjob=pytorchjob(("Created", "True"), ("Running", "False"), ("Failed", "True")))
+    assert ended.state == "Failed" and is_terminal(ended)

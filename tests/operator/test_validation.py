@@ -103,6 +103,46 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ),
     ("lora with sft", {"lora": {"rank": 4}}, "spec.lora", "only allowed with technique lora"),
     (
+        "negative cpu request",
+        {"resources__resources": {"requests": {"cpu": "-1"}}},
+        'spec.resources.resources.requests["cpu"]',
+        "-1 is negative",
+    ),
+    (
+        "negative memory limit",
+        {"resources__resources": {"limits": {"memory": "-64Gi"}}},
+        'spec.resources.resources.limits["memory"]',
+        "negative",
+    ),
+    (
+        "request above limit",
+        {"resources__resources": {"requests": {"memory": "100Gi"}, "limits": {"memory": "64000Mi"}}},
+        'spec.resources.resources.requests["memory"]',
+        "above its limit 64000Mi",
+    ),
+    (
+        "cpu request above limit in other units",
+        {"resources__resources": {"requests": {"cpu": "2"}, "limits": {"cpu": "1500m"}}},
+        'spec.resources.resources.requests["cpu"]',
+        "above its limit",
+    ),
+    (
+        "gpu of the chosen type in requests",
+        {"resources__gpuResource": "amd.com/gpu", "resources__resources": {"requests": {"amd.com/gpu": 1}}},
+        'spec.resources.resources.requests["amd.com/gpu"]',
+        "gpusPerNode",
+    ),
+    ("zero scratch limit", {"resources__scratchSizeLimit": "0"}, "spec.resources.scratchSizeLimit", "must be positive"),
+    ("image with a space", {"resources__image": "registry/forge trainer:1"}, "spec.resources.image", "whitespace"),
+    ("image with a newline", {"resources__image": "registry/forge:1\n"}, "spec.resources.image", "whitespace"),
+    ("image upper case", {"resources__image": "registry/Forge:1"}, "spec.resources.image", "not an image reference"),
+    (
+        "kueue priority without a queue",
+        {"scheduling": {"workloadPriorityClass": "high"}},
+        "spec.scheduling.workloadPriorityClass",
+        "needs spec.scheduling.queueName",
+    ),
+    (
         "gpu limits",
         {"resources__resources": {"limits": {"nvidia.com/gpu": 8}}},
         'spec.resources.resources.limits["nvidia.com/gpu"]',
@@ -230,3 +270,21 @@ def test_local_paths_and_s3_prefixes_are_accepted() -> None:
         checkpoints__output="s3://acme/forge/",
     )
     assert errors_of(raw) == []
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "img:1",
+        "registry.example/forge-trainer:test",
+        "localhost:5000/team/forge_trainer:v1.2-rc.1",
+        "ghcr.io/acme/forge@sha256:" + "a" * 64,
+    ],
+)
+def test_ordinary_image_references_are_accepted(image: str) -> None:
+    assert errors_of(with_changes(resources__image=image)) == []
+
+
+def test_requests_within_limits_in_other_units_are_accepted() -> None:
+    resources = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": 1, "memory": "1073741824"}}
+    assert errors_of(with_changes(resources__resources=resources)) == []

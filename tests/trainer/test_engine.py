@@ -95,7 +95,7 @@ def test_deepspeed_config(base_config: dict[str, Any]) -> None:
     ds = deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 4 * 2 * 4
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
-    assert ds["bf16"] == {"enabled": True}
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False}
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_allow_untested_optimizer"] is True
     assert ds["gradient_clipping"] == 1.0

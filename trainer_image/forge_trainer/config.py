@@ -249,9 +249,14 @@ class TrainingSettings(_Model):
     )
     compile: bool = Field(default=False, description="torch.compile the model (GPU; slow first steps).")
     log_every_steps: int = Field(
-        default=1,
+        default=10,
         ge=1,
-        description="Steps between loss read-backs (each is a device sync); losses of every step are still logged.",
+        le=10_000,
+        description=(
+            "Steps between read-backs of the training figures (one all-reduce and one device sync each; also at "
+            "every evaluation and checkpoint). Losses and gradient norms of every step stay on the device until then; "
+            "every step is still logged and seen by the guard, at most this many steps late."
+        ),
     )
     probe: ProbeSettings | None = Field(
         default=None,

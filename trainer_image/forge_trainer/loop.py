@@ -54,7 +54,7 @@ from forge_trainer.errors import (
     StorageUnavailableError,
 )
 from forge_trainer.evaluate import EvalResult
-from forge_trainer.guard import Guard, Verdict
+from forge_trainer.guard import NON_FINITE, Guard, Verdict
 from forge_trainer.heldout import EvalSeq, KLCache, SequenceLosses, eval_sequences, evaluate_set
 from forge_trainer.metrics import (
     TrainerMetrics,
@@ -140,6 +140,24 @@ class Progress:
             rebalance=doc.get("rebalance"),
             lr_multiplier=doc.get("lrMultiplier"),
         )
+
+
+@dataclass(frozen=True)
+class StepFigures:
+    """One optimizer step's training figures, left on the device until the next read-back."""
+
+    step: int
+    loss: torch.Tensor  # this rank's part of the step's token-mean loss (the sum over ranks is the loss)
+    lr: float
+    grad_norm: torch.Tensor | float | None  # global norm before clipping; None when the engine computes none
+
+
+def device_grad_norm(engine: Any) -> torch.Tensor | float | None:
+    """The engine's global gradient norm of the step just taken, without reading it back to the host."""
+    norm = engine.get_global_grad_norm()
+    if isinstance(norm, torch.Tensor):
+        return norm.detach().reshape(()).clone()  # a snapshot: the engine may reuse its tensor
+    return None if norm is None else float(norm)
 
 
 @dataclass
@@ -438,41 +456,47 @@ class Run:
     # ---- training ------------------------------------------------------------------------------------------
 
     def train(self) -> None:
-        """The step loop, from the resumed step to maxSteps."""
+        """The step loop, from the resumed step to maxSteps.
+
+        A step only queues device work: its figures stay on the device until the next read-back (every
+        training.logEverySteps steps, and at every evaluation and checkpoint), so between read-backs the loop never
+        waits for the device and runs no collective of its own.
+        """
         cfg = self.cfg
         t = cfg.training
         assert self.mixer is not None and self.plan is not None
         self.prefetch = Prefetcher(step_batches(self.mixer, self.plan, cfg, self.layout, self.progress.step))
-        pending: list[tuple[int, torch.Tensor, float]] = []
+        pending: list[StepFigures] = []
         window = Throughput()
         step_tokens = self.layout.step_sequences * cfg.data.seq_length
         try:
             while self.progress.step < t.max_steps:
                 batch = self.prefetch.next()
-                lr = float(self.engine.lr_scheduler.get_last_lr()[0])
+                lr = float(self.engine.lr_scheduler.get_last_lr()[0])  # a Python float: no device read
                 part = train_step(self.engine, batch.micro, batch.global_loss_tokens, self.denv.world_size)
                 self.progress.step += 1
                 self.progress.tokens += step_tokens
                 self.last_data_state = batch.state
-                pending.append((self.progress.step, part, lr))
                 step = self.progress.step
+                pending.append(StepFigures(step, part, lr, device_grad_norm(self.engine)))
                 due_eval = step % cfg.eval.every_steps == 0
                 due_ckpt = step % cfg.checkpoints.every_steps == 0 or step == t.max_steps
-                verdict: Verdict | None = None
-                if len(pending) >= t.log_every_steps or due_eval or due_ckpt:
-                    verdict = self._flush(pending, window)
-                    pending = []
-                    self._poll_save()
-                if due_eval or due_ckpt:
+                if len(pending) < t.log_every_steps and not due_eval and not due_ckpt:
+                    continue
+                verdict = self._flush(pending, window)
+                pending = []
+                self._poll_save()
+                # weights after a non-finite step are neither evaluated nor saved (the guard stops the run)
+                broken = verdict is not None and verdict.reason == NON_FINITE
+                if (due_eval or due_ckpt) and not broken:
                     self.latest_eval = self._evaluate(step)
                     if verdict is None and self.latest_eval is not None:
                         verdict = self.guard.observe_eval(self.latest_eval)
-                if due_ckpt:
+                if due_ckpt and not broken:
                     self._checkpoint(step)
-                if self.denv.world_size > 1 and (due_eval or due_ckpt or not pending):
-                    verdict = self._broadcast(verdict)
+                verdict = self._broadcast(verdict)
                 if verdict is not None:
-                    self._act(verdict, saved=due_ckpt)
+                    self._act(verdict, saved=due_ckpt and not broken)
                 if due_eval or due_ckpt or verdict is not None:
                     window.restart()
                 if self.denv.is_main:
@@ -547,37 +571,43 @@ class Run:
             return None
         return plan_report(self.plan, self.last_data_state)
 
-    def _flush(self, pending: list[tuple[int, torch.Tensor, float]], window: Throughput) -> Verdict | None:
-        parts = torch.stack([p for _, p, _ in pending])
+    def _flush(self, pending: list[StepFigures], window: Throughput) -> Verdict | None:
+        """Read back the pending steps' figures (one all-reduce, one device sync); export, log and guard each step."""
+        n = len(pending)
+        losses = torch.stack([p.loss for p in pending])
         if self.denv.world_size > 1:
-            dist.all_reduce(parts)
-        losses = parts.tolist()
+            dist.all_reduce(losses)  # each rank holds its part of every step's token mean
+        on_device = [i for i, p in enumerate(pending) if isinstance(p.grad_norm, torch.Tensor)]
+        if on_device:
+            norms_t = torch.stack([pending[i].grad_norm for i in on_device])  # type: ignore[misc]
+            losses = torch.cat([losses, norms_t.to(losses)])
+        values: list[float] = losses.tolist()
+        norms = [None if isinstance(p.grad_norm, torch.Tensor) else p.grad_norm for p in pending]
+        for j, i in enumerate(on_device):
+            norms[i] = values[n + j]
         step_tokens = self.layout.step_sequences * self.cfg.data.seq_length
-        self.tps = window.update(step_tokens * len(pending))
+        self.tps = window.update(step_tokens * n)
         rank_tps = self.tps / self.denv.world_size
         m = self.metrics
         m.set(m.step, self.progress.step)
-        m.inc(m.tokens, step_tokens * len(pending) / self.denv.world_size)
+        m.inc(m.tokens, step_tokens * n / self.denv.world_size)
         m.set(m.tokens_per_second, rank_tps)
-        m.set(m.loss, losses[-1])
-        m.set(m.learning_rate, pending[-1][2])
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            m.set(m.grad_norm, float(grad_norm))
+        m.set(m.loss, values[n - 1])
+        m.set(m.learning_rate, pending[-1].lr)
+        if norms[-1] is not None:
+            m.set(m.grad_norm, norms[-1])
         mfu = self.mfu()
         if mfu is not None:
             m.set(m.mfu, mfu)
         mix = self.mix_report()
         for row in mix["sources"] if mix else []:
             m.set(m.data_tokens, row["tokens"], group=row["group"], source=row["uri"])
-        if self.denv.is_main:
-            for (step, _, lr), loss in zip(pending, losses, strict=True):
-                emit("step", step=step, loss=loss, lr=lr, tokensPerSecond=round(self.tps, 1))
         verdict: Verdict | None = None
-        last = len(pending) - 1
-        for i, ((step, _, lr), loss) in enumerate(zip(pending, losses, strict=True)):
-            norm = float(grad_norm) if grad_norm is not None and i == last else None
-            found = self.guard.observe_step(step, float(loss), lr, norm)
+        for p, loss, norm in zip(pending, values[:n], norms, strict=True):
+            if self.denv.is_main:
+                extra = {} if norm is None else {"gradNorm": norm}
+                emit("step", step=p.step, loss=loss, lr=p.lr, tokensPerSecond=round(self.tps, 1), **extra)
+            found = self.guard.observe_step(p.step, loss, p.lr, norm)
             verdict = verdict or found
         return verdict
 

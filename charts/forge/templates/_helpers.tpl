@@ -106,35 +106,38 @@ Namespace-scoped rules of the operator (the same for a ClusterRole and for each 
 Keep in sync with operator/forge_operator/ (handlers and render): docs/monitoring.md lists why each verb is needed.
 */}}
 {{- define "forge.namespacedRules" -}}
-# ForgeJobs: watched by kopf; kopf patches annotations/finalizers, the operator patches status. The trainer Role the
-# operator creates grants get/patch on forgejobs/status, so the operator must hold those itself (RBAC escalation
-# prevention).
+# Exactly the verbs of operator/forge_operator/permissions.py (tests/chart compares them).
+# ForgeJobs: watched and annotated by kopf, read by the operator; the trainer Role the operator creates grants get
+# on forgejobs and get/patch on forgejobs/status, so the operator must hold those itself (RBAC escalation check).
 - apiGroups: ["forge.dev"]
   resources: ["forgejobs"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["forge.dev"]
   resources: ["forgejobs/status"]
   verbs: ["get", "patch"]
-# The PyTorchJob each ForgeJob runs as (created, mirrored, suspended/resumed, deleted).
+# Children carry ownerReferences with blockOwnerDeletion: clusters enforcing owner-reference permissions require this.
+- apiGroups: ["forge.dev"]
+  resources: ["forgejobs/finalizers"]
+  verbs: ["update"]
+# The PyTorchJob each ForgeJob runs as (created, watched, patched: suspend, its forge.dev/final-status finalizer).
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
-  verbs: ["create", "get", "list", "watch", "patch", "delete"]
-# The trainer config ConfigMap (replaced, with update, when an earlier attempt left another spec's config) and the
-# trainer's ServiceAccount.
+  verbs: ["create", "get", "list", "watch", "patch"]
+# The trainer config ConfigMap (replaced, with update, when an earlier attempt left another spec's config).
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["create", "get", "list", "watch", "patch", "update"]
+  verbs: ["create", "get", "update"]
+# The trainer's ServiceAccount, Role and RoleBinding (it may patch only its own ForgeJob's status).
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["create", "get", "list", "watch", "patch"]
-# The trainer's Role and RoleBinding (may patch only its own ForgeJob's status).
+  verbs: ["create", "get"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["create", "get", "list", "watch", "patch"]
+  verbs: ["create", "get"]
 # Events on ForgeJobs (kopf and the operator).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{/*

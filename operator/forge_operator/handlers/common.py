@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from forge_operator import conditions, metrics
 from forge_operator.api import ForgeJobSpec, ForgeJobStatus
 from forge_operator.context import OperatorContext
+from forge_operator.render import FINAL_STATUS_FINALIZER
 from forge_operator.status import Acceptance, StatusChange, Transition, desired_status
 from forge_operator.validation import parse_spec
 
@@ -98,3 +99,37 @@ def guard(handler: str, body: Mapping[str, Any]) -> Iterator[None]:
                     dict(body), reason="ReconcileError", message=f"{handler}: {type(error).__name__}: {error}"
                 )
             raise
+
+
+def pytorchjob_deleting(pytorchjob: Mapping[str, Any]) -> bool:
+    return bool((pytorchjob.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def owned_by(forgejob: Mapping[str, Any] | None, uid: str) -> bool:
+    """The ForgeJob exists, is the one with this uid, and is not being deleted."""
+    if forgejob is None:
+        return False
+    metadata = forgejob.get("metadata") or {}
+    return metadata.get("uid") == uid and not metadata.get("deletionTimestamp")
+
+
+def settle_deleted_pytorchjob(
+    ctx: OperatorContext, pytorchjob: Mapping[str, Any], owner_uid: str, handler: str
+) -> bool:
+    """A PyTorchJob being deleted (or just deleted): mirror the conditions it carries into its ForgeJob first (the
+    final Succeeded/Failed of a run that TTL clean-up removes), then release the operator's finalizer.
+
+    Returns whether the ForgeJob is still there to reconcile. The finalizer is released only after the mirror was
+    written, so a failed write keeps the PyTorchJob (and its final conditions) for the next attempt.
+    """
+    metadata = pytorchjob["metadata"]
+    namespace, name = metadata["namespace"], metadata["name"]
+    controller = next((r for r in metadata.get("ownerReferences") or [] if r.get("controller")), None)
+    forgejob_name = (controller or {}).get("name", name)
+    forgejob = ctx.kube.get("ForgeJob", namespace, forgejob_name)
+    mine = owned_by(forgejob, owner_uid)
+    if mine and (pytorchjob.get("status") or {}).get("conditions"):
+        write_status(ctx, namespace, forgejob_name, handler, uid=owner_uid, pytorchjob=pytorchjob)
+    if FINAL_STATUS_FINALIZER in (metadata.get("finalizers") or []):
+        ctx.kube.set_finalizer("PyTorchJob", namespace, name, FINAL_STATUS_FINALIZER, present=False)
+    return mine

@@ -16,17 +16,26 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from forge_operator import metrics
 from forge_operator.api import ForgeJobSpec, ForgeJobStatus, Resolved
 from forge_operator.context import OperatorContext
 from forge_operator.defaults import resolve
-from forge_operator.handlers.common import parse_status, write_status
-from forge_operator.kube import Ensured, controller_of, namespace_terminating
+from forge_operator.handlers.common import (
+    parse_status,
+    pytorchjob_deleting,
+    settle_deleted_pytorchjob,
+    write_status,
+)
+from forge_operator.kube import Ensured, Refusal, controller_of, namespace_terminating, refusal
 from forge_operator.render import (
     ACCEPTED_SPEC_ANNOTATION,
+    FINAL_STATUS_FINALIZER,
+    QUEUE_LABEL,
     SPEC_DIGEST_ANNOTATION,
+    SUSPEND_ANNOTATION,
     Owner,
     build_children,
     changed_paths,
@@ -34,6 +43,7 @@ from forge_operator.render import (
     frozen_spec,
     pytorchjob_name,
     spec_digest,
+    suspend_value,
 )
 from forge_operator.status import (
     REASON_ACCEPTED,
@@ -46,6 +56,7 @@ from forge_operator.status import (
 from forge_operator.validation import FieldError, format_errors, parse_spec, validate
 
 HANDLER = "reconcile"
+RESYNC = "resync"
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 CONFLICT_RETRY_SECONDS = 15
 
@@ -140,9 +151,21 @@ def judge_started(
     if changes or accepted is None:
         metrics.ERRORS.labels(kind="spec_change_refused").inc()
         return Acceptance(generation, False, REASON_SPEC_CHANGE_REFUSED, refused_message(changes, errors))
-    resolved = status.resolved or resolve(accepted)
+    resolved = resolve(accepted)  # from the accepted spec, so a foreign write to status.resolved is undone
     message = accepted_message(owner.name, accepted, resolved)
     return Acceptance(generation, True, REASON_ACCEPTED, message, resolved=resolved, pytorch_job=owner.name)
+
+
+def may_recreate(ctx: OperatorContext, owner: Owner) -> bool:
+    """Whether a missing PyTorchJob may be created again: only while no final condition was ever recorded.
+
+    Read fresh, after the PyTorchJob was seen missing: its final conditions are mirrored before its finalizer is
+    released, so a ForgeJob read now holds them if the run ever ended.
+    """
+    fresh = ctx.kube.get("ForgeJob", owner.namespace, owner.name)
+    if fresh is None or fresh["metadata"].get("uid") != owner.uid:
+        return False
+    return not is_terminal(parse_status(fresh.get("status")))
 
 
 def continue_started(
@@ -160,7 +183,9 @@ def continue_started(
     acceptance = judge_started(ctx, owner, generation, status, current, accepted)
     if is_terminal(status) or accepted is None:
         return acceptance
-    resolved = status.resolved or resolve(accepted)
+    if pytorchjob is None and not may_recreate(ctx, owner):
+        return acceptance
+    resolved = resolve(accepted)
     for child in build_children(owner, accepted, resolved, ctx.options):
         known = {"ConfigMap": config_map, "PyTorchJob": pytorchjob}.get(child["kind"])
         ensured = (
@@ -174,22 +199,43 @@ def continue_started(
         if ensured.created and child["kind"] == "PyTorchJob":
             kopf.warn(dict(body), reason="ChildRecreated", message=f"PyTorchJob {owner.name} was missing: re-created")
             pytorchjob = ensured.obj
-    if isinstance(current, ForgeJobSpec) and pytorchjob is not None:
-        apply_suspend(ctx, owner, current.suspend, pytorchjob, body)
+    if pytorchjob is not None:
+        if FINAL_STATUS_FINALIZER not in (pytorchjob["metadata"].get("finalizers") or []):
+            ctx.kube.set_finalizer("PyTorchJob", owner.namespace, owner.name, FINAL_STATUS_FINALIZER, present=True)
+        if isinstance(current, ForgeJobSpec):
+            apply_suspend(ctx, owner, current.suspend, pytorchjob, body)
     return acceptance
 
 
 def apply_suspend(
     ctx: OperatorContext, owner: Owner, suspend: bool, pytorchjob: Mapping[str, Any], body: Mapping[str, Any]
 ) -> None:
-    run_policy = (pytorchjob.get("spec") or {}).get("runPolicy") or {}
-    if bool(run_policy.get("suspend", False)) == suspend:
+    """Write runPolicy.suspend only when spec.suspend changed since the operator last wrote it.
+
+    Between two changes the field belongs to whoever else manages it (Kueue suspends a job it has not admitted or
+    pre-empts, and un-suspends it on admission): a resume or a resync never touches it. A queued job is never
+    un-suspended by the operator: Kueue does that when it admits the run.
+    """
+    metadata = pytorchjob.get("metadata") or {}
+    wanted = suspend_value(suspend)
+    if (metadata.get("annotations") or {}).get(SUSPEND_ANNOTATION) == wanted:
         return
-    ctx.kube.merge_patch(
-        "PyTorchJob", owner.namespace, pytorchjob_name(owner.name), {"spec": {"runPolicy": {"suspend": suspend}}}
-    )
-    verb = "Suspending" if suspend else "Resuming"
-    kopf.info(dict(body), reason=verb, message=f"{verb} PyTorchJob {owner.name} (runPolicy.suspend={suspend})")
+    run_policy = (pytorchjob.get("spec") or {}).get("runPolicy") or {}
+    queued = QUEUE_LABEL in (metadata.get("labels") or {})
+    write = bool(run_policy.get("suspend", False)) != suspend and (suspend or not queued)
+    patch: dict[str, Any] = {"metadata": {"annotations": {SUSPEND_ANNOTATION: wanted}}}
+    if write:
+        patch["spec"] = {"runPolicy": {"suspend": suspend}}
+    ctx.kube.merge_patch("PyTorchJob", owner.namespace, pytorchjob_name(owner.name), patch)
+    if write:
+        verb = "Suspending" if suspend else "Resuming"
+        kopf.info(dict(body), reason=verb, message=f"{verb} PyTorchJob {owner.name} (runPolicy.suspend={suspend})")
+    elif queued and not suspend:
+        kopf.info(
+            dict(body),
+            reason="Resuming",
+            message=f"PyTorchJob {owner.name} is queued: Kueue un-suspends it when it admits the run",
+        )
 
 
 def reconcile_once(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger) -> None:
@@ -203,6 +249,15 @@ def reconcile_once(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger
     current = parse_spec(body.get("spec"))
     pytorchjob = ctx.kube.get("PyTorchJob", owner.namespace, pytorchjob_name(owner.name))
     ours = pytorchjob is not None and (controller_of(pytorchjob) or {}).get("uid") == owner.uid
+    if pytorchjob is not None and ours and pytorchjob_deleting(pytorchjob):
+        # Being deleted (TTL clean-up, a user): record its final conditions, let it go, then decide from the result.
+        settle_deleted_pytorchjob(ctx, pytorchjob, owner.uid, HANDLER)
+        pytorchjob = ctx.kube.get("PyTorchJob", owner.namespace, pytorchjob_name(owner.name))
+        ours = pytorchjob is not None and (controller_of(pytorchjob) or {}).get("uid") == owner.uid
+        if pytorchjob is not None and ours and pytorchjob_deleting(pytorchjob):
+            raise kopf.TemporaryError(
+                "PyTorchJob still being deleted (another finalizer)", delay=CONFLICT_RETRY_SECONDS
+            )
     if ours or status.pytorch_job is not None:
         acceptance = continue_started(ctx, owner, generation, status, current, pytorchjob if ours else None, body)
     elif isinstance(current, list):
@@ -214,19 +269,49 @@ def reconcile_once(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger
             acceptance = Acceptance(generation, False, REASON_INVALID_SPEC, format_errors(errors))
         else:
             acceptance = start(ctx, owner, generation, current)
-    logger.info(
+    logger.debug(
         "%s/%s generation %d: %s %s", owner.namespace, owner.name, generation, acceptance.reason, acceptance.message
     )
-    write_status(ctx, owner.namespace, owner.name, HANDLER, uid=owner.uid, acceptance=acceptance)
+    # One status write: the acceptance, and the PyTorchJob's conditions mirrored again (repairs a missed event).
+    mirrored = pytorchjob if ours else None
+    write_status(ctx, owner.namespace, owner.name, HANDLER, uid=owner.uid, acceptance=acceptance, pytorchjob=mirrored)
     if acceptance.reason == REASON_CHILD_CONFLICT:
         raise kopf.TemporaryError(acceptance.message, delay=CONFLICT_RETRY_SECONDS)
 
 
-def reconcile(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger) -> None:
-    """Bring one ForgeJob's children and Accepted condition in line with its spec."""
+def backoff_seconds(retry: int, ceiling: int) -> int:
+    """5 s, 10 s, 20 s, ... up to ``ceiling``: how long to wait after the ``retry``-th refusal in a row."""
+    return int(min(5 * 2 ** min(retry, 20), ceiling))
+
+
+def report_refusal(ctx: OperatorContext, body: Mapping[str, Any], refused: Refusal, logger: Logger) -> None:
+    """Accepted=Unknown with the refusal's message (one Event when it changes); only logged when even the status
+    write is refused (an outage, a missing RBAC rule on forgejobs/status)."""
+    metadata = body["metadata"]
+    generation = int(metadata.get("generation") or 0)
+    acceptance = Acceptance(generation, False, refused.reason, refused.message, unknown=True)
+    try:
+        write_status(ctx, metadata["namespace"], metadata["name"], HANDLER, uid=metadata["uid"], acceptance=acceptance)
+    except (ApiException, urllib3.exceptions.HTTPError) as error:
+        logger.warning("cannot record %s on the ForgeJob either: %s", refused.reason, error)
+
+
+def reconcile(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger, retry: int = 0) -> None:
+    """Bring one ForgeJob's children and Accepted condition in line with its spec.
+
+    When the cluster refuses (a missing CRD, missing RBAC, an unreachable API server) the ForgeJob says so in
+    Accepted=Unknown and the reconcile is retried with an exponential back-off instead of kopf's fixed delay.
+    """
     try:
         reconcile_once(ctx, body, logger)
-    except ApiException as error:
-        if not namespace_terminating(error):
+    except (ApiException, urllib3.exceptions.HTTPError) as error:
+        if isinstance(error, ApiException) and namespace_terminating(error):
+            logger.info("namespace %s is being deleted: nothing to reconcile", body["metadata"]["namespace"])
+            return
+        refused = refusal(error)
+        if refused is None:
             raise
-        logger.info("namespace %s is being deleted: nothing to reconcile", body["metadata"]["namespace"])
+        metrics.ERRORS.labels(kind=refused.reason).inc()
+        report_refusal(ctx, body, refused, logger)
+        delay = backoff_seconds(retry, ctx.settings.retry_max_seconds)
+        raise kopf.TemporaryError(f"{refused.reason}: {refused.message} (next try in {delay} s)", delay=delay) from None
