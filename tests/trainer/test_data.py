@@ -373,3 +373,18 @@ def test_large_source_too_small_fails_while_streaming(
     msg = expect_data_error(cfg, tokenizer, steps=50)
     assert f"source {small}: insufficient tokens: it holds" in msg
     assert "more than data.maxRepetition=2 passes" in msg
+
+
+def test_skipped_bad_lines_are_named_in_the_log(
+    base_config: dict[str, Any], tokenizer: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = bad_lines_file(tmp_path / "bad")
+    cfg = make_cfg(
+        base_config, data={"domainPercent": 100, "domain": [{"uri": str(path)}], "maxBadLines": 3, "maxRepetition": 100}
+    )
+    mixer, _ = mixer_for(cfg, tokenizer)
+    with caplog.at_level("WARNING", logger="forge_trainer.data.pack"):
+        take(mixer, 40)
+    named = [r.getMessage() for r in caplog.records if "skipped (bad record" in r.getMessage()]
+    assert [m.split(": ", 1)[0] for m in named] == [f"{path}:4", f"{path}:11", f"{path}:21"]
+    assert "data.maxBadLines=3" in named[0]

@@ -91,7 +91,14 @@ def preflight(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, total_sequ
                 f"{total_sequences} sequences x {data.seq_length} tokens needs up to {need_tokens} tokens "
                 f"({need_tokens / tokens:.1f} passes > data.maxRepetition={data.max_repetition:g})"
             )
-        log.info("source %s: %d tokens per pass, needs %.2f passes", plan.sources[i].uri, tokens, need_tokens / tokens)
+        log.info(
+            "source %s: %d tokens per pass, needs %.2f passes, %d bad records skipped (data.maxBadLines=%d)",
+            plan.sources[i].uri,
+            tokens,
+            need_tokens / tokens,
+            src.counters.bad_lines,
+            data.max_bad_lines,
+        )
 
 
 def build_mixer(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, state: dict[str, Any] | None = None) -> Mixer:
