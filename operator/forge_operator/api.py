@@ -546,6 +546,20 @@ class RunPolicySpec(ApiModel):
     """Fail the PyTorchJob when it runs longer than this; omitted: no deadline."""
 
 
+class MonitoringSpec(ApiModel):
+    """Liveness of the run: every trainer rank times its own steps (the hang watchdog)."""
+
+    hang_multiple: int = Field(default=10, ge=2, le=1000)
+    """A training step that runs longer than this multiple of the recent median step (and longer than
+    hangFloorSeconds) is hung: the rank writes every thread's stack to its log, reports the hang in
+    status.trainerError and exits with the retryable code 202, so the job restarts from its latest complete
+    checkpoint instead of waiting for the distributed timeout (30 minutes with NCCL)."""
+
+    hang_floor_seconds: int = Field(default=300, ge=10, le=86_400)
+    """A step is never hung before this many seconds (the first steps have no median yet; a collective after a slow
+    storage read or a recompilation may take a while)."""
+
+
 class ForgeJobSpec(ApiModel):
     """What to fine-tune, on which data, how, and within which forgetting budget."""
 
@@ -585,6 +599,9 @@ class ForgeJobSpec(ApiModel):
 
     scheduling: SchedulingSpec = section()
     """Queue (Kueue) and priority of the run on a shared cluster."""
+
+    monitoring: MonitoringSpec = section()
+    """When a run counts as hung."""
 
     suspend: bool = False
     """Pause (true) or resume (false) the run. With checkpoints.selection, the only fields that may change once the

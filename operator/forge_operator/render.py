@@ -264,6 +264,10 @@ def build_trainer_config(
             "minIntervalSeconds": float(options.report_min_interval_seconds),
             "metricsPort": options.trainer_metrics_port,
         },
+        "watchdog": {
+            "multiple": float(spec.monitoring.hang_multiple),
+            "floorSeconds": float(spec.monitoring.hang_floor_seconds),
+        },
     }
     probe = _probe(spec)
     if probe is not None:

@@ -154,6 +154,10 @@ def test_rendered_config_parses_in_the_trainer(name: str, tmp_path: Path) -> Non
     assert config.forgetting.budget_percent == spec.forgetting.budget_percent
     assert config.forgetting.action == spec.forgetting.action
     assert config.checkpoints.output == spec.checkpoints.output
+    assert config.checkpoints.keep_resumable == spec.checkpoints.keep_resumable
+    assert config.checkpoints.output_retention == spec.checkpoints.output_retention
+    assert config.watchdog.floor_seconds == spec.monitoring.hang_floor_seconds
+    assert config.watchdog.multiple == spec.monitoring.hang_multiple
     assert config.report.forge_job is not None
     assert (config.report.forge_job.namespace, config.report.forge_job.name) == ("team", name)
     # Every value the operator rendered is read back unchanged (no coercion, nothing ignored).

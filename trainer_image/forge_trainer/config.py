@@ -454,6 +454,20 @@ class ReportSettings(_Model):
     )
 
 
+class WatchdogConfig(_Model):
+    """The hang watchdog of every rank (forge_trainer/watchdog.py)."""
+
+    multiple: float = Field(
+        default=10.0, ge=2.0, le=1000.0, description="A step is hung past this multiple of the recent median step."
+    )
+    floor_seconds: float = Field(
+        default=300.0,
+        ge=1.0,
+        le=86_400.0,
+        description="Never hung before this many seconds (covers the first steps, which have no median yet).",
+    )
+
+
 class TrainerConfig(_Model):
     """The whole trainer config (JSON, camelCase)."""
 
@@ -467,6 +481,7 @@ class TrainerConfig(_Model):
     forgetting: ForgettingSettings = Field(default_factory=ForgettingSettings, description="Forgetting budget.")
     checkpoints: CheckpointSettings = Field(description="Checkpoint cadence and destination.")
     report: ReportSettings = Field(default_factory=ReportSettings, description="Status reports and metrics.")
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig, description="When a training step is hung.")
 
     @model_validator(mode="after")
     def _probe_measures_forgetting(self) -> TrainerConfig:

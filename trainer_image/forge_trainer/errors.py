@@ -22,6 +22,8 @@ EXIT_EARLY_STOP = 10
 EXIT_STORAGE_UNAVAILABLE = 200
 # Retryable: another rank went away (crashed, killed, its node lost); this rank is collateral, not the cause.
 EXIT_PEER_LOST = 201
+# Retryable: the hang watchdog found a step running far longer than the recent ones (stacks are in the log).
+EXIT_HANG = 202
 
 FIRST_RETRYABLE_EXIT = 128
 
@@ -77,6 +79,12 @@ class PeerLostError(ForgeError):
     """Another rank of the job went away; this rank stops too (retryable; the cause is in the other rank's log)."""
 
     exit_code = EXIT_PEER_LOST
+
+
+class HangError(ForgeError):
+    """A training step ran far longer than the recent ones: the hang watchdog ended the rank (retryable)."""
+
+    exit_code = EXIT_HANG
 
 
 class EarlyStopError(ForgeError):

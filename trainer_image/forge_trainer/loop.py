@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import gc
 import json
 import logging
@@ -47,8 +48,10 @@ from forge_trainer.engine import (
     train_step,
 )
 from forge_trainer.errors import (
+    EXIT_HANG,
     EarlyStopError,
     ForgeError,
+    HangError,
     PeerLostError,
     StorageError,
     StorageUnavailableError,
@@ -82,8 +85,10 @@ from forge_trainer.report import (
     kube_status_reader,
     latest_status,
     progress_status,
+    report_exit_error,
     status_patch,
 )
+from forge_trainer.watchdog import HangWatchdog, WatchdogSettings
 
 log = logging.getLogger(__name__)
 
@@ -469,8 +474,12 @@ class Run:
         pending: list[StepFigures] = []
         window = Throughput()
         step_tokens = self.layout.step_sequences * cfg.data.seq_length
+        watchdog = HangWatchdog(
+            WatchdogSettings(cfg.watchdog.multiple, cfg.watchdog.floor_seconds), self.denv.rank, self._hung
+        )
         try:
             while self.progress.step < t.max_steps:
+                watchdog.step_started(self.progress.step + 1)
                 batch = self.prefetch.next()
                 lr = float(self.engine.lr_scheduler.get_last_lr()[0])  # a Python float: no device read
                 part = train_step(self.engine, batch.micro, batch.global_loss_tokens, self.denv.world_size)
@@ -482,10 +491,12 @@ class Run:
                 due_eval = step % cfg.eval.every_steps == 0
                 due_ckpt = step % cfg.checkpoints.every_steps == 0 or step == t.max_steps
                 if len(pending) < t.log_every_steps and not due_eval and not due_ckpt:
+                    watchdog.step_ended()
                     continue
                 verdict = self._flush(pending, window)
                 pending = []
                 self._poll_save()
+                watchdog.step_ended()
                 # weights after a non-finite step are neither evaluated nor saved (the guard stops the run)
                 broken = verdict is not None and verdict.reason == NON_FINITE
                 if (due_eval or due_ckpt) and not broken:
@@ -502,10 +513,20 @@ class Run:
                 if self.denv.is_main:
                     self._report_progress()
         finally:
+            watchdog.close()
             self.prefetch.close()
         self._settle_save()
         if self.denv.is_main:
             emit("finished", step=self.progress.step, mix=self.mix_report())
+
+    def _hung(self, message: str) -> None:
+        """The watchdog found a hung step: the stacks to the log, the cause to the status, a retryable exit."""
+        log.error("%s", message)
+        sys.stderr.flush()
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        report_exit_error(self.cfg, HangError(message), EXIT_HANG)
+        sys.stderr.flush()
+        os._exit(EXIT_HANG)
 
     # ---- the guard -------------------------------------------------------------------------------------------
 

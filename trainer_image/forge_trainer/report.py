@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from forge_trainer.config import ForgeJobRef
+from forge_trainer.config import ForgeJobRef, TrainerConfig
 from forge_trainer.errors import is_retryable_exit
 from forge_trainer.evaluate import EvalResult
 
@@ -166,6 +166,18 @@ def send_now(patcher_factory: Callable[[], PatchFn], patch: Patch, timeout_s: fl
                 return False
             time.sleep(delay)
             delay = min(4.0, delay * 2)
+
+
+def report_exit_error(cfg: TrainerConfig | None, err: BaseException, exit_code: int) -> None:
+    """Write the error this rank exits with to the ForgeJob's status.trainerError (when the config names one), so
+    that the cause of a failure reaches ``kubectl describe`` and the Failed condition, not only this log."""
+    if cfg is None or cfg.report.forge_job is None:
+        return
+    ref = cfg.report.forge_job
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    doc = error_status(err, exit_code, int(os.environ.get("RANK", "0")), at)
+    timeout = float(os.environ.get("FORGE_REPORT_FLUSH_S", "30"))
+    send_now(lambda: kube_patcher(ref), status_patch(trainerError=doc), timeout)
 
 
 def status_patch(**fields: Any) -> Patch:

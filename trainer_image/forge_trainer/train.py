@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from forge_trainer.errors import (
     ForgeError,
     PeerLostError,
 )
+from forge_trainer.report import report_exit_error
 
 if TYPE_CHECKING:
     from forge_trainer.config import TrainerConfig
@@ -123,26 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = logging.WARNING if err.exit_code == EXIT_EARLY_STOP else logging.ERROR
         log.log(level, "%s: %s", type(err).__name__, err)
         if not isinstance(err, EarlyStopError | PeerLostError):  # the guard reported its stop; a peer is no cause
-            report_error(cfg, err, err.exit_code)
+            report_exit_error(cfg, err, err.exit_code)
         return err.exit_code
     except Exception as err:
         log.exception("unexpected error")
-        report_error(cfg, err, EXIT_UNEXPECTED)
+        report_exit_error(cfg, err, EXIT_UNEXPECTED)
         return EXIT_UNEXPECTED
-
-
-def report_error(cfg: TrainerConfig | None, err: BaseException, exit_code: int) -> None:
-    """Write the error this rank exits with to the ForgeJob's status.trainerError (when the config names one), so
-    that the cause of a failure reaches ``kubectl describe`` and the Failed condition, not only this log."""
-    if cfg is None or cfg.report.forge_job is None:
-        return
-    from forge_trainer.report import error_status, kube_patcher, send_now, status_patch
-
-    ref = cfg.report.forge_job
-    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    doc = error_status(err, exit_code, int(os.environ.get("RANK", "0")), at)
-    timeout = float(os.environ.get("FORGE_REPORT_FLUSH_S", "30"))
-    send_now(lambda: kube_patcher(ref), status_patch(trainerError=doc), timeout)
 
 
 def entry() -> None:
