@@ -54,6 +54,7 @@ def trainer_config(model: Path, data: Path, work: Path, steps: int, every: int, 
             "microBatchSize": MICRO,
             "gradientAccumulationSteps": ACCUM,
             "maxSteps": steps,
+            "logEverySteps": 1,  # one step event per step: each step's wall time is seen
             "precision": "fp32",
             "zeroStage": 2,
             "seed": 1,
