@@ -140,3 +140,20 @@ def test_resuming_with_another_world_size_says_so() -> None:
     with pytest.raises(ConfigError, match=r"this job has 2 ranks but its latest checkpoint .* by 4"):
         ckpt.check_world_size(manifest, 2, "s3://b/run/step-00000040")
     assert ConfigError.exit_code == EXIT_CONFIG  # permanent: a restart with the same world would fail the same way
+
+
+def test_the_early_stop_marker_is_not_absent_during_an_outage(
+    relay: TcpProxy, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run the guard stopped must not train again because the store was unreachable when it restarted."""
+    from forge_trainer.config import TrainerConfig
+    from forge_trainer.loop import STOP_MARKER, read_stop_marker
+
+    output = f"s3://{bucket}/stopped/"
+    storage.write_bytes(output + STOP_MARKER, b'{"version": 1, "earlyStop": {"reason": "LossDiverged", "step": 9}}')
+    cfg = TrainerConfig.model_construct(checkpoints=type("C", (), {"output": output})())
+    assert (read_stop_marker(cfg) or {})["earlyStop"]["reason"] == "LossDiverged"
+    monkeypatch.setenv(storage.RETRY_SECONDS_ENV, "2")
+    relay.down()
+    with pytest.raises(StorageUnavailableError):
+        read_stop_marker(cfg)
