@@ -92,6 +92,18 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, urllib3.exceptions.HTTPError)
 
 
+def describe_error(err: BaseException) -> str:
+    """'NoSuchBucket (The specified bucket does not exist)' for an S3 error answer, 'Kind: text' for the rest."""
+    from botocore import exceptions as bce
+
+    if isinstance(err, bce.ClientError):
+        error = err.response.get("Error", {})
+        code, message = error.get("Code", ""), error.get("Message", "")
+        if code:
+            return f"{code} ({message})" if message else str(code)
+    return f"{type(err).__name__}: {err}"
+
+
 def with_retries(op: Callable[[], T], what: str, deadline_s: float | None = None) -> T:
     """Run ``op``; retry transient faults with exponential back-off until ``deadline_s`` (default retry_seconds()).
 
@@ -109,7 +121,7 @@ def with_retries(op: Callable[[], T], what: str, deadline_s: float | None = None
         except Exception as err:
             attempts += 1
             if not is_transient(err):
-                raise StorageError(f"{what}: {type(err).__name__}: {err}") from err
+                raise StorageError(f"{what}: {describe_error(err)}") from err
             elapsed = time.monotonic() - started
             if elapsed + delay > budget:
                 raise StorageUnavailableError(

@@ -40,7 +40,8 @@ def resolve_source(uri: str) -> SourceFiles:
     except StorageUnavailableError:
         raise
     except Exception as err:
-        raise DataError(f"source {uri}: cannot list: {type(err).__name__}: {err}") from err
+        detail = storage.describe_error(err.__cause__ or err)
+        raise DataError(f"source {uri}: cannot list: {detail}") from err
     files, ignored = [], []
     for file_uri, size in listed:
         kind = file_kind(file_uri)
