@@ -58,3 +58,8 @@ def test_alert_rules_use_exported_metrics() -> None:
             used = set(re.findall(r"\b(forge_[a-z0-9_]+)", rule["expr"])) - {"forge_job"}
             assert used, rule["alert"]
             assert used <= known, f"{rule['alert']}: {sorted(used - known)} not exported"
+
+
+def test_the_chart_alert_file_is_the_documented_one() -> None:
+    shipped = (Path(__file__).resolve().parents[2] / "charts" / "forge" / "files" / "alerts.yaml").read_text()
+    assert yaml.safe_load(shipped) == yaml.safe_load(alert_rules())
