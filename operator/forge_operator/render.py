@@ -11,7 +11,18 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, ForgeJobSpec, LoraSpec, Resolved, Source
+from forge_operator.api import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    ApiModel,
+    ForgeJobSpec,
+    LoraSpec,
+    Resolved,
+    Source,
+)
 from forge_operator.defaults import parse_decimal
 
 TRAINER_CONFIG_VERSION = 1
@@ -376,6 +387,11 @@ def _empty_dir(medium: str | None, size_limit: int | str | None) -> dict[str, An
     return empty_dir
 
 
+def _pod_api(model: ApiModel) -> dict[str, Any]:
+    """A pod-template block in its Kubernetes form: unset and default-valued fields left out (empty lists, false)."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+
+
 def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, image: str) -> dict[str, Any]:
     mounts: list[dict[str, Any]] = [
         {"name": "forge-config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -393,6 +409,9 @@ def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, imag
         # NCCL and data loaders need more shared memory than a container's default 64 MiB.
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": _empty_dir("Memory", spec.resources.shm_size_limit)})
+    # The ForgeJob's own volumes (a dataset or cache PVC, ...), after Forge's (validation keeps names and paths apart).
+    volumes += [_pod_api(volume) for volume in spec.resources.volumes]
+    mounts += [_pod_api(mount) for mount in spec.resources.volume_mounts]
     container: dict[str, Any] = {
         "name": PYTORCH_CONTAINER,
         "image": image,
@@ -402,6 +421,7 @@ def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, imag
             *metrics_ports(spec, options),
         ],
         "env": _env(spec),
+        **({"envFrom": [_pod_api(source) for source in spec.env_from]} if spec.env_from else {}),
         "resources": _container_resources(spec, options),
         "volumeMounts": mounts,
     }
@@ -427,9 +447,17 @@ def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, imag
         pod_spec["tolerations"] = [t.to_api() for t in spec.resources.tolerations]
     if spec.resources.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.resources.image_pull_secrets]
+    if spec.scheduling.scheduler_name:
+        pod_spec["schedulerName"] = spec.scheduling.scheduler_name
+    if spec.resources.affinity is not None:
+        pod_spec["affinity"] = _pod_api(spec.resources.affinity)
     if spec.scheduling.priority_class_name:
         pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
-    return {"metadata": {"labels": labels(owner.name)}, "spec": pod_spec}
+    # The ForgeJob's allowed labels and annotations; Forge's labels last (validation refuses its keys anyway).
+    metadata: dict[str, Any] = {"labels": {**spec.resources.pod_labels, **labels(owner.name)}}
+    if spec.resources.pod_annotations:
+        metadata["annotations"] = dict(spec.resources.pod_annotations)
+    return {"metadata": metadata, "spec": pod_spec}
 
 
 def suspend_value(suspend: bool) -> str:
@@ -448,7 +476,26 @@ def build_run_policy(spec: ForgeJobSpec) -> dict[str, Any]:
         run_policy["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
     if spec.run_policy.active_deadline_seconds is not None:
         run_policy["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    scheduling_policy = build_scheduling_policy(spec)
+    if scheduling_policy is not None:
+        run_policy["schedulingPolicy"] = scheduling_policy
     return run_policy
+
+
+def build_scheduling_policy(spec: ForgeJobSpec) -> dict[str, Any] | None:
+    """Kubeflow's runPolicy.schedulingPolicy for a gang: minAvailable defaults to every pod of the run."""
+    gang = spec.scheduling.gang
+    if gang is None:
+        return None
+    policy: dict[str, Any] = {"minAvailable": gang.min_available or spec.resources.nodes}
+    if gang.queue:
+        policy["queue"] = gang.queue
+    priority_class = gang.priority_class or spec.scheduling.priority_class_name
+    if priority_class:
+        policy["priorityClass"] = priority_class
+    if gang.schedule_timeout_seconds is not None:
+        policy["scheduleTimeoutSeconds"] = gang.schedule_timeout_seconds
+    return policy
 
 
 def queue_labels(spec: ForgeJobSpec) -> dict[str, str]:

@@ -402,3 +402,52 @@ def test_gpu_type_pull_secrets_and_volume_limits_reach_the_pods() -> None:
     assert account["imagePullSecrets"] == [{"name": "regcred"}]
     plain = build_pytorchjob(OWNER, spec(), OPTIONS)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert "imagePullSecrets" not in plain and {v["name"]: v for v in plain["volumes"]}["scratch"]["emptyDir"] == {}
+
+
+def test_pod_template_fields_reach_every_replica_and_stay_restricted() -> None:
+    from tests.operator.helpers import POD_TEMPLATE_ENV_FROM, POD_TEMPLATE_RESOURCES
+    from tests.operator.pod_security import restricted_violations
+
+    custom = spec(resources={"nodes": 2, "gpusPerNode": 4, **POD_TEMPLATE_RESOURCES}, envFrom=POD_TEMPLATE_ENV_FROM)
+    job = build_pytorchjob(OWNER, custom, OPTIONS)
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        template = replica["template"]
+        pod = template["spec"]
+        (container,) = pod["containers"]
+        assert pod["affinity"] == POD_TEMPLATE_RESOURCES["affinity"]
+        names = [v["name"] for v in pod["volumes"]]
+        assert names[:4] == ["forge-config", "scratch", "tmp", "dshm"], "Forge's volumes come first"
+        assert pod["volumes"][4:] == POD_TEMPLATE_RESOURCES["volumes"]
+        assert container["volumeMounts"][-5:] == POD_TEMPLATE_RESOURCES["volumeMounts"]
+        assert container["envFrom"] == POD_TEMPLATE_ENV_FROM
+        assert template["metadata"]["labels"]["team"] == "nlp"
+        assert template["metadata"]["labels"]["forge.dev/forgejob"] == "bot", "Forge's labels stay"
+        assert template["metadata"]["annotations"] == POD_TEMPLATE_RESOURCES["podAnnotations"]
+        assert restricted_violations(pod) == [], "PVC, ConfigMap, Secret and emptyDir volumes are all allowed"
+    plain = build_pytorchjob(OWNER, spec(), OPTIONS)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert "affinity" not in plain["spec"] and "annotations" not in plain["metadata"]
+    assert "envFrom" not in plain["spec"]["containers"][0]
+
+
+def test_gang_scheduling_becomes_the_run_policy_scheduling_policy() -> None:
+    from tests.operator.helpers import GANG_SCHEDULING
+
+    job = build_pytorchjob(OWNER, spec(scheduling=GANG_SCHEDULING), OPTIONS)
+    assert job["spec"]["runPolicy"]["schedulingPolicy"] == {
+        "minAvailable": 2,  # every pod of the run (resources.nodes)
+        "queue": "research",
+        "priorityClass": "batch-low",  # from scheduling.priorityClassName
+        "scheduleTimeoutSeconds": 600,
+    }
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["schedulerName"] == "volcano"
+    explicit = spec(
+        resources={"nodes": 4, "gpusPerNode": 8},
+        scheduling={"schedulerName": "scheduler-plugins-scheduler", "gang": {"minAvailable": 3, "priorityClass": "p"}},
+    )
+    policy = build_pytorchjob(OWNER, explicit, OPTIONS)["spec"]["runPolicy"]["schedulingPolicy"]
+    assert policy == {"minAvailable": 3, "priorityClass": "p"}
+    plain = build_pytorchjob(OWNER, spec(), OPTIONS)
+    assert "schedulingPolicy" not in plain["spec"]["runPolicy"]
+    assert "schedulerName" not in plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert changed_paths(frozen_spec(spec()), frozen_spec(spec(scheduling={"gang": {}}))) == ["spec.scheduling.gang"]

@@ -147,7 +147,11 @@ def judge_started(
         errors = current if isinstance(current, list) else []
     else:
         changes = changed_paths(frozen_spec(accepted), frozen_spec(current))
-        errors = validate(owner.name, current, ctx.settings.trainer_image) if changes else []
+        errors = (
+            validate(owner.name, current, ctx.settings.trainer_image, ctx.settings.pod_metadata_allowed_keys)
+            if changes
+            else []
+        )
     if changes or accepted is None:
         metrics.ERRORS.labels(kind="spec_change_refused").inc()
         return Acceptance(generation, False, REASON_SPEC_CHANGE_REFUSED, refused_message(changes, errors))
@@ -263,7 +267,7 @@ def reconcile_once(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger
     elif isinstance(current, list):
         acceptance = Acceptance(generation, False, REASON_INVALID_SPEC, format_errors(current))
     else:
-        errors = validate(owner.name, current, ctx.settings.trainer_image)
+        errors = validate(owner.name, current, ctx.settings.trainer_image, ctx.settings.pod_metadata_allowed_keys)
         if errors:
             metrics.ERRORS.labels(kind="invalid_spec").inc()
             acceptance = Acceptance(generation, False, REASON_INVALID_SPEC, format_errors(errors))
