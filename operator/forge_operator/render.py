@@ -41,6 +41,9 @@ PYTORCHJOB_KIND = "PyTorchJob"
 MANAGED_BY = "forge-operator"
 JOB_LABEL = "forge.dev/forgejob"
 SPEC_DIGEST_ANNOTATION = "forge.dev/spec-digest"
+# The spec the run was accepted with lives in the ConfigMap's data (it holds the literal env values, which never go
+# into annotations); ConfigMaps of operators before 0.x kept it in this annotation, still read as a fallback.
+ACCEPTED_SPEC_KEY = "accepted-spec.json"
 ACCEPTED_SPEC_ANNOTATION = "forge.dev/accepted-spec"
 # The last spec.suspend the operator wrote to runPolicy.suspend: the field is written again only when spec.suspend
 # differs from it, so a queue manager (Kueue) owns runPolicy.suspend in between.
@@ -286,17 +289,17 @@ def build_trainer_config(
 
 
 def build_config_map(owner: Owner, spec: ForgeJobSpec, resolved: Resolved, options: RenderOptions) -> dict[str, Any]:
-    """``<job>-config``: the trainer config, plus the accepted spec that later spec changes are checked against."""
+    """``<job>-config``: the trainer config, plus (in its data, not an annotation: it holds literal env values) the
+    accepted spec that later spec changes are checked against."""
     config = build_trainer_config(owner, spec, resolved, options)
-    annotations = {
-        SPEC_DIGEST_ANNOTATION: spec_digest(spec),
-        ACCEPTED_SPEC_ANNOTATION: canonical_json(frozen_spec(spec)),
-    }
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(owner, config_map_name(owner.name), annotations),
-        "data": {CONFIG_KEY: json.dumps(config, indent=2, sort_keys=True) + "\n"},
+        "metadata": _metadata(owner, config_map_name(owner.name), {SPEC_DIGEST_ANNOTATION: spec_digest(spec)}),
+        "data": {
+            CONFIG_KEY: json.dumps(config, indent=2, sort_keys=True) + "\n",
+            ACCEPTED_SPEC_KEY: canonical_json(frozen_spec(spec)) + "\n",
+        },
     }
 
 

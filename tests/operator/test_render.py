@@ -11,6 +11,7 @@ from forge_operator.api import ForgeJobSpec
 from forge_operator.defaults import resolve
 from forge_operator.render import (
     ACCEPTED_SPEC_ANNOTATION,
+    ACCEPTED_SPEC_KEY,
     Owner,
     RenderOptions,
     build_children,
@@ -131,8 +132,21 @@ def test_config_map_holds_the_config_and_the_accepted_spec() -> None:
     config_map = build_config_map(OWNER, job_spec, resolve(job_spec), OPTIONS)
     config = json.loads(config_map["data"]["config.json"])
     assert config["jobName"] == "bot"
-    stored = ForgeJobSpec.model_validate_json(config_map["metadata"]["annotations"][ACCEPTED_SPEC_ANNOTATION])
+    stored = ForgeJobSpec.model_validate_json(config_map["data"][ACCEPTED_SPEC_KEY])
     assert frozen_spec(stored) == frozen_spec(job_spec)
+    assert ACCEPTED_SPEC_ANNOTATION not in config_map["metadata"]["annotations"]
+
+
+def test_literal_env_values_are_in_no_annotation_of_any_child() -> None:
+    secretish = "AKIA-not-a-real-key-7f3e"
+    job_spec = spec(env=[{"name": "AWS_SECRET_ACCESS_KEY", "value": secretish}])
+    children = build_children(OWNER, job_spec, resolve(job_spec), OPTIONS)
+    for child in children:
+        assert secretish not in json.dumps(child["metadata"]), child["kind"]
+    config_map, pytorchjob = children[0], children[-1]
+    assert secretish in config_map["data"][ACCEPTED_SPEC_KEY], "the accepted spec keeps it (re-creation needs it)"
+    container = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert {"name": "AWS_SECRET_ACCESS_KEY", "value": secretish} in container["env"]
 
 
 def test_digest_ignores_suspend_and_selection_only() -> None:
