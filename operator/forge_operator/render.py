@@ -76,7 +76,7 @@ class RenderOptions:
 
     trainer_image: str | None = None
     trainer_metrics_port: int = 9400
-    report_min_interval_seconds: int = 5
+    report_min_interval_seconds: int = 30
     trainer_resources: dict[str, dict[str, int | str]] = field(default_factory=dict)
     """Default {limits, requests} of the trainer container, for ForgeJobs that set no spec.resources.resources."""
     trainer_image_pull_policy: str | None = None

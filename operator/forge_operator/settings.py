@@ -76,8 +76,9 @@ class Settings(BaseSettings):
     """Base port of the trainer's Prometheus endpoints: local rank i listens on this + i (container ports
     'metrics', 'metrics-1', ...)."""
 
-    report_min_interval_seconds: int = Field(default=5, ge=0, le=3600)
-    """Minimum seconds between two status reports of the trainer."""
+    report_min_interval_seconds: int = Field(default=30, ge=0, le=3600)
+    """Minimum seconds between two status reports of the trainer (progress and throughput; an evaluation, a
+    checkpoint or a guard verdict is reported within a second)."""
 
     metrics_port: int = Field(default=9300, ge=0, le=65535)
     """Port of the operator's own /metrics endpoint; 0 disables it."""
