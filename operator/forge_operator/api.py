@@ -412,6 +412,218 @@ class Toleration(ApiModel):
     """For NoExecute: how long the pod stays bound after the taint appears."""
 
 
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=LABEL_KEY_PATTERN)]
+ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
+MountPath = Annotated[str, Field(min_length=2, max_length=1024, pattern=r"^/[^\s:]*$")]
+
+
+class NodeSelectorRequirement(ApiModel):
+    """A node label requirement (the Kubernetes NodeSelectorRequirement shape)."""
+
+    key: LabelKey
+    """Node label key."""
+
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    """In/NotIn: the label's value is (not) one of values; Exists/DoesNotExist: values empty; Gt/Lt: one integer."""
+
+    values: list[Annotated[str, Field(max_length=63)]] = Field(default_factory=list, max_length=64)
+    """Label values the operator compares with."""
+
+
+class NodeSelectorTerm(ApiModel):
+    """Requirements a node must all meet (ANDed)."""
+
+    match_expressions: list[NodeSelectorRequirement] = Field(min_length=1, max_length=32)
+    """Node label requirements."""
+
+
+class NodeSelector(ApiModel):
+    """Terms of which a node must meet one (ORed)."""
+
+    node_selector_terms: list[NodeSelectorTerm] = Field(min_length=1, max_length=16)
+    """The terms."""
+
+
+class PreferredSchedulingTerm(ApiModel):
+    """A weighted preference for nodes that meet a term."""
+
+    weight: int = Field(ge=1, le=100)
+    """Weight added to a node's score when it meets the term."""
+
+    preference: NodeSelectorTerm
+    """The term."""
+
+
+class NodeAffinity(ApiModel):
+    """Which nodes the trainer pods may or prefer to run on."""
+
+    required_during_scheduling_ignored_during_execution: NodeSelector | None = None
+    """Nodes the pods must run on."""
+
+    preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] = Field(
+        default_factory=list, max_length=16
+    )
+    """Nodes the pods prefer."""
+
+
+class LabelSelectorRequirement(ApiModel):
+    """A pod label requirement."""
+
+    key: LabelKey
+    """Pod label key."""
+
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    """In/NotIn need values; Exists/DoesNotExist take none."""
+
+    values: list[Annotated[str, Field(max_length=63)]] = Field(default_factory=list, max_length=64)
+    """Label values."""
+
+
+class LabelSelector(ApiModel):
+    """Pods selected by labels (both parts ANDed)."""
+
+    match_labels: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict)
+    """Labels the pods must carry with these values."""
+
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=32)
+    """Label requirements."""
+
+
+class PodAffinityTerm(ApiModel):
+    """Pods (selected by labels) near which a trainer pod must or must not run, within one topology domain."""
+
+    label_selector: LabelSelector
+    """The other pods."""
+
+    topology_key: LabelKey
+    """Node label that defines the domain: kubernetes.io/hostname (same node), topology.kubernetes.io/zone, or a
+    rack or NVLink-domain label of your nodes."""
+
+    namespaces: list[Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]] = Field(
+        default_factory=list, max_length=64
+    )
+    """Namespaces of the other pods; empty: the ForgeJob's namespace."""
+
+
+class WeightedPodAffinityTerm(ApiModel):
+    """A weighted pod (anti-)affinity preference."""
+
+    weight: int = Field(ge=1, le=100)
+    """Weight added to a node's score when it meets the term."""
+
+    pod_affinity_term: PodAffinityTerm
+    """The term."""
+
+
+class PodAffinity(ApiModel):
+    """Pod affinity or anti-affinity rules."""
+
+    required_during_scheduling_ignored_during_execution: list[PodAffinityTerm] = Field(
+        default_factory=list, max_length=16
+    )
+    """Terms every pod must meet."""
+
+    preferred_during_scheduling_ignored_during_execution: list[WeightedPodAffinityTerm] = Field(
+        default_factory=list, max_length=16
+    )
+    """Preferred terms."""
+
+
+class Affinity(ApiModel):
+    """Node and pod affinity of the trainer pods (the Kubernetes Affinity shape), e.g. all pods of a run in one
+    rack or zone (podAffinity on the label forge.dev/forgejob), or one trainer pod per node (podAntiAffinity)."""
+
+    node_affinity: NodeAffinity | None = None
+    """Node affinity."""
+
+    pod_affinity: PodAffinity | None = None
+    """Run near pods selected by labels."""
+
+    pod_anti_affinity: PodAffinity | None = None
+    """Run away from pods selected by labels."""
+
+
+class PersistentVolumeClaimSource(ApiModel):
+    """A PersistentVolumeClaim in the ForgeJob's namespace."""
+
+    claim_name: ObjectName
+    """Name of the claim."""
+
+    read_only: bool = False
+    """Mount it read-only (a shared dataset)."""
+
+
+class ConfigMapVolumeSource(ApiModel):
+    """A ConfigMap's keys as files."""
+
+    name: ObjectName
+    """Name of the ConfigMap."""
+
+    optional: bool | None = None
+    """Whether the pod may start without it."""
+
+
+class SecretVolumeSource(ApiModel):
+    """A Secret's keys as files."""
+
+    secret_name: ObjectName
+    """Name of the Secret."""
+
+    optional: bool | None = None
+    """Whether the pod may start without it."""
+
+
+class EmptyDirVolumeSource(ApiModel):
+    """A scratch folder that lives as long as the pod."""
+
+    medium: Literal["Memory"] | None = None
+    """Memory for a tmpfs; omitted: the node's disk."""
+
+    size_limit: Quantity | None = None
+    """Its size limit; omitted: none."""
+
+
+class Volume(ApiModel):
+    """An extra volume of the trainer pods: exactly one of persistentVolumeClaim, configMap, secret, emptyDir."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)
+    """Volume name (what volumeMounts refer to); forge-config, scratch, tmp and dshm are Forge's."""
+
+    persistent_volume_claim: PersistentVolumeClaimSource | None = None
+    """A PersistentVolumeClaim: a dataset or a model/cache volume shared by the pods (ReadOnlyMany or ReadWriteMany
+    when nodes > 1)."""
+
+    config_map: ConfigMapVolumeSource | None = None
+    """A ConfigMap."""
+
+    secret: SecretVolumeSource | None = None
+    """A Secret."""
+
+    empty_dir: EmptyDirVolumeSource | None = None
+    """An emptyDir."""
+
+
+class VolumeMount(ApiModel):
+    """Where a volume appears in the trainer container."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)
+    """Name of a volume in spec.resources.volumes."""
+
+    mount_path: MountPath
+    """Absolute path; not /, /tmp, /tmp/forge, /etc/forge or /dev/shm (Forge's own mounts) nor a parent of one."""
+
+    sub_path: str | None = Field(default=None, max_length=1024, pattern=r"^[^/\s][^\s]*$")
+    """A relative path inside the volume to mount instead of its root."""
+
+    read_only: bool = False
+    """Mount read-only."""
+
+
 class ResourcesSpec(ApiModel):
     """Where and on what the trainer runs."""
 
@@ -459,6 +671,23 @@ class ResourcesSpec(ApiModel):
     """sizeLimit of the in-memory /dev/shm emptyDir (pods with GPUs); omitted: no limit (it counts against the
     container's memory)."""
 
+    affinity: Affinity | None = None
+    """Node and pod affinity of the trainer pods."""
+
+    volumes: list[Volume] = Field(default_factory=list, max_length=32)
+    """Extra volumes of the trainer pods (a PersistentVolumeClaim holding a dataset or a cache, a ConfigMap, a
+    Secret, an emptyDir); each is mounted by a volumeMounts entry."""
+
+    volume_mounts: list[VolumeMount] = Field(default_factory=list, max_length=32)
+    """Where the extra volumes appear in the trainer container."""
+
+    pod_labels: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict)
+    """Extra labels of the trainer pods, for keys the operator allows (FORGE_POD_METADATA_ALLOWED_KEYS; never Forge's,
+    Kubeflow's, Kueue's or a gang scheduler's own keys)."""
+
+    pod_annotations: dict[str, Annotated[str, Field(max_length=4096)]] = Field(default_factory=dict)
+    """Extra annotations of the trainer pods, for keys the operator allows (as podLabels)."""
+
 
 class KeyRef(ApiModel):
     """A key of a Secret or ConfigMap in the ForgeJob's namespace."""
@@ -496,6 +725,29 @@ class EnvVarSource(ApiModel):
     """A field of the pod."""
 
 
+class EnvFromRef(ApiModel):
+    """A Secret or ConfigMap in the ForgeJob's namespace whose keys all become environment variables."""
+
+    name: ObjectName
+    """Its name."""
+
+    optional: bool | None = None
+    """Whether the pod may start without it."""
+
+
+class EnvFromSource(ApiModel):
+    """Every key of a Secret or a ConfigMap as environment variables (exactly one of secretRef, configMapRef)."""
+
+    prefix: str | None = Field(default=None, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Prepended to each key."""
+
+    secret_ref: EnvFromRef | None = None
+    """A Secret (e.g. S3 credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)."""
+
+    config_map_ref: EnvFromRef | None = None
+    """A ConfigMap."""
+
+
 class EnvVar(ApiModel):
     """An environment variable of the trainer container (e.g. AWS_ENDPOINT_URL, credentials from a Secret)."""
 
@@ -509,8 +761,28 @@ class EnvVar(ApiModel):
     """Value from a Secret, a ConfigMap or the pod; exclusive with value."""
 
 
+class GangSpec(ApiModel):
+    """All-or-nothing scheduling of the run's pods by Volcano or scheduler-plugins (coscheduling): the Kubeflow
+    training-operator, started with --gang-scheduler-name, turns the PyTorchJob's runPolicy.schedulingPolicy into a
+    PodGroup, and the gang scheduler binds no pod until minAvailable of them fit."""
+
+    min_available: int | None = Field(default=None, ge=1, le=1024)
+    """Pods that must be placed together; omitted: every pod of the run (spec.resources.nodes). At most nodes."""
+
+    queue: str | None = Field(default=None, min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Volcano Queue the PodGroup waits in (Volcano only; omitted: Volcano's default queue)."""
+
+    priority_class: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """PriorityClass of the PodGroup (its order in the gang scheduler's queue); omitted:
+    spec.scheduling.priorityClassName."""
+
+    schedule_timeout_seconds: int | None = Field(default=None, ge=1, le=604_800)
+    """How long the gang may wait to be placed whole before the scheduler gives up on this attempt
+    (scheduler-plugins' PodGroup scheduleTimeoutSeconds; Volcano ignores it)."""
+
+
 class SchedulingSpec(ApiModel):
-    """How the run shares the cluster: the Kueue queue it waits in and its priority."""
+    """How the run shares the cluster: the Kueue queue it waits in, its priority, its scheduler and gang."""
 
     queue_name: str | None = Field(default=None, max_length=63, pattern=LABEL_VALUE_PATTERN)
     """Kueue LocalQueue (in the ForgeJob's namespace) the run waits in: the PyTorchJob gets the label
@@ -524,6 +796,15 @@ class SchedulingSpec(ApiModel):
     priority_class_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
     """Kubernetes PriorityClass of the trainer pods (priorityClassName); Kueue also uses it as the run's priority
     when no workloadPriorityClass is set."""
+
+    scheduler_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Scheduler of the trainer pods (schedulerName): volcano, or the name of the scheduler-plugins scheduler (often
+    scheduler-plugins-scheduler). With gang it must be the scheduler the training-operator's --gang-scheduler-name
+    names (omitted: the training operator sets it)."""
+
+    gang: GangSpec | None = None
+    """Gang scheduling (Volcano or scheduler-plugins), rendered as the PyTorchJob's runPolicy.schedulingPolicy.
+    Omitted: none. Set (even to {}): every pod is placed together or none is."""
 
 
 class RunPolicySpec(ApiModel):
@@ -593,6 +874,10 @@ class ForgeJobSpec(ApiModel):
 
     env: list[EnvVar] = Field(default_factory=list, max_length=128)
     """Extra environment variables of the trainer container."""
+
+    env_from: list[EnvFromSource] = Field(default_factory=list, max_length=16)
+    """Secrets and ConfigMaps whose keys all become environment variables of the trainer container (env wins over
+    them for the same name)."""
 
     run_policy: RunPolicySpec = section()
     """Retries, restart policy, deadline and clean-up of the PyTorchJob."""

@@ -11,7 +11,18 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, ForgeJobSpec, LoraSpec, Resolved, Source
+from forge_operator.api import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    ApiModel,
+    ForgeJobSpec,
+    LoraSpec,
+    Resolved,
+    Source,
+)
 from forge_operator.defaults import parse_decimal
 
 TRAINER_CONFIG_VERSION = 1
@@ -30,6 +41,9 @@ PYTORCHJOB_KIND = "PyTorchJob"
 MANAGED_BY = "forge-operator"
 JOB_LABEL = "forge.dev/forgejob"
 SPEC_DIGEST_ANNOTATION = "forge.dev/spec-digest"
+# The spec the run was accepted with lives in the ConfigMap's data (it holds the literal env values, which never go
+# into annotations); ConfigMaps of operators before 0.x kept it in this annotation, still read as a fallback.
+ACCEPTED_SPEC_KEY = "accepted-spec.json"
 ACCEPTED_SPEC_ANNOTATION = "forge.dev/accepted-spec"
 # The last spec.suspend the operator wrote to runPolicy.suspend: the field is written again only when spec.suspend
 # differs from it, so a queue manager (Kueue) owns runPolicy.suspend in between.
@@ -62,7 +76,7 @@ class RenderOptions:
 
     trainer_image: str | None = None
     trainer_metrics_port: int = 9400
-    report_min_interval_seconds: int = 5
+    report_min_interval_seconds: int = 30
     trainer_resources: dict[str, dict[str, int | str]] = field(default_factory=dict)
     """Default {limits, requests} of the trainer container, for ForgeJobs that set no spec.resources.resources."""
     trainer_image_pull_policy: str | None = None
@@ -279,17 +293,17 @@ def build_trainer_config(
 
 
 def build_config_map(owner: Owner, spec: ForgeJobSpec, resolved: Resolved, options: RenderOptions) -> dict[str, Any]:
-    """``<job>-config``: the trainer config, plus the accepted spec that later spec changes are checked against."""
+    """``<job>-config``: the trainer config, plus (in its data, not an annotation: it holds literal env values) the
+    accepted spec that later spec changes are checked against."""
     config = build_trainer_config(owner, spec, resolved, options)
-    annotations = {
-        SPEC_DIGEST_ANNOTATION: spec_digest(spec),
-        ACCEPTED_SPEC_ANNOTATION: canonical_json(frozen_spec(spec)),
-    }
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(owner, config_map_name(owner.name), annotations),
-        "data": {CONFIG_KEY: json.dumps(config, indent=2, sort_keys=True) + "\n"},
+        "metadata": _metadata(owner, config_map_name(owner.name), {SPEC_DIGEST_ANNOTATION: spec_digest(spec)}),
+        "data": {
+            CONFIG_KEY: json.dumps(config, indent=2, sort_keys=True) + "\n",
+            ACCEPTED_SPEC_KEY: canonical_json(frozen_spec(spec)) + "\n",
+        },
     }
 
 
@@ -380,6 +394,11 @@ def _empty_dir(medium: str | None, size_limit: int | str | None) -> dict[str, An
     return empty_dir
 
 
+def _pod_api(model: ApiModel) -> dict[str, Any]:
+    """A pod-template block in its Kubernetes form: unset and default-valued fields left out (empty lists, false)."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+
+
 def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, image: str) -> dict[str, Any]:
     mounts: list[dict[str, Any]] = [
         {"name": "forge-config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -397,6 +416,9 @@ def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, imag
         # NCCL and data loaders need more shared memory than a container's default 64 MiB.
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": _empty_dir("Memory", spec.resources.shm_size_limit)})
+    # The ForgeJob's own volumes (a dataset or cache PVC, ...), after Forge's (validation keeps names and paths apart).
+    volumes += [_pod_api(volume) for volume in spec.resources.volumes]
+    mounts += [_pod_api(mount) for mount in spec.resources.volume_mounts]
     container: dict[str, Any] = {
         "name": PYTORCH_CONTAINER,
         "image": image,
@@ -406,6 +428,7 @@ def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, imag
             *metrics_ports(spec, options),
         ],
         "env": _env(spec),
+        **({"envFrom": [_pod_api(source) for source in spec.env_from]} if spec.env_from else {}),
         "resources": _container_resources(spec, options),
         "volumeMounts": mounts,
     }
@@ -431,9 +454,17 @@ def _pod_template(owner: Owner, spec: ForgeJobSpec, options: RenderOptions, imag
         pod_spec["tolerations"] = [t.to_api() for t in spec.resources.tolerations]
     if spec.resources.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.resources.image_pull_secrets]
+    if spec.scheduling.scheduler_name:
+        pod_spec["schedulerName"] = spec.scheduling.scheduler_name
+    if spec.resources.affinity is not None:
+        pod_spec["affinity"] = _pod_api(spec.resources.affinity)
     if spec.scheduling.priority_class_name:
         pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
-    return {"metadata": {"labels": labels(owner.name)}, "spec": pod_spec}
+    # The ForgeJob's allowed labels and annotations; Forge's labels last (validation refuses its keys anyway).
+    metadata: dict[str, Any] = {"labels": {**spec.resources.pod_labels, **labels(owner.name)}}
+    if spec.resources.pod_annotations:
+        metadata["annotations"] = dict(spec.resources.pod_annotations)
+    return {"metadata": metadata, "spec": pod_spec}
 
 
 def suspend_value(suspend: bool) -> str:
@@ -452,7 +483,26 @@ def build_run_policy(spec: ForgeJobSpec) -> dict[str, Any]:
         run_policy["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
     if spec.run_policy.active_deadline_seconds is not None:
         run_policy["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    scheduling_policy = build_scheduling_policy(spec)
+    if scheduling_policy is not None:
+        run_policy["schedulingPolicy"] = scheduling_policy
     return run_policy
+
+
+def build_scheduling_policy(spec: ForgeJobSpec) -> dict[str, Any] | None:
+    """Kubeflow's runPolicy.schedulingPolicy for a gang: minAvailable defaults to every pod of the run."""
+    gang = spec.scheduling.gang
+    if gang is None:
+        return None
+    policy: dict[str, Any] = {"minAvailable": gang.min_available or spec.resources.nodes}
+    if gang.queue:
+        policy["queue"] = gang.queue
+    priority_class = gang.priority_class or spec.scheduling.priority_class_name
+    if priority_class:
+        policy["priorityClass"] = priority_class
+    if gang.schedule_timeout_seconds is not None:
+        policy["scheduleTimeoutSeconds"] = gang.schedule_timeout_seconds
+    return policy
 
 
 def queue_labels(spec: ForgeJobSpec) -> dict[str, str]:

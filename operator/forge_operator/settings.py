@@ -9,9 +9,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from forge_operator.api import QUANTITY_PATTERN
+from forge_operator.api import LABEL_KEY_PATTERN, QUANTITY_PATTERN
 from forge_operator.render import GPU_RESOURCE, PYTORCH_PORT, RenderOptions
-from forge_operator.validation import check_image, check_quantities, format_errors
+from forge_operator.validation import (
+    DEFAULT_POD_METADATA_ALLOWED_KEYS,
+    check_image,
+    check_quantities,
+    format_errors,
+)
 
 # Local ranks per pod are at most 16 (spec.resources.gpusPerNode <= 16): ports metricsPort .. metricsPort + 15.
 MAX_LOCAL_RANKS = 16
@@ -71,8 +76,9 @@ class Settings(BaseSettings):
     """Base port of the trainer's Prometheus endpoints: local rank i listens on this + i (container ports
     'metrics', 'metrics-1', ...)."""
 
-    report_min_interval_seconds: int = Field(default=5, ge=0, le=3600)
-    """Minimum seconds between two status reports of the trainer."""
+    report_min_interval_seconds: int = Field(default=30, ge=0, le=3600)
+    """Minimum seconds between two status reports of the trainer (progress and throughput; an evaluation, a
+    checkpoint or a guard verdict is reported within a second)."""
 
     metrics_port: int = Field(default=9300, ge=0, le=65535)
     """Port of the operator's own /metrics endpoint; 0 disables it."""
@@ -102,11 +108,28 @@ class Settings(BaseSettings):
     status_conflict_retries: int = Field(default=8, ge=1, le=100)
     """How often a status write is recomputed after a 409 Conflict before the handler is retried."""
 
-    @field_validator("namespaces", mode="before")
+    pod_metadata_allowed_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_POD_METADATA_ALLOWED_KEYS)
+    )
+    """Label and annotation keys a ForgeJob may put on its trainer pods (spec.resources.podLabels, podAnnotations),
+    comma-separated: "*" allows every key without a prefix, "example.com/*" every key under a prefix, anything else
+    one exact key; empty allows none. Keys of Forge, Kubernetes' app.kubernetes.io, the training operator, Kueue and
+    the gang schedulers are refused whatever this says."""
+
+    @field_validator("namespaces", "pod_metadata_allowed_keys", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("pod_metadata_allowed_keys")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            key = pattern[:-2] + "/x" if pattern.endswith("/*") else "x" if pattern == "*" else pattern
+            if "*" in key or not re.fullmatch(LABEL_KEY_PATTERN, key):
+                raise ValueError(f"{pattern!r} is not a key, 'prefix/*' or '*'")
         return value
 
     @field_validator("trainer_image")

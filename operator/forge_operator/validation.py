@@ -6,6 +6,7 @@ Accepted condition's message and the Event tell the user exactly what to change.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from forge_operator.api import EnvVar, ForgeJobSpec, Source, Toleration
+from forge_operator.api import (
+    Affinity,
+    EnvVar,
+    ForgeJobSpec,
+    LabelSelector,
+    NodeSelectorTerm,
+    PodAffinity,
+    PodAffinityTerm,
+    Source,
+    Toleration,
+)
 from forge_operator.defaults import MAX_LEARNING_RATE, parse_decimal, world_size
 
 # Kubeflow names pods and services <job>-master-0 / <job>-worker-<i>: DNS-1035 labels of at most 63 characters.
@@ -40,6 +51,29 @@ IMAGE_REFERENCE = re.compile(
 _QUANTITY_PARTS = re.compile(r"^([+-]?)([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(.*)$")
 _BINARY = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
 _DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+# Forge's own volumes and mount paths in every trainer pod (render.py): user volumes may not take them.
+RESERVED_VOLUMES = frozenset({"forge-config", "scratch", "tmp", "dshm"})
+RESERVED_MOUNT_PATHS = ("/etc/forge", "/tmp/forge", "/tmp", "/dev/shm")
+# Label and annotation prefixes whose keys belong to Forge, Kubernetes' recommended labels, the training operator,
+# Kueue and the gang schedulers: never set from a ForgeJob, whatever the allow-list says (sub-domains included).
+RESERVED_METADATA_PREFIXES = (
+    "forge.dev",
+    "app.kubernetes.io",
+    "training.kubeflow.org",
+    "kubeflow.org",
+    "kueue.x-k8s.io",
+    "scheduling.x-k8s.io",
+    "scheduling.k8s.io",
+    "volcano.sh",
+)
+# The operator's default allow-list of pod label and annotation keys (FORGE_POD_METADATA_ALLOWED_KEYS): "*" is any
+# key without a prefix (team, cost-center), "prefix/*" any key under a prefix, anything else one exact key.
+DEFAULT_POD_METADATA_ALLOWED_KEYS = (
+    "*",
+    "sidecar.istio.io/inject",
+    "cluster-autoscaler.kubernetes.io/safe-to-evict",
+    "prometheus.io/*",
+)
 MAX_GRADIENT_CLIPPING = 100.0
 MAX_WEIGHT_DECAY = 1.0
 
@@ -301,6 +335,15 @@ def check_quantities(path: str, limits: Mapping[str, int | str], requests: Mappi
     return errors
 
 
+def _check_positive(path: str, quantity: int | str) -> list[FieldError]:
+    try:
+        if parse_quantity(quantity) <= 0:
+            return [FieldError(path, f"{quantity} must be positive")]
+    except ValueError as error:
+        return [FieldError(path, str(error))]
+    return []
+
+
 def check_image(path: str, image: str) -> list[FieldError]:
     if any(character.isspace() for character in image):
         return [FieldError(path, f"{image!r} contains whitespace: not an image reference")]
@@ -316,14 +359,24 @@ def check_image(path: str, image: str) -> list[FieldError]:
 
 def check_scheduling(spec: ForgeJobSpec) -> list[FieldError]:
     scheduling = spec.scheduling
+    errors: list[FieldError] = []
     if scheduling.workload_priority_class and not scheduling.queue_name:
-        return [
+        errors.append(
             FieldError(
                 "spec.scheduling.workloadPriorityClass",
                 "needs spec.scheduling.queueName: a Kueue priority applies only to a queued run",
             )
-        ]
-    return []
+        )
+    gang = scheduling.gang
+    if gang is not None and gang.min_available is not None and gang.min_available > spec.resources.nodes:
+        errors.append(
+            FieldError(
+                "spec.scheduling.gang.minAvailable",
+                f"{gang.min_available} exceeds spec.resources.nodes {spec.resources.nodes}: the gang could never be "
+                "placed",
+            )
+        )
+    return errors
 
 
 def check_resources(spec: ForgeJobSpec, default_image: str | None) -> list[FieldError]:
@@ -346,19 +399,229 @@ def check_resources(spec: ForgeJobSpec, default_image: str | None) -> list[Field
         ("scratchSizeLimit", resources.scratch_size_limit),
         ("shmSizeLimit", resources.shm_size_limit),
     ):
-        if limit is None:
-            continue
-        try:
-            if parse_quantity(limit) <= 0:
-                errors.append(FieldError(f"spec.resources.{field}", f"{limit} must be positive"))
-        except ValueError as error:
-            errors.append(FieldError(f"spec.resources.{field}", str(error)))
+        if limit is not None:
+            errors += _check_positive(f"spec.resources.{field}", limit)
     for key, value in resources.node_selector.items():
         errors += _check_label_key(f'spec.resources.nodeSelector["{key}"]', key)
         if not LABEL_VALUE.match(value):
             errors.append(FieldError(f'spec.resources.nodeSelector["{key}"]', f"{value!r} is not a valid label value"))
     for index, toleration in enumerate(resources.tolerations):
         errors += _check_toleration(f"spec.resources.tolerations[{index}]", toleration)
+    errors += check_affinity("spec.resources.affinity", resources.affinity)
+    errors += check_volumes(spec)
+    return errors
+
+
+def _check_label_map(path: str, values: Mapping[str, str]) -> list[FieldError]:
+    errors: list[FieldError] = []
+    for key, value in values.items():
+        errors += _check_label_key(f'{path}["{key}"]', key)
+        if not LABEL_VALUE.match(value):
+            errors.append(FieldError(f'{path}["{key}"]', f"{value!r} is not a valid label value"))
+    return errors
+
+
+def _check_requirement(path: str, operator: str, values: Sequence[str]) -> list[FieldError]:
+    if operator in ("In", "NotIn") and not values:
+        return [FieldError(f"{path}.values", f"required (at least one) with operator {operator}")]
+    if operator in ("Exists", "DoesNotExist") and values:
+        return [FieldError(f"{path}.values", f"must be empty with operator {operator}")]
+    if operator in ("Gt", "Lt") and (len(values) != 1 or not re.fullmatch(r"-?[0-9]+", values[0])):
+        return [FieldError(f"{path}.values", f"exactly one integer with operator {operator}, got {list(values)}")]
+    errors: list[FieldError] = []
+    for index, value in enumerate(values):
+        if not LABEL_VALUE.match(value):
+            errors.append(FieldError(f"{path}.values[{index}]", f"{value!r} is not a valid label value"))
+    return errors
+
+
+def _check_node_term(path: str, term: NodeSelectorTerm) -> list[FieldError]:
+    errors: list[FieldError] = []
+    for index, requirement in enumerate(term.match_expressions):
+        where = f"{path}.matchExpressions[{index}]"
+        errors += _check_label_key(f"{where}.key", requirement.key)
+        errors += _check_requirement(where, requirement.operator, requirement.values)
+    return errors
+
+
+def _check_selector(path: str, selector: LabelSelector) -> list[FieldError]:
+    errors = _check_label_map(f"{path}.matchLabels", selector.match_labels)
+    for index, requirement in enumerate(selector.match_expressions):
+        where = f"{path}.matchExpressions[{index}]"
+        errors += _check_label_key(f"{where}.key", requirement.key)
+        errors += _check_requirement(where, requirement.operator, requirement.values)
+    if not selector.match_labels and not selector.match_expressions:
+        errors.append(FieldError(path, "selects no pods: set matchLabels or matchExpressions"))
+    return errors
+
+
+def _check_pod_term(path: str, term: PodAffinityTerm) -> list[FieldError]:
+    return _check_selector(f"{path}.labelSelector", term.label_selector) + _check_label_key(
+        f"{path}.topologyKey", term.topology_key
+    )
+
+
+def _check_pod_affinity(path: str, affinity: PodAffinity) -> list[FieldError]:
+    errors: list[FieldError] = []
+    for index, term in enumerate(affinity.required_during_scheduling_ignored_during_execution):
+        errors += _check_pod_term(f"{path}.requiredDuringSchedulingIgnoredDuringExecution[{index}]", term)
+    for index, weighted in enumerate(affinity.preferred_during_scheduling_ignored_during_execution):
+        where = f"{path}.preferredDuringSchedulingIgnoredDuringExecution[{index}].podAffinityTerm"
+        errors += _check_pod_term(where, weighted.pod_affinity_term)
+    return errors
+
+
+def check_affinity(path: str, affinity: Affinity | None) -> list[FieldError]:
+    """Operators and their values, label keys and values, selectors that select something."""
+    if affinity is None:
+        return []
+    errors: list[FieldError] = []
+    node = affinity.node_affinity
+    if node is not None:
+        required = node.required_during_scheduling_ignored_during_execution
+        if required is not None:
+            for index, term in enumerate(required.node_selector_terms):
+                where = f"{path}.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[{index}]"
+                errors += _check_node_term(where, term)
+        for index, preferred in enumerate(node.preferred_during_scheduling_ignored_during_execution):
+            where = f"{path}.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[{index}].preference"
+            errors += _check_node_term(where, preferred.preference)
+    if affinity.pod_affinity is not None:
+        errors += _check_pod_affinity(f"{path}.podAffinity", affinity.pod_affinity)
+    if affinity.pod_anti_affinity is not None:
+        errors += _check_pod_affinity(f"{path}.podAntiAffinity", affinity.pod_anti_affinity)
+    return errors
+
+
+def _overlaps(path: str, reserved: str) -> bool:
+    """Whether a mount at ``path`` would hide or replace the reserved mount (same path, or a parent of it)."""
+    return path == reserved or path == "/" or reserved.startswith(path.rstrip("/") + "/")
+
+
+def check_volumes(spec: ForgeJobSpec) -> list[FieldError]:
+    """Unique names clear of Forge's, exactly one source each, every volume mounted, mounts clear of Forge's."""
+    resources = spec.resources
+    errors: list[FieldError] = []
+    names: dict[str, int] = {}
+    for index, volume in enumerate(resources.volumes):
+        path = f"spec.resources.volumes[{index}]"
+        if volume.name in RESERVED_VOLUMES:
+            errors.append(FieldError(f"{path}.name", f"{volume.name} is one of Forge's own volumes; pick another name"))
+        if volume.name in names:
+            errors.append(
+                FieldError(f"{path}.name", f"{volume.name} repeats spec.resources.volumes[{names[volume.name]}]")
+            )
+        names.setdefault(volume.name, index)
+        sources = [
+            key
+            for key, value in (
+                ("persistentVolumeClaim", volume.persistent_volume_claim),
+                ("configMap", volume.config_map),
+                ("secret", volume.secret),
+                ("emptyDir", volume.empty_dir),
+            )
+            if value is not None
+        ]
+        if len(sources) != 1:
+            errors.append(
+                FieldError(
+                    path,
+                    "exactly one of persistentVolumeClaim, configMap, secret, emptyDir is needed, got "
+                    f"{', '.join(sources) or 'none'}",
+                )
+            )
+        if volume.empty_dir is not None and volume.empty_dir.size_limit is not None:
+            errors += _check_positive(f"{path}.emptyDir.sizeLimit", volume.empty_dir.size_limit)
+    mounted: set[str] = set()
+    paths: dict[str, int] = {}
+    for index, mount in enumerate(resources.volume_mounts):
+        path = f"spec.resources.volumeMounts[{index}]"
+        mounted.add(mount.name)
+        if mount.name not in names:
+            declared = ", ".join(names) or "none"
+            errors.append(
+                FieldError(f"{path}.name", f"{mount.name} is not in spec.resources.volumes (declared: {declared})")
+            )
+        mount_path = posixpath.normpath(mount.mount_path)
+        for reserved in RESERVED_MOUNT_PATHS:
+            if _overlaps(mount_path, reserved):
+                errors.append(FieldError(f"{path}.mountPath", f"{mount.mount_path} would hide Forge's {reserved}"))
+                break
+        if mount_path in paths:
+            errors.append(
+                FieldError(
+                    f"{path}.mountPath", f"{mount.mount_path} repeats spec.resources.volumeMounts[{paths[mount_path]}]"
+                )
+            )
+        paths.setdefault(mount_path, index)
+        if mount.sub_path is not None and ".." in mount.sub_path.split("/"):
+            errors.append(FieldError(f"{path}.subPath", f"{mount.sub_path!r} may not contain '..'"))
+    for name, index in names.items():
+        if name not in mounted:
+            errors.append(
+                FieldError(
+                    f"spec.resources.volumes[{index}]",
+                    f"{name} is not mounted by any spec.resources.volumeMounts entry",
+                )
+            )
+    return errors
+
+
+def metadata_key_allowed(key: str, allowed: Sequence[str]) -> bool:
+    """Whether a pod label or annotation key matches the allow-list ("*", "prefix/*" or an exact key)."""
+    prefix, _, _ = key.rpartition("/")
+    for pattern in allowed:
+        if pattern == key or (pattern == "*" and not prefix):
+            return True
+        if pattern.endswith("/*") and prefix == pattern[:-2]:
+            return True
+    return False
+
+
+def metadata_key_reserved(key: str) -> bool:
+    prefix, _, _ = key.rpartition("/")
+    return any(prefix == owner or prefix.endswith(f".{owner}") for owner in RESERVED_METADATA_PREFIXES)
+
+
+def check_pod_metadata(spec: ForgeJobSpec, allowed: Sequence[str]) -> list[FieldError]:
+    """Pod labels and annotations: valid keys (and label values), never a reserved key, only allowed keys."""
+    resources = spec.resources
+    errors = _check_label_map("spec.resources.podLabels", resources.pod_labels)
+    for key in resources.pod_annotations:
+        errors += _check_label_key(f'spec.resources.podAnnotations["{key}"]', key)
+    for field, values in (("podLabels", resources.pod_labels), ("podAnnotations", resources.pod_annotations)):
+        for key in values:
+            where = f'spec.resources.{field}["{key}"]'
+            if metadata_key_reserved(key):
+                errors.append(
+                    FieldError(
+                        where,
+                        "this key belongs to Forge, the training operator, Kueue or a gang scheduler; use "
+                        "spec.scheduling for queues and gangs",
+                    )
+                )
+            elif not metadata_key_allowed(key, allowed):
+                errors.append(
+                    FieldError(
+                        where,
+                        f"not in the operator's allow-list ({', '.join(allowed) or 'empty'}); ask the cluster's "
+                        "administrator to add it to FORGE_POD_METADATA_ALLOWED_KEYS",
+                    )
+                )
+    return errors
+
+
+def check_env_from(spec: ForgeJobSpec) -> list[FieldError]:
+    errors: list[FieldError] = []
+    for index, source in enumerate(spec.env_from):
+        path = f"spec.envFrom[{index}]"
+        chosen = [
+            name for name, ref in (("secretRef", source.secret_ref), ("configMapRef", source.config_map_ref)) if ref
+        ]
+        if len(chosen) != 1:
+            errors.append(FieldError(path, f"exactly one of secretRef, configMapRef is needed, got {chosen or 'none'}"))
+        if source.prefix and source.prefix.startswith(RESERVED_ENV_PREFIXES):
+            errors.append(FieldError(f"{path}.prefix", f"{source.prefix} is the training operator's prefix"))
     return errors
 
 
@@ -397,7 +660,12 @@ def check_env(spec: ForgeJobSpec) -> list[FieldError]:
     return errors
 
 
-def validate(name: str, spec: ForgeJobSpec, default_image: str | None) -> list[FieldError]:
+def validate(
+    name: str,
+    spec: ForgeJobSpec,
+    default_image: str | None,
+    pod_metadata_allowed_keys: Sequence[str] = DEFAULT_POD_METADATA_ALLOWED_KEYS,
+) -> list[FieldError]:
     """Every semantic problem of a ForgeJob; empty when it can run."""
     return [
         *check_name(name),
@@ -409,5 +677,7 @@ def validate(name: str, spec: ForgeJobSpec, default_image: str | None) -> list[F
         *check_checkpoints(spec),
         *check_resources(spec, default_image),
         *check_scheduling(spec),
+        *check_pod_metadata(spec, pod_metadata_allowed_keys),
         *check_env(spec),
+        *check_env_from(spec),
     ]

@@ -317,3 +317,70 @@ class OperatorProcess:
         except OSError:
             return "(no operator log)"
         return "operator log (tail):\n" + "\n".join(text[-lines:])
+
+
+# A ForgeJob's pod-template and gang settings with every field of issue 12 items 4 and 5 (merged into "resources" /
+# set as "scheduling" and "envFrom"): the render tests and the server-side dry runs share it.
+POD_TEMPLATE_RESOURCES: dict[str, Any] = {
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "cloud.example/gpu", "operator": "In", "values": ["h100", "a100"]}]}
+                ]
+            },
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 50,
+                    "preference": {"matchExpressions": [{"key": "gpu-count", "operator": "Gt", "values": ["7"]}]},
+                }
+            ],
+        },
+        "podAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "labelSelector": {"matchLabels": {"forge.dev/forgejob": "dry"}},
+                        "topologyKey": "topology.kubernetes.io/zone",
+                    },
+                }
+            ]
+        },
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "labelSelector": {
+                        "matchExpressions": [{"key": "forge.dev/forgejob", "operator": "In", "values": ["dry"]}]
+                    },
+                    "topologyKey": "kubernetes.io/hostname",
+                }
+            ]
+        },
+    },
+    "volumes": [
+        {"name": "dataset", "persistentVolumeClaim": {"claimName": "tickets-2025", "readOnly": True}},
+        {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}},
+        {"name": "ca", "configMap": {"name": "corp-ca"}},
+        {"name": "creds", "secret": {"secretName": "s3-creds", "optional": True}},
+        {"name": "spill", "emptyDir": {"sizeLimit": "10Gi"}},
+    ],
+    "volumeMounts": [
+        {"name": "dataset", "mountPath": "/data/tickets", "readOnly": True},
+        {"name": "hf-cache", "mountPath": "/cache/hf", "subPath": "team-a"},
+        {"name": "ca", "mountPath": "/etc/ssl/corp", "readOnly": True},
+        {"name": "creds", "mountPath": "/var/run/creds", "readOnly": True},
+        {"name": "spill", "mountPath": "/spill"},
+    ],
+    "podLabels": {"team": "nlp", "cost-center": "r-42"},
+    "podAnnotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false", "prometheus.io/scrape": "true"},
+}
+POD_TEMPLATE_ENV_FROM: list[dict[str, Any]] = [
+    {"secretRef": {"name": "s3-creds"}},
+    {"prefix": "HF_", "configMapRef": {"name": "hf-settings", "optional": True}},
+]
+GANG_SCHEDULING: dict[str, Any] = {
+    "schedulerName": "volcano",
+    "priorityClassName": "batch-low",
+    "gang": {"queue": "research", "scheduleTimeoutSeconds": 600},
+}

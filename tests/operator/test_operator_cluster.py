@@ -11,7 +11,16 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from tests.conftest import LocalCluster, uses_real_kubeflow_crd
-from tests.operator.helpers import Kube, OperatorProcess, TrainingOperatorStatus, forgejob, wait_for
+from tests.operator.helpers import (
+    GANG_SCHEDULING,
+    POD_TEMPLATE_ENV_FROM,
+    POD_TEMPLATE_RESOURCES,
+    Kube,
+    OperatorProcess,
+    TrainingOperatorStatus,
+    forgejob,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("operator_process")
 
@@ -188,23 +197,34 @@ def test_single_node_cpu_job_has_no_worker_and_no_gpu(
 
 
 @pytest.mark.parametrize(
-    "resources",
+    "overrides",
     [
-        {"nodes": 1, "gpusPerNode": 8},
-        {"nodes": 16, "gpusPerNode": 8, "imagePullPolicy": "IfNotPresent"},
-        {"nodes": 2, "gpusPerNode": 0, "tolerations": [{"key": "k", "operator": "Equal", "value": "v"}]},
+        {"resources": {"nodes": 1, "gpusPerNode": 8}},
+        {"resources": {"nodes": 16, "gpusPerNode": 8, "imagePullPolicy": "IfNotPresent"}},
+        {"resources": {"nodes": 2, "gpusPerNode": 0, "tolerations": [{"key": "k", "operator": "Equal", "value": "v"}]}},
         {
-            "nodes": 2,
-            "gpusPerNode": 2,
-            "gpuResource": "nvidia.com/mig-3g.40gb",
-            "imagePullSecrets": ["registry-creds"],
-            "scratchSizeLimit": "200Gi",
-            "shmSizeLimit": "16Gi",
+            "resources": {
+                "nodes": 2,
+                "gpusPerNode": 2,
+                "gpuResource": "nvidia.com/mig-3g.40gb",
+                "imagePullSecrets": ["registry-creds"],
+                "scratchSizeLimit": "200Gi",
+                "shmSizeLimit": "16Gi",
+            }
         },
+        # Issue 12 items 4 and 5: affinity, extra volumes and mounts, pod labels and annotations, envFrom, and a gang
+        # (runPolicy.schedulingPolicy and schedulerName).
+        {
+            "resources": {"nodes": 3, "gpusPerNode": 1, **POD_TEMPLATE_RESOURCES},
+            "envFrom": POD_TEMPLATE_ENV_FROM,
+            "scheduling": GANG_SCHEDULING,
+        },
+        {"resources": {"nodes": 4}, "scheduling": {"schedulerName": "scheduler-plugins-scheduler", "gang": {}}},
     ],
+    ids=["1x8", "16x8", "cpu-tolerations", "mig-secrets-limits", "pod-template-and-volcano-gang", "coscheduling"],
 )
 def test_rendered_pytorchjobs_pass_the_kubeflow_schema(
-    cluster: LocalCluster, kube: Kube, namespace: str, resources: dict[str, Any]
+    cluster: LocalCluster, kube: Kube, namespace: str, overrides: dict[str, Any]
 ) -> None:
     """Server-side dry runs of rendered PyTorchJobs against Kubeflow's own CRD schema (pruning would drop fields)."""
     if not uses_real_kubeflow_crd():
@@ -212,8 +232,13 @@ def test_rendered_pytorchjobs_pass_the_kubeflow_schema(
     from forge_operator.api import ForgeJobSpec
     from forge_operator.kube import Kube as OperatorKube
     from forge_operator.render import Owner, RenderOptions, build_pytorchjob
+    from forge_operator.validation import validate
 
-    spec = ForgeJobSpec.model_validate(forgejob("x", resources=resources)["spec"])
+    raw = forgejob("x")["spec"]
+    raw.update(overrides)
+    raw["resources"] = {**forgejob("x")["spec"]["resources"], **overrides.get("resources", {})}
+    spec = ForgeJobSpec.model_validate(raw)
+    assert validate("dry", spec, "img:1") == []
     rendered = build_pytorchjob(Owner("dry", namespace, "0000"), spec, RenderOptions(trainer_image="img:1"))
     rendered["metadata"].pop("ownerReferences")
     created = kube.custom.create_namespaced_custom_object(
@@ -223,6 +248,13 @@ def test_rendered_pytorchjobs_pass_the_kubeflow_schema(
     # The pods the training operator will create from each template pass the core API's own validation (and its
     # admission, which needs their ServiceAccount).
     kube.core.create_namespaced_service_account(namespace, {"metadata": {"name": "dry-trainer"}})
+    priority_class = spec.scheduling.priority_class_name
+    if priority_class:  # the Priority admission plugin refuses a pod whose PriorityClass does not exist
+        try:
+            client.SchedulingV1Api(kube.api).create_priority_class({"metadata": {"name": priority_class}, "value": 10})
+        except ApiException as error:
+            if error.status != 409:
+                raise
     wait_for(
         lambda: kube.core.read_namespaced_service_account("dry-trainer", namespace).secrets,
         what="the ServiceAccount's token",
@@ -240,6 +272,17 @@ def test_rendered_pytorchjobs_pass_the_kubeflow_schema(
         )
         assert checked["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert checked["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+        template = replica["template"]["spec"]
+        assert checked["spec"].get("affinity") == template.get("affinity")
+        assert checked["spec"]["schedulerName"] == template.get("schedulerName", "default-scheduler")
+        assert checked["spec"]["containers"][0].get("envFrom") == template["containers"][0].get("envFrom")
+        # (1.20 adds the seccomp alpha annotation that mirrors seccompProfile.)
+        annotations = checked["metadata"].get("annotations") or {}
+        assert replica["template"]["metadata"].get("annotations", {}).items() <= annotations.items()
+        # (plus the ServiceAccount token volume that admission adds)
+        assert [v["name"] for v in checked["spec"]["volumes"]][: len(template["volumes"])] == [
+            v["name"] for v in template["volumes"]
+        ]
 
 
 def test_pytorchjob_with_an_unknown_field_is_rejected_by_kubeflow_schema(kube: Kube, namespace: str) -> None:
@@ -276,6 +319,12 @@ REJECTED_BY_API_SERVER: list[tuple[str, dict[str, Any], str]] = [
         "spec.resources.resources.limits.memory",
     ),
     ("zeroStage 4", {"training": {"zeroStage": 4}}, "spec.training.zeroStage"),
+    ("gang of no pods", {"scheduling": {"gang": {"minAvailable": 0}}}, "spec.scheduling.gang.minAvailable"),
+    (
+        "relative mount path",
+        {"resources": {"volumeMounts": [{"name": "d", "mountPath": "data"}]}},
+        "spec.resources.volumeMounts.mountPath",
+    ),
 ]
 
 FLAGGED_BY_OPERATOR: list[tuple[str, dict[str, Any], str]] = [
@@ -308,6 +357,11 @@ FLAGGED_BY_OPERATOR: list[tuple[str, dict[str, Any], str]] = [
         "spec.resources.tolerations[0].value",
     ),
     ("eval smaller than a sequence", {"eval": {"maxTokens": 512}}, "spec.eval.maxTokens"),
+    (
+        "Forge's own pod label",
+        {"resources": {"podLabels": {"forge.dev/forgejob": "other"}}},
+        'spec.resources.podLabels["forge.dev/forgejob"]',
+    ),
 ]
 
 

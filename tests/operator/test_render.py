@@ -11,6 +11,7 @@ from forge_operator.api import ForgeJobSpec
 from forge_operator.defaults import resolve
 from forge_operator.render import (
     ACCEPTED_SPEC_ANNOTATION,
+    ACCEPTED_SPEC_KEY,
     Owner,
     RenderOptions,
     build_children,
@@ -131,8 +132,21 @@ def test_config_map_holds_the_config_and_the_accepted_spec() -> None:
     config_map = build_config_map(OWNER, job_spec, resolve(job_spec), OPTIONS)
     config = json.loads(config_map["data"]["config.json"])
     assert config["jobName"] == "bot"
-    stored = ForgeJobSpec.model_validate_json(config_map["metadata"]["annotations"][ACCEPTED_SPEC_ANNOTATION])
+    stored = ForgeJobSpec.model_validate_json(config_map["data"][ACCEPTED_SPEC_KEY])
     assert frozen_spec(stored) == frozen_spec(job_spec)
+    assert ACCEPTED_SPEC_ANNOTATION not in config_map["metadata"]["annotations"]
+
+
+def test_literal_env_values_are_in_no_annotation_of_any_child() -> None:
+    secretish = "AKIA-not-a-real-key-7f3e"
+    job_spec = spec(env=[{"name": "AWS_SECRET_ACCESS_KEY", "value": secretish}])
+    children = build_children(OWNER, job_spec, resolve(job_spec), OPTIONS)
+    for child in children:
+        assert secretish not in json.dumps(child["metadata"]), child["kind"]
+    config_map, pytorchjob = children[0], children[-1]
+    assert secretish in config_map["data"][ACCEPTED_SPEC_KEY], "the accepted spec keeps it (re-creation needs it)"
+    container = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert {"name": "AWS_SECRET_ACCESS_KEY", "value": secretish} in container["env"]
 
 
 def test_digest_ignores_suspend_and_selection_only() -> None:
@@ -402,3 +416,52 @@ def test_gpu_type_pull_secrets_and_volume_limits_reach_the_pods() -> None:
     assert account["imagePullSecrets"] == [{"name": "regcred"}]
     plain = build_pytorchjob(OWNER, spec(), OPTIONS)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert "imagePullSecrets" not in plain and {v["name"]: v for v in plain["volumes"]}["scratch"]["emptyDir"] == {}
+
+
+def test_pod_template_fields_reach_every_replica_and_stay_restricted() -> None:
+    from tests.operator.helpers import POD_TEMPLATE_ENV_FROM, POD_TEMPLATE_RESOURCES
+    from tests.operator.pod_security import restricted_violations
+
+    custom = spec(resources={"nodes": 2, "gpusPerNode": 4, **POD_TEMPLATE_RESOURCES}, envFrom=POD_TEMPLATE_ENV_FROM)
+    job = build_pytorchjob(OWNER, custom, OPTIONS)
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        template = replica["template"]
+        pod = template["spec"]
+        (container,) = pod["containers"]
+        assert pod["affinity"] == POD_TEMPLATE_RESOURCES["affinity"]
+        names = [v["name"] for v in pod["volumes"]]
+        assert names[:4] == ["forge-config", "scratch", "tmp", "dshm"], "Forge's volumes come first"
+        assert pod["volumes"][4:] == POD_TEMPLATE_RESOURCES["volumes"]
+        assert container["volumeMounts"][-5:] == POD_TEMPLATE_RESOURCES["volumeMounts"]
+        assert container["envFrom"] == POD_TEMPLATE_ENV_FROM
+        assert template["metadata"]["labels"]["team"] == "nlp"
+        assert template["metadata"]["labels"]["forge.dev/forgejob"] == "bot", "Forge's labels stay"
+        assert template["metadata"]["annotations"] == POD_TEMPLATE_RESOURCES["podAnnotations"]
+        assert restricted_violations(pod) == [], "PVC, ConfigMap, Secret and emptyDir volumes are all allowed"
+    plain = build_pytorchjob(OWNER, spec(), OPTIONS)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert "affinity" not in plain["spec"] and "annotations" not in plain["metadata"]
+    assert "envFrom" not in plain["spec"]["containers"][0]
+
+
+def test_gang_scheduling_becomes_the_run_policy_scheduling_policy() -> None:
+    from tests.operator.helpers import GANG_SCHEDULING
+
+    job = build_pytorchjob(OWNER, spec(scheduling=GANG_SCHEDULING), OPTIONS)
+    assert job["spec"]["runPolicy"]["schedulingPolicy"] == {
+        "minAvailable": 2,  # every pod of the run (resources.nodes)
+        "queue": "research",
+        "priorityClass": "batch-low",  # from scheduling.priorityClassName
+        "scheduleTimeoutSeconds": 600,
+    }
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["schedulerName"] == "volcano"
+    explicit = spec(
+        resources={"nodes": 4, "gpusPerNode": 8},
+        scheduling={"schedulerName": "scheduler-plugins-scheduler", "gang": {"minAvailable": 3, "priorityClass": "p"}},
+    )
+    policy = build_pytorchjob(OWNER, explicit, OPTIONS)["spec"]["runPolicy"]["schedulingPolicy"]
+    assert policy == {"minAvailable": 3, "priorityClass": "p"}
+    plain = build_pytorchjob(OWNER, spec(), OPTIONS)
+    assert "schedulingPolicy" not in plain["spec"]["runPolicy"]
+    assert "schedulerName" not in plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert changed_paths(frozen_spec(spec()), frozen_spec(spec(scheduling={"gang": {}}))) == ["spec.scheduling.gang"]

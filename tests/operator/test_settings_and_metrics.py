@@ -184,3 +184,15 @@ def test_requests_are_counted_by_the_rbac_resource_they_need(path: str, expected
     from forge_operator.permissions import api_resource
 
     assert api_resource(path) == expected
+
+
+def test_pod_metadata_allow_list_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FORGE_POD_METADATA_ALLOWED_KEYS", raising=False)
+    assert "*" in Settings().pod_metadata_allowed_keys
+    monkeypatch.setenv("FORGE_POD_METADATA_ALLOWED_KEYS", "example.com/*, team,")
+    assert Settings().pod_metadata_allowed_keys == ["example.com/*", "team"]
+    monkeypatch.setenv("FORGE_POD_METADATA_ALLOWED_KEYS", "")
+    assert Settings().pod_metadata_allowed_keys == []
+    monkeypatch.setenv("FORGE_POD_METADATA_ALLOWED_KEYS", "example.com/te*m")
+    with pytest.raises(ValueError, match="pod_metadata_allowed_keys"):
+        Settings()

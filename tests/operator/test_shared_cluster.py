@@ -4,6 +4,7 @@ and the periodic resync that repairs what events missed."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -272,3 +273,41 @@ def test_resync_restores_operator_owned_status_written_by_someone_else(
             f"{condition_type} restored",
             operator_process,
         )
+
+
+# --- literal env values stay out of annotations ----------------------------------------------------------------------
+
+
+def test_literal_env_values_are_copied_into_no_annotation(
+    kube: Kube, operator_process: OperatorProcess, namespace: str
+) -> None:
+    secretish = "glpat-literal-token-93c1"
+    env = [{"name": "HF_TOKEN", "value": secretish}]
+    kube.create_forgejob(namespace, forgejob("envy", env=env))
+    job = wait_for(lambda: kube.pytorchjob(namespace, "envy"), what="PyTorchJob", context=operator_process.log_tail)
+    wait_value(
+        lambda: condition_of(kube, namespace, "envy", "Accepted").get("status"), "True", "Accepted", operator_process
+    )
+    forge = kube.forgejob(namespace, "envy")
+    annotations = forge["metadata"].get("annotations") or {}
+    assert "forge.dev/last-handled-configuration" in annotations, "kopf's diff base is where a copy would be"
+    config_map = kube.core.read_namespaced_config_map("envy-config", namespace)
+    for owner, metadata in (
+        ("ForgeJob", annotations),
+        ("ConfigMap", config_map.metadata.annotations or {}),
+        ("PyTorchJob", job["metadata"].get("annotations") or {}),
+    ):
+        assert secretish not in json.dumps(metadata), f"{owner} annotations hold the literal value"
+    assert secretish in config_map.data["accepted-spec.json"], "the accepted spec lives in the ConfigMap's data"
+
+    # A changed value is still a spec change (the digest in the diff base differs): refused on a started run.
+    kube.patch_forgejob(namespace, "envy", {"spec": {"env": [{"name": "HF_TOKEN", "value": secretish + "x"}]}})
+    refused = wait_for(
+        lambda: (lambda c: c if c.get("reason") == "SpecChangeRefused" else None)(
+            condition_of(kube, namespace, "envy", "Accepted")
+        ),
+        what="the env change refused",
+        context=operator_process.log_tail,
+    )
+    assert refused["message"].startswith("spec.env changed"), refused["message"]
+    assert secretish not in json.dumps(kube.forgejob(namespace, "envy")["metadata"].get("annotations") or {})

@@ -288,3 +288,262 @@ def test_ordinary_image_references_are_accepted(image: str) -> None:
 def test_requests_within_limits_in_other_units_are_accepted() -> None:
     resources = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": 1, "memory": "1073741824"}}
     assert errors_of(with_changes(resources__resources=resources)) == []
+
+
+POD_TEMPLATE_CASES: list[tuple[str, dict[str, Any], str, str]] = [
+    (
+        "In without values",
+        {
+            "resources__affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "In"}]}]
+                    }
+                }
+            }
+        },
+        "spec.resources.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+        ".matchExpressions[0].values",
+        "required",
+    ),
+    (
+        "Gt with a word",
+        {
+            "resources__affinity": {
+                "nodeAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 1,
+                            "preference": {"matchExpressions": [{"key": "n", "operator": "Gt", "values": ["x"]}]},
+                        }
+                    ]
+                }
+            }
+        },
+        "spec.resources.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference"
+        ".matchExpressions[0].values",
+        "one integer",
+    ),
+    (
+        "Exists with values",
+        {
+            "resources__affinity": {
+                "podAntiAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "labelSelector": {
+                                "matchExpressions": [{"key": "a", "operator": "Exists", "values": ["b"]}]
+                            },
+                            "topologyKey": "kubernetes.io/hostname",
+                        }
+                    ]
+                }
+            }
+        },
+        "spec.resources.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].labelSelector"
+        ".matchExpressions[0].values",
+        "must be empty",
+    ),
+    (
+        "empty pod selector",
+        {
+            "resources__affinity": {
+                "podAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": [
+                        {"labelSelector": {}, "topologyKey": "kubernetes.io/hostname"}
+                    ]
+                }
+            }
+        },
+        "spec.resources.affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].labelSelector",
+        "selects no pods",
+    ),
+    (
+        "volume with two sources",
+        {
+            "resources__volumes": [{"name": "d", "emptyDir": {}, "secret": {"secretName": "s"}}],
+            "resources__volumeMounts": [{"name": "d", "mountPath": "/d"}],
+        },
+        "spec.resources.volumes[0]",
+        "exactly one of",
+    ),
+    (
+        "volume taking Forge's name",
+        {
+            "resources__volumes": [{"name": "scratch", "emptyDir": {}}],
+            "resources__volumeMounts": [{"name": "scratch", "mountPath": "/d"}],
+        },
+        "spec.resources.volumes[0].name",
+        "Forge's own volumes",
+    ),
+    (
+        "repeated volume name",
+        {
+            "resources__volumes": [{"name": "d", "emptyDir": {}}, {"name": "d", "emptyDir": {}}],
+            "resources__volumeMounts": [{"name": "d", "mountPath": "/d"}],
+        },
+        "spec.resources.volumes[1].name",
+        "repeats spec.resources.volumes[0]",
+    ),
+    (
+        "volume never mounted",
+        {"resources__volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "c"}}]},
+        "spec.resources.volumes[0]",
+        "not mounted",
+    ),
+    (
+        "mount of an unknown volume",
+        {"resources__volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+        "spec.resources.volumeMounts[0].name",
+        "not in spec.resources.volumes",
+    ),
+    (
+        "mount hiding the config",
+        {
+            "resources__volumes": [{"name": "d", "emptyDir": {}}],
+            "resources__volumeMounts": [{"name": "d", "mountPath": "/etc"}],
+        },
+        "spec.resources.volumeMounts[0].mountPath",
+        "hide Forge's /etc/forge",
+    ),
+    (
+        "mount on the scratch folder",
+        {
+            "resources__volumes": [{"name": "d", "emptyDir": {}}],
+            "resources__volumeMounts": [{"name": "d", "mountPath": "/tmp/forge/"}],
+        },
+        "spec.resources.volumeMounts[0].mountPath",
+        "hide Forge's /tmp/forge",
+    ),
+    (
+        "two mounts on one path",
+        {
+            "resources__volumes": [{"name": "d", "emptyDir": {}}, {"name": "e", "emptyDir": {}}],
+            "resources__volumeMounts": [{"name": "d", "mountPath": "/x"}, {"name": "e", "mountPath": "/x/"}],
+        },
+        "spec.resources.volumeMounts[1].mountPath",
+        "repeats",
+    ),
+    (
+        "subPath escaping the volume",
+        {
+            "resources__volumes": [{"name": "d", "emptyDir": {}}],
+            "resources__volumeMounts": [{"name": "d", "mountPath": "/x", "subPath": "a/../../b"}],
+        },
+        "spec.resources.volumeMounts[0].subPath",
+        "'..'",
+    ),
+    (
+        "zero emptyDir size",
+        {
+            "resources__volumes": [{"name": "d", "emptyDir": {"sizeLimit": "0"}}],
+            "resources__volumeMounts": [{"name": "d", "mountPath": "/x"}],
+        },
+        "spec.resources.volumes[0].emptyDir.sizeLimit",
+        "must be positive",
+    ),
+    (
+        "Forge's label key",
+        {"resources__podLabels": {"forge.dev/forgejob": "other"}},
+        'spec.resources.podLabels["forge.dev/forgejob"]',
+        "belongs to Forge",
+    ),
+    (
+        "Kueue's label key",
+        {"resources__podLabels": {"kueue.x-k8s.io/queue-name": "q"}},
+        'spec.resources.podLabels["kueue.x-k8s.io/queue-name"]',
+        "spec.scheduling",
+    ),
+    (
+        "Volcano annotation",
+        {"resources__podAnnotations": {"scheduling.volcano.sh/queue-name": "q"}},
+        'spec.resources.podAnnotations["scheduling.volcano.sh/queue-name"]',
+        "gang scheduler",
+    ),
+    (
+        "annotation outside the allow-list",
+        {"resources__podAnnotations": {"example.com/owner": "me"}},
+        'spec.resources.podAnnotations["example.com/owner"]',
+        "FORGE_POD_METADATA_ALLOWED_KEYS",
+    ),
+    (
+        "bad label value",
+        {"resources__podLabels": {"team": "has space"}},
+        'spec.resources.podLabels["team"]',
+        "not a valid label value",
+    ),
+    (
+        "envFrom with both refs",
+        {"envFrom": [{"secretRef": {"name": "a"}, "configMapRef": {"name": "b"}}]},
+        "spec.envFrom[0]",
+        "exactly one of secretRef, configMapRef",
+    ),
+    ("envFrom with no ref", {"envFrom": [{"prefix": "X_"}]}, "spec.envFrom[0]", "got none"),
+    (
+        "envFrom with the training operator's prefix",
+        {"envFrom": [{"prefix": "PET_", "secretRef": {"name": "a"}}]},
+        "spec.envFrom[0].prefix",
+        "training operator",
+    ),
+    (
+        "gang larger than the run",
+        {"scheduling": {"gang": {"minAvailable": 3}}},
+        "spec.scheduling.gang.minAvailable",
+        "exceeds spec.resources.nodes 2",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "changes", "path", "words"), POD_TEMPLATE_CASES, ids=[c[0] for c in POD_TEMPLATE_CASES]
+)
+def test_pod_template_and_gang_problems_name_their_field(
+    case: str, changes: dict[str, Any], path: str, words: str
+) -> None:
+    errors = errors_of(with_changes(**changes))
+    assert [e.path for e in errors] == [path], format_errors(errors)
+    assert words in errors[0].message
+
+
+def test_the_full_pod_template_and_gang_example_is_valid() -> None:
+    from tests.operator.helpers import GANG_SCHEDULING, POD_TEMPLATE_ENV_FROM, POD_TEMPLATE_RESOURCES
+
+    raw = with_changes(envFrom=POD_TEMPLATE_ENV_FROM, scheduling=GANG_SCHEDULING)
+    raw["resources"].update(POD_TEMPLATE_RESOURCES)
+    assert errors_of(raw) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "allowed", "ok"),
+    [
+        ("team", ("*",), True),
+        ("example.com/owner", ("*",), False),
+        ("example.com/owner", ("example.com/*",), True),
+        ("sub.example.com/owner", ("example.com/*",), False),
+        ("example.com/owner", ("example.com/owner",), True),
+        ("team", (), False),
+    ],
+)
+def test_pod_metadata_allow_list(key: str, allowed: tuple[str, ...], ok: bool) -> None:
+    from forge_operator.validation import metadata_key_allowed
+
+    assert metadata_key_allowed(key, allowed) is ok
+    raw = with_changes(resources__podAnnotations={key: "v"})
+    parsed = parse_spec(raw)
+    assert isinstance(parsed, ForgeJobSpec)
+    assert (validate("job", parsed, "img:1", allowed) == []) is ok
+
+
+def test_bad_label_keys_and_mount_paths_are_schema_errors() -> None:
+    for raw, path in (
+        (with_changes(resources__podLabels={"Bad Key": "v"}), 'spec.resources.podLabels["Bad Key"]'),
+        (
+            with_changes(resources__volumeMounts=[{"name": "d", "mountPath": "relative"}]),
+            "spec.resources.volumeMounts[0].mountPath",
+        ),
+        (with_changes(scheduling={"gang": {"minAvailable": 0}}), "spec.scheduling.gang.minAvailable"),
+        (with_changes(scheduling={"schedulerName": "Volcano"}), "spec.scheduling.schedulerName"),
+    ):
+        errors = errors_of(raw) if isinstance(parse_spec(raw), ForgeJobSpec) else parse_spec(raw)
+        assert isinstance(errors, list) and errors, raw
+        assert any(e.path == path for e in errors), format_errors(errors)

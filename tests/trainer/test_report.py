@@ -325,3 +325,50 @@ def test_a_data_error_reaches_the_forgejob_status_with_file_and_line(
     assert error["message"].startswith(f"{bad}:2: 'text' must be a non-empty string")
     assert error["rank"] in (0, 1) and error["raisedAt"].startswith("forge_trainer/")
     assert ForgeJobStatus.model_validate(read_status(cluster, forgejob)).trainer_error is not None
+
+
+def test_significant_patches_are_evaluations_checkpoints_and_events() -> None:
+    from forge_trainer.report import eval_fingerprint, is_significant
+
+    progress = status_patch(progress={"step": 7}, latest={"tokensPerSecond": 10.0})
+    evaluated = status_patch(progress={"step": 8}, latest={"generalLoss": 2.1, "forgettingPercent": 1.5})
+    assert not is_significant(progress, None)
+    assert is_significant(evaluated, None)
+    assert not is_significant(evaluated, eval_fingerprint(evaluated)), "the same figures again are not news"
+    for key in ("checkpoints", "baseline", "earlyStop", "rebalance", "lrProbe", "trainerError"):
+        assert is_significant(status_patch(**{key: {"x": 1}}), None), key
+
+
+def test_progress_waits_for_the_interval_but_a_checkpoint_goes_out_at_once() -> None:
+    sink = Sink()
+    rep = StatusReporter(lambda: sink, min_interval=3600.0)
+    try:
+        rep.submit(status_patch(progress={"step": 1}))  # the first report goes out at once
+        deadline = time.monotonic() + 30
+        while not sink.sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rep.submit(status_patch(progress={"step": 2}, latest={"tokensPerSecond": 5.0}))
+        rep.submit(status_patch(progress={"step": 3}, latest={"tokensPerSecond": 6.0}))
+        rep.submit(status_patch(checkpoints=[{"step": 3, "uri": "s3://o/step-3/"}]))
+        while len(sink.sent) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(sink.sent) == 2, "the checkpoint did not bypass the hour-long interval"
+        second = sink.sent[1][1]["status"]
+        assert second["progress"] == {"step": 3}, "the pending progress rides along, coalesced"
+        assert second["checkpoints"] == [{"step": 3, "uri": "s3://o/step-3/"}]
+        rep.submit(status_patch(progress={"step": 4}))
+        rep.submit(status_patch(progress={"step": 5}, latest={"generalLoss": 2.0}))  # a new evaluation
+        while len(sink.sent) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sink.sent[2][1]["status"]["latest"] == {"generalLoss": 2.0}
+        rep.submit(status_patch(progress={"step": 6}))
+        assert len(sink.sent) == 3
+    finally:
+        rep.close(timeout=5)
+    assert sink.sent[-1][1]["status"]["progress"] == {"step": 6}, "close() flushes what the interval held back"
+
+
+def test_the_default_interval_is_thirty_seconds() -> None:
+    from forge_trainer.config import ReportSettings
+
+    assert ReportSettings().min_interval_seconds == 30.0

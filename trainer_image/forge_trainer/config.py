@@ -441,7 +441,13 @@ class ReportSettings(_Model):
         default=None, description="ForgeJob to report progress and checkpoints to; null disables status reports."
     )
     min_interval_seconds: float = Field(
-        default=5.0, ge=0.0, le=3600.0, description="At most one status patch per this many seconds."
+        default=30.0,
+        ge=0.0,
+        le=3600.0,
+        description=(
+            "At most one status patch per this many seconds; an evaluation, a checkpoint or another event is sent "
+            "within a second."
+        ),
     )
     metrics_port: int = Field(
         default=9400,

@@ -1,7 +1,10 @@
 """Status reports to the ForgeJob's /status subresource: pure patch builders, and a throttled sender.
 
-The sender runs in a thread on rank 0. It sends at most one JSON merge patch per ``minIntervalSeconds``; patches
-submitted in between are coalesced (merged, later values win). The checkpoint list is always sent whole (a merge
+The sender runs in a thread on rank 0. It sends at most one JSON merge patch per ``minIntervalSeconds`` (30 s by
+default: progress in between lives in the Prometheus metrics); patches submitted in between are coalesced (merged,
+later values win). A patch that carries news (a new evaluation, a checkpoint, the baseline, a guard verdict, the
+probe's result, an error: ``is_significant``) is sent within ``URGENT_INTERVAL_SECONDS`` instead, together with
+whatever is pending. The checkpoint list is always sent whole (a merge
 patch replaces lists), so coalescing never loses a checkpoint. An unreachable API server only delays reports:
 errors are logged and retried with backoff, and training never waits for the API. A patch the API server rejects
 with a 4xx (other than 401, 408, 429) is logged and dropped: the CRD refused it and would refuse it again.
@@ -262,13 +265,38 @@ def chosen_uris(status: dict[str, Any]) -> list[str]:
     return uris
 
 
+# A significant patch waits at most this long after the previous send (or minIntervalSeconds, when shorter).
+URGENT_INTERVAL_SECONDS = 1.0
+# status fields whose every report is news; status.latest is news when its held-out figures changed.
+SIGNIFICANT_FIELDS = ("checkpoints", "baseline", "earlyStop", "rebalance", "lrProbe", "trainerError")
+EVAL_FIELDS = ("domainLoss", "generalLoss", "forgettingPercent", "domainGainPercent")
+
+
+def eval_fingerprint(patch: Patch) -> tuple[Any, ...] | None:
+    """The held-out figures a patch's status.latest carries (None without any): a new one is a new evaluation."""
+    latest = (patch.get("status") or {}).get("latest")
+    if not isinstance(latest, dict) or not any(latest.get(key) is not None for key in EVAL_FIELDS):
+        return None
+    return tuple(latest.get(key) for key in EVAL_FIELDS)
+
+
+def is_significant(patch: Patch, last_eval: tuple[Any, ...] | None) -> bool:
+    """Whether a patch reports an evaluation (figures other than ``last_eval``), a checkpoint or another event."""
+    status = patch.get("status") or {}
+    if any(key in status for key in SIGNIFICANT_FIELDS):
+        return True
+    fingerprint = eval_fingerprint(patch)
+    return fingerprint is not None and fingerprint != last_eval
+
+
 class StatusReporter:
-    """Sends coalesced status patches from a background thread, at most one per ``min_interval`` seconds."""
+    """Sends coalesced status patches from a background thread, at most one per ``min_interval`` seconds; a
+    significant patch (``is_significant``) goes out within ``URGENT_INTERVAL_SECONDS`` of the previous send."""
 
     def __init__(
         self,
         make_patcher: Callable[[], PatchFn],
-        min_interval: float = 5.0,
+        min_interval: float = 30.0,
         max_backoff: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -281,6 +309,8 @@ class StatusReporter:
         self._cond = threading.Condition()
         self._closing = False
         self._last_sent = -math.inf
+        self._urgent = False
+        self._last_eval: tuple[Any, ...] | None = None
         self._failures = 0
         self.sent = 0
         self.errors = 0
@@ -291,6 +321,9 @@ class StatusReporter:
     def submit(self, patch: Patch) -> None:
         """Queue a patch; it is merged with any not yet sent. Never blocks on the API."""
         with self._cond:
+            if is_significant(patch, self._last_eval):
+                self._urgent = True
+            self._last_eval = eval_fingerprint(patch) or self._last_eval
             self._pending = patch if self._pending is None else merge(self._pending, patch)
             self._cond.notify()
 
@@ -310,6 +343,7 @@ class StatusReporter:
                     wait = self._next_send_at() - self._clock()
                     if wait <= 0 or (self._closing and self._failures == 0):
                         patch, self._pending = self._pending, None
+                        self._urgent = False
                         return patch
                     if self._closing and wait > 0:
                         wait = min(wait, 1.0)
@@ -321,7 +355,8 @@ class StatusReporter:
 
     def _next_send_at(self) -> float:
         backoff = min(self.max_backoff, 2.0 ** (self._failures - 1)) if self._failures else 0.0
-        return self._last_sent + max(self.min_interval, backoff)
+        interval = min(self.min_interval, URGENT_INTERVAL_SECONDS) if self._urgent else self.min_interval
+        return self._last_sent + max(interval, backoff)
 
     def _run(self) -> None:
         while True:

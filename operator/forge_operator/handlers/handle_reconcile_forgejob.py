@@ -32,6 +32,7 @@ from forge_operator.handlers.common import (
 from forge_operator.kube import Ensured, Refusal, controller_of, namespace_terminating, refusal
 from forge_operator.render import (
     ACCEPTED_SPEC_ANNOTATION,
+    ACCEPTED_SPEC_KEY,
     FINAL_STATUS_FINALIZER,
     QUEUE_LABEL,
     SPEC_DIGEST_ANNOTATION,
@@ -82,10 +83,12 @@ def refused_message(changes: list[str], errors: list[FieldError]) -> str:
 
 
 def accepted_spec(config_map: Mapping[str, Any] | None) -> ForgeJobSpec | None:
-    """The spec the run was started with, kept on its ConfigMap."""
+    """The spec the run was started with, kept in its ConfigMap's data (in an annotation before)."""
     if config_map is None:
         return None
-    text = ((config_map.get("metadata") or {}).get("annotations") or {}).get(ACCEPTED_SPEC_ANNOTATION)
+    text = (config_map.get("data") or {}).get(ACCEPTED_SPEC_KEY) or (
+        (config_map.get("metadata") or {}).get("annotations") or {}
+    ).get(ACCEPTED_SPEC_ANNOTATION)
     if not text:
         return None
     try:
@@ -147,7 +150,11 @@ def judge_started(
         errors = current if isinstance(current, list) else []
     else:
         changes = changed_paths(frozen_spec(accepted), frozen_spec(current))
-        errors = validate(owner.name, current, ctx.settings.trainer_image) if changes else []
+        errors = (
+            validate(owner.name, current, ctx.settings.trainer_image, ctx.settings.pod_metadata_allowed_keys)
+            if changes
+            else []
+        )
     if changes or accepted is None:
         metrics.ERRORS.labels(kind="spec_change_refused").inc()
         return Acceptance(generation, False, REASON_SPEC_CHANGE_REFUSED, refused_message(changes, errors))
@@ -263,7 +270,7 @@ def reconcile_once(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger
     elif isinstance(current, list):
         acceptance = Acceptance(generation, False, REASON_INVALID_SPEC, format_errors(current))
     else:
-        errors = validate(owner.name, current, ctx.settings.trainer_image)
+        errors = validate(owner.name, current, ctx.settings.trainer_image, ctx.settings.pod_metadata_allowed_keys)
         if errors:
             metrics.ERRORS.labels(kind="invalid_spec").inc()
             acceptance = Acceptance(generation, False, REASON_INVALID_SPEC, format_errors(errors))

@@ -13,6 +13,7 @@ from forge_operator import metrics
 from forge_operator.api import GROUP, PLURAL, VERSION
 from forge_operator.context import OperatorContext
 from forge_operator.kube import Kube, api_client, refusal
+from forge_operator.persistence import RedactedDiffBaseStorage
 from forge_operator.settings import Settings
 
 PREFIX = "forge.dev"
@@ -97,9 +98,8 @@ def configure(settings: kopf.OperatorSettings, memo: Any, logger: logging.Logger
     logging.getLogger().setLevel(forge.log_level)
     # Handler progress and the last handled spec live in annotations: the status belongs to the API schema.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration"
-    )
+    # The last handled spec, with literal env values as digests (forge_operator.persistence).
+    settings.persistence.diffbase_storage = RedactedDiffBaseStorage()
     settings.posting.reporting_component = "forge-operator"
     settings.posting.level = logging.INFO
     # Only the operator's own Events (state transitions, refusals, once each); not kopf's log line per retry.
