@@ -400,7 +400,7 @@ class Run:
         try:
             for step in range(1, t.max_steps + 1):
                 batch = prefetch.next()
-                pending.append(train_step(engine, batch.micro, batch.global_loss_tokens, world))
+                pending.append(train_step(engine, batch.micro, batch.global_loss_tokens, world, t.loss_chunk_tokens))
                 if step not in due:
                     continue
                 losses = torch.stack(pending)
@@ -473,7 +473,9 @@ class Run:
             while self.progress.step < t.max_steps:
                 batch = self.prefetch.next()
                 lr = float(self.engine.lr_scheduler.get_last_lr()[0])  # a Python float: no device read
-                part = train_step(self.engine, batch.micro, batch.global_loss_tokens, self.denv.world_size)
+                part = train_step(
+                    self.engine, batch.micro, batch.global_loss_tokens, self.denv.world_size, t.loss_chunk_tokens
+                )
                 self.progress.step += 1
                 self.progress.tokens += step_tokens
                 self.last_data_state = batch.state
