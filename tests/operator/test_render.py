@@ -402,3 +402,18 @@ def test_gpu_type_pull_secrets_and_volume_limits_reach_the_pods() -> None:
     assert account["imagePullSecrets"] == [{"name": "regcred"}]
     plain = build_pytorchjob(OWNER, spec(), OPTIONS)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert "imagePullSecrets" not in plain and {v["name"]: v for v in plain["volumes"]}["scratch"]["emptyDir"] == {}
+
+
+def test_compile_and_chunked_loss_default_on_with_gpus_and_off_on_cpu() -> None:
+    def training(job_spec: ForgeJobSpec) -> dict[str, Any]:
+        config: dict[str, Any] = build_trainer_config(OWNER, job_spec, resolve(job_spec), OPTIONS)["training"]
+        return config
+
+    gpu = training(spec())
+    assert (gpu["compile"], gpu["lossChunkTokens"]) == (True, 1024)
+    cpu = training(spec(resources={"nodes": 1, "gpusPerNode": 0}))
+    assert (cpu["compile"], cpu["lossChunkTokens"]) == (False, 0)
+    zero3 = training(spec(training={"zeroStage": 3}))
+    assert (zero3["compile"], zero3["lossChunkTokens"]) == (True, 0)
+    own = training(spec(training={"compile": False, "lossChunkTokens": 256}, resources={"nodes": 1, "gpusPerNode": 0}))
+    assert (own["compile"], own["lossChunkTokens"]) == (False, 256)
