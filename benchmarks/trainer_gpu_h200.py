@@ -86,6 +86,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "forge-zero2": {"zeroStage": 2, "compile": False},
     "forge-zero2-compile": {"zeroStage": 2, "compile": True},
     "forge-zero1-compile-mb16": {"zeroStage": 1, "compile": True, "microBatchSize": 16},
+    "forge-zero2-compile-chunked": {"zeroStage": 2, "compile": True, "lossChunkTokens": 1024},
+    "forge-zero1-compile-chunked-mb16": {
+        "zeroStage": 1,
+        "compile": True,
+        "lossChunkTokens": 1024,
+        "microBatchSize": 16,
+    },
 }
 
 
@@ -261,7 +268,7 @@ def run_forge(config: Path, windows: int, skip: int, log_every: int, err_path: P
                     continue
                 ev = json.loads(line)
                 # every step of a window carries the window's rate; a window ends every log_every steps
-                if ev.get("event") == "step" and ev["step"] % log_every == 0:
+                if ev.get("event") == "step" and ev["step"] % log_every == 0 and ev["tokensPerSecond"] is not None:
                     rates.append(float(ev["tokensPerSecond"]))
                     if len(rates) >= windows or time.monotonic() > deadline:
                         break
@@ -320,7 +327,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=5, help="Forge windows between read-backs (the first one skipped)")
     ap.add_argument("--log-every", type=int, default=10, help="training.logEverySteps of the Forge runs")
     ap.add_argument(
-        "--variants", default="forge-zero2,forge-zero2-compile", help=f"comma-separated, of: {', '.join(VARIANTS)}"
+        "--variants",
+        default="forge-zero2,forge-zero2-compile,forge-zero2-compile-chunked",
+        help=f"comma-separated, of: {', '.join(VARIANTS)}",
     )
     ap.add_argument("--budget-s", type=float, default=540, help="the whole run, preparation included")
     ap.add_argument("--work", type=Path, default=Path("/tmp/forge-gpu-bench"))

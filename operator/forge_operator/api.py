@@ -270,8 +270,14 @@ class TrainingSpec(ApiModel):
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about 30% more compute)."""
 
-    compile: bool = False
-    """torch.compile the model (GPU; slower first steps)."""
+    compile: bool | None = None
+    """torch.compile the model. Omitted: on when resources.gpusPerNode > 0, off on CPU. The first step compiles; the
+    trainer reports it as the compile phase (event and metric), not counted in tokens per second."""
+
+    loss_chunk_tokens: int | None = Field(default=None, ge=0, le=1_048_576)
+    """Positions per chunk of the chunked linear cross-entropy, which never materialises the fp32 logits of a whole
+    micro-batch (0 = full logits). Omitted: 1024 when resources.gpusPerNode > 0 and zeroStage < 3, else 0. Must be 0
+    with zeroStage 3."""
 
     learning_rate_probe: LearningRateProbeSpec | None = None
     """Omitted: off. Set (even to {}): probe multiples of the learning rate before training and train at the highest

@@ -162,6 +162,25 @@ def changed_paths(old: Any, new: Any, prefix: str = "spec") -> list[str]:
 # --- the trainer config (the contract with forge_trainer.config) ------------------------------------------------
 
 
+# Positions per loss chunk on GPUs: benchmarks/trainer_loss_chunks.py (docs/trainer.md, "Step loop performance").
+GPU_LOSS_CHUNK_TOKENS = 1024
+
+
+def resolved_compile(spec: ForgeJobSpec) -> bool:
+    """training.compile, or its default: on with GPUs, off on CPU."""
+    if spec.training.compile is not None:
+        return spec.training.compile
+    return spec.resources.gpus_per_node > 0
+
+
+def resolved_loss_chunk_tokens(spec: ForgeJobSpec) -> int:
+    """training.lossChunkTokens, or its default: the chunked loss with GPUs (not under ZeRO-3), full logits on CPU."""
+    if spec.training.loss_chunk_tokens is not None:
+        return spec.training.loss_chunk_tokens
+    on_gpu = spec.resources.gpus_per_node > 0
+    return GPU_LOSS_CHUNK_TOKENS if on_gpu and spec.training.zero_stage < 3 else 0
+
+
 def _sources(sources: list[Source]) -> list[dict[str, Any]]:
     return [{"uri": s.uri, "weight": s.weight} for s in sources]
 
@@ -252,7 +271,8 @@ def build_trainer_config(
             "gradientClipping": parse_decimal(training.gradient_clipping),
             "weightDecay": parse_decimal(training.weight_decay),
             "activationCheckpointing": training.activation_checkpointing,
-            "compile": training.compile,
+            "compile": resolved_compile(spec),
+            "lossChunkTokens": resolved_loss_chunk_tokens(spec),
         },
         "forgetting": _forgetting(spec),
         "checkpoints": {

@@ -213,6 +213,13 @@ def check_training(spec: ForgeJobSpec) -> list[FieldError]:
                 "be measured during the run",
             )
         )
+    if training.loss_chunk_tokens and training.zero_stage == 3:
+        errors.append(
+            FieldError(
+                "spec.training.lossChunkTokens",
+                f"{training.loss_chunk_tokens} needs zeroStage 0-2 (ZeRO-3 partitions the output head); use 0",
+            )
+        )
     minimum = spec.data.seq_length * training.micro_batch_size * world_size(spec.resources)
     if training.global_batch_tokens is not None and training.global_batch_tokens < minimum:
         errors.append(

@@ -465,3 +465,18 @@ def test_gang_scheduling_becomes_the_run_policy_scheduling_policy() -> None:
     assert "schedulingPolicy" not in plain["spec"]["runPolicy"]
     assert "schedulerName" not in plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert changed_paths(frozen_spec(spec()), frozen_spec(spec(scheduling={"gang": {}}))) == ["spec.scheduling.gang"]
+
+
+def test_compile_and_chunked_loss_default_on_with_gpus_and_off_on_cpu() -> None:
+    def training(job_spec: ForgeJobSpec) -> dict[str, Any]:
+        config: dict[str, Any] = build_trainer_config(OWNER, job_spec, resolve(job_spec), OPTIONS)["training"]
+        return config
+
+    gpu = training(spec())
+    assert (gpu["compile"], gpu["lossChunkTokens"]) == (True, 1024)
+    cpu = training(spec(resources={"nodes": 1, "gpusPerNode": 0}))
+    assert (cpu["compile"], cpu["lossChunkTokens"]) == (False, 0)
+    zero3 = training(spec(training={"zeroStage": 3}))
+    assert (zero3["compile"], zero3["lossChunkTokens"]) == (True, 0)
+    own = training(spec(training={"compile": False, "lossChunkTokens": 256}, resources={"nodes": 1, "gpusPerNode": 0}))
+    assert (own["compile"], own["lossChunkTokens"]) == (False, 256)

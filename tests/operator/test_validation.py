@@ -69,6 +69,12 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("lr zero", {"training__learningRate": "0"}, "spec.training.learningRate", "outside"),
     ("clipping", {"training__gradientClipping": "1000"}, "spec.training.gradientClipping", "exceeds"),
     ("weight decay", {"training__weightDecay": "2"}, "spec.training.weightDecay", "exceeds"),
+    (
+        "chunked loss under ZeRO-3",
+        {"training__zeroStage": 3, "training__lossChunkTokens": 512},
+        "spec.training.lossChunkTokens",
+        "zeroStage 0-2",
+    ),
     ("eval after the end", {"eval__everySteps": 5000}, "spec.eval.everySteps", "never"),
     ("eval below a sequence", {"eval__maxTokens": 1000}, "spec.eval.maxTokens", "one sequence"),
     (

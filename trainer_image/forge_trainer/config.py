@@ -247,7 +247,20 @@ class TrainingSettings(_Model):
     activation_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass (less memory, ~30% more compute)."
     )
-    compile: bool = Field(default=False, description="torch.compile the model (GPU; slow first steps).")
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the model (GPU; the first steps' compile time is reported as the compile phase).",
+    )
+    loss_chunk_tokens: int = Field(
+        default=0,
+        ge=0,
+        le=1_048_576,
+        description=(
+            "Positions per chunk of the chunked linear cross-entropy: the output projection and the loss run this "
+            "many positions at a time, so the fp32 logits of the whole micro-batch never exist (the model must "
+            "accept logits_to_keep, as transformers' causal LMs do; not with zeroStage 3). 0 = full logits."
+        ),
+    )
     log_every_steps: int = Field(
         default=10,
         ge=1,
@@ -272,6 +285,11 @@ class TrainingSettings(_Model):
             raise ValueError(f"warmupSteps ({self.warmup_steps}) exceeds maxSteps ({self.max_steps})")
         if self.min_learning_rate > self.learning_rate:
             raise ValueError(f"minLearningRate ({self.min_learning_rate}) exceeds learningRate ({self.learning_rate})")
+        if self.loss_chunk_tokens and self.zero_stage == 3:
+            raise FieldValueError(
+                "training.lossChunkTokens",
+                "the chunked loss needs zeroStage 0-2 (the output head's weight is partitioned under ZeRO-3); set 0",
+            )
         if self.probe is not None:
             if self.probe.steps > self.max_steps:
                 raise FieldValueError("training.probe.steps", f"{self.probe.steps} exceeds maxSteps ({self.max_steps})")

@@ -170,17 +170,95 @@ def build_engine(model: torch.nn.Module, cfg: TrainerConfig, world_size: int) ->
     return engine
 
 
-def token_loss_sum(model: Any, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropy over labelled positions, number of those positions)."""
+def token_loss_sum(
+    model: Any, ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropy over labelled positions, number of those positions).
+
+    ``chunk_tokens`` > 0: the model returns its final hidden states only, and the output projection and the
+    cross-entropy run ``chunk_tokens`` positions at a time (:class:`ChunkedLinearCrossEntropy`), so the logits of the
+    whole micro-batch never exist. 0: the model's full logits, cast to fp32.
+    """
+    shift_labels = labels[:, 1:].reshape(-1)
+    count = (shift_labels != IGNORE_INDEX).sum()
+    if chunk_tokens > 0:
+        out = model(input_ids=ids, logits_to_keep=_NO_POSITIONS.to(ids.device), output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, :-1, :].reshape(-1, out.hidden_states[-1].shape[-1])
+        head = output_head(model)
+        total: torch.Tensor = ChunkedLinearCrossEntropy.apply(  # type: ignore[no-untyped-call]
+            hidden, head.weight, shift_labels, chunk_tokens
+        )
+        return total, count
     logits = model(input_ids=ids).logits
     shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
     total = nnf.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, (shift_labels != IGNORE_INDEX).sum()
+    return total, count
+
+
+# logits_to_keep as an empty index: the model's own head projects no position (transformers' slice_logits_to_keep).
+_NO_POSITIONS = torch.zeros(0, dtype=torch.long)
+
+
+def output_head(model: Any) -> torch.nn.Linear:
+    """The output projection (lm_head) of a causal LM, under a DeepSpeed engine and a peft wrapper."""
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        raise TypeError(f"chunked loss needs a bias-free Linear output head, not {type(head).__name__}")
+    return head
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight^T, label_i) over labelled i, ``chunk`` positions at a time.
+
+    The forward pass computes each chunk's logits in fp32, its loss, and at once its gradients (softmax minus the
+    one-hot target), accumulated into d(hidden) and d(weight); the backward pass only scales them by the incoming
+    gradient. Peak extra memory is one chunk's logits instead of the micro-batch's (plus d(weight) in fp32 when the
+    head trains), with no recomputation. The loss is a scalar sum, so the gradient is linear in the incoming one.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = (
+            torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        )
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk]
+            y = labels[start : start + chunk]
+            logits = nnf.linear(h, weight).float()
+            total += nnf.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+            if grad_h is None and grad_w is None:
+                continue
+            grad = torch.softmax(logits, dim=-1)
+            del logits
+            grad[torch.arange(y.shape[0], device=y.device), y.clamp(min=0)] -= 1.0
+            grad *= (y != IGNORE_INDEX).unsqueeze(1)
+            g = grad.to(hidden.dtype)
+            del grad
+            if grad_h is not None:
+                grad_h[start : start + chunk] = g @ weight
+            if grad_w is not None:
+                grad_w += g.t() @ h
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        dh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+        dw = None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype)
+        return dh, dw, None, None
 
 
 def train_step(
-    engine: Any, micro: list[tuple[torch.Tensor, torch.Tensor]], global_loss_tokens: int, world_size: int
+    engine: Any,
+    micro: list[tuple[torch.Tensor, torch.Tensor]],
+    global_loss_tokens: int,
+    world_size: int,
+    chunk_tokens: int = 0,
 ) -> torch.Tensor:
     """One optimizer step; returns this rank's part of the step's token-mean loss (sum over ranks = the loss).
 
@@ -193,7 +271,8 @@ def train_step(
     scale = world_size * accum / max(1, global_loss_tokens)
     local = torch.zeros((), device=device, dtype=torch.float32)
     for ids, labels in micro:
-        total, _ = token_loss_sum(engine, ids.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+        ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        total, _ = token_loss_sum(engine, ids, labels, chunk_tokens)
         loss = total * scale
         engine.backward(loss)
         engine.step()

@@ -176,20 +176,22 @@ class PendingSave:
 
 @dataclass
 class Throughput:
-    """Training tokens per second over windows of steps (evaluation and checkpoints excluded)."""
+    """Training tokens per second over windows of steps (evaluation, checkpoints and the compile phase excluded)."""
 
     started: float = field(default_factory=time.perf_counter)
+    steps: int = 0
 
-    def update(self, tokens: int) -> float:
-        """Close a window in which ``tokens`` global tokens were trained; returns tokens per second."""
+    def update(self, step_tokens: int) -> float | None:
+        """Close a window of ``steps`` steps of ``step_tokens`` global tokens each: tokens/s (None: no step)."""
         now = time.perf_counter()
         elapsed = max(1e-9, now - self.started)
-        self.started = now
-        return tokens / elapsed
+        steps, self.started, self.steps = self.steps, now, 0
+        return step_tokens * steps / elapsed if steps else None
 
     def restart(self) -> None:
         """Start a new window now (evaluation and checkpoints are not training time)."""
         self.started = time.perf_counter()
+        self.steps = 0
 
 
 class Run:
@@ -405,7 +407,7 @@ class Run:
         try:
             for step in range(1, t.max_steps + 1):
                 batch = prefetch.next()
-                pending.append(train_step(engine, batch.micro, batch.global_loss_tokens, world))
+                pending.append(train_step(engine, batch.micro, batch.global_loss_tokens, world, t.loss_chunk_tokens))
                 if step not in due:
                     continue
                 losses = torch.stack(pending)
@@ -477,12 +479,22 @@ class Run:
         watchdog = HangWatchdog(
             WatchdogSettings(cfg.watchdog.multiple, cfg.watchdog.floor_seconds), self.denv.rank, self._hung
         )
+        compiling = t.compile
         try:
             while self.progress.step < t.max_steps:
-                watchdog.step_started(self.progress.step + 1)
+                if not compiling:  # the compile phase has no recent median to judge it by
+                    watchdog.step_started(self.progress.step + 1)
                 batch = self.prefetch.next()
                 lr = float(self.engine.lr_scheduler.get_last_lr()[0])  # a Python float: no device read
-                part = train_step(self.engine, batch.micro, batch.global_loss_tokens, self.denv.world_size)
+                started = time.perf_counter()
+                part = train_step(
+                    self.engine, batch.micro, batch.global_loss_tokens, self.denv.world_size, t.loss_chunk_tokens
+                )
+                window.steps += 1
+                if compiling:
+                    compiling = False
+                    self._compile_phase(time.perf_counter() - started)
+                    window.restart()
                 self.progress.step += 1
                 self.progress.tokens += step_tokens
                 self.last_data_state = batch.state
@@ -527,6 +539,17 @@ class Run:
         report_exit_error(self.cfg, HangError(message), EXIT_HANG)
         sys.stderr.flush()
         os._exit(EXIT_HANG)
+
+    def _compile_phase(self, started_s: float) -> None:
+        """The first step with training.compile traces and compiles the model: a phase of its own, reported as the
+        ``compile`` event and metric, not counted in tokens per second. One device sync, once per process."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = started_s
+        self.metrics.set(self.metrics.compile_seconds, seconds)
+        if self.denv.is_main:
+            emit("compile", step=self.progress.step + 1, seconds=round(seconds, 3))
+            log.info("compile phase: the first step took %.1f s (not counted in tokens per second)", seconds)
 
     # ---- the guard -------------------------------------------------------------------------------------------
 
@@ -607,12 +630,12 @@ class Run:
         for j, i in enumerate(on_device):
             norms[i] = values[n + j]
         step_tokens = self.layout.step_sequences * self.cfg.data.seq_length
-        self.tps = window.update(step_tokens * n)
-        rank_tps = self.tps / self.denv.world_size
+        self.tps = window.update(step_tokens) or self.tps
         m = self.metrics
         m.set(m.step, self.progress.step)
         m.inc(m.tokens, step_tokens * n / self.denv.world_size)
-        m.set(m.tokens_per_second, rank_tps)
+        if self.tps is not None:
+            m.set(m.tokens_per_second, self.tps / self.denv.world_size)
         m.set(m.loss, values[n - 1])
         m.set(m.learning_rate, pending[-1].lr)
         if norms[-1] is not None:
@@ -627,7 +650,8 @@ class Run:
         for p, loss, norm in zip(pending, values[:n], norms, strict=True):
             if self.denv.is_main:
                 extra = {} if norm is None else {"gradNorm": norm}
-                emit("step", step=p.step, loss=loss, lr=p.lr, tokensPerSecond=round(self.tps, 1), **extra)
+                tps = None if self.tps is None else round(self.tps, 1)  # None: only the compile step so far
+                emit("step", step=p.step, loss=loss, lr=p.lr, tokensPerSecond=tps, **extra)
             found = self.guard.observe_step(p.step, loss, p.lr, norm)
             verdict = verdict or found
         return verdict

@@ -60,6 +60,7 @@ class TrainerMetrics:
     learning_rate: Gauge
     grad_norm: Gauge
     mfu: Gauge
+    compile_seconds: Gauge
     checkpoints: Counter
     eval_loss: Gauge
     forgetting: Gauge
@@ -100,6 +101,10 @@ def create_metrics(forge_job: str, namespace: str, rank: int) -> TrainerMetrics:
         learning_rate=g("forge_trainer_learning_rate", "Learning rate of the last step."),
         grad_norm=g("forge_trainer_grad_norm", "Global gradient norm of the last step (before clipping)."),
         mfu=g("forge_trainer_mfu_ratio", "Model FLOPs utilisation estimate against the GPU's bf16 peak (0-1)."),
+        compile_seconds=g(
+            "forge_trainer_compile_seconds",
+            "Duration of the compile phase: the first training step of this process with training.compile.",
+        ),
         checkpoints=Counter("forge_trainer_checkpoints_saved", "Complete checkpoints written.", base, registry=reg),
         eval_loss=g("forge_trainer_eval_loss", "Held-out loss by set (domain, general).", ("set",)),
         forgetting=g("forge_trainer_forgetting_percent", "Relative rise of the general held-out loss over the base."),
