@@ -56,7 +56,9 @@ def test_a_rank_frozen_in_a_collective_is_caught_well_before_the_distributed_tim
     cfg = merged(
         base_config,
         data={"maxRepetition": 100},
-        training={"maxSteps": 400},
+        training={"maxSteps": 400, "logEverySteps": 1},
+        eval={"everySteps": 1000},  # freeze the peer mid-training: evaluation and saves are not timed
+        checkpoints={"everySteps": 1000},
         watchdog={"multiple": 5, "floorSeconds": 5},
     )
     ranks = start_ranks(write_config(tmp_path / "c.json", cfg), 2, tmp_path / "run")  # FORGE_DIST_TIMEOUT_S=120
