@@ -18,7 +18,8 @@ from tests.chart.helm import wait_for
 from tests.chart.install import condition, create_forgejob, dump, forgejob, get_forgejob, installed
 from tests.conftest import LocalCluster
 
-PERMISSION_PROBLEM = re.compile(r"\b403\b|[Ff]orbidden|Not enough permissions|permission", re.IGNORECASE)
+# A 403 as an HTTP status or an ApiException's "(403)", not the digits in a timestamp or a resourceVersion.
+PERMISSION_PROBLEM = re.compile(r'HTTP/1\.1" 403\b|\(403\)|forbidden|not enough permissions|permission', re.IGNORECASE)
 
 
 def requests_made(metrics_port: int) -> set[tuple[str, str, str]]:
