@@ -66,6 +66,9 @@ QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 URI_MAX = 2048
+# Bounds that keep a ForgeJob far below the API server's 1.5 MiB object limit (see tests/operator/test_status_size.py).
+STATUS_TEXT_MAX = 2048
+STATUS_CHECKPOINTS_MAX = 64
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # A Kubernetes label value (a LocalQueue name, a WorkloadPriorityClass name) and a DNS-1123 subdomain (PriorityClass).
@@ -937,17 +940,17 @@ class Condition(StatusModel):
 class Resolved(StatusModel):
     """What 'auto' and the derived training values became, and why."""
 
-    learning_rate: str
+    learning_rate: str = Field(max_length=64)
     """Peak learning rate from spec.training.learningRate, as a decimal string. With
     spec.training.learningRateProbe the trainer trains at a multiple of it: see status.lrProbe."""
 
     learning_rate_source: Literal["auto", "spec"]
     """auto: from the defaults table; spec: as written in spec.training.learningRate."""
 
-    learning_rate_why: str
+    learning_rate_why: str = Field(max_length=STATUS_TEXT_MAX)
     """How the learning rate was obtained (table value and scale factors)."""
 
-    min_learning_rate: str
+    min_learning_rate: str = Field(max_length=64)
     """Floor of the schedule, as a decimal string."""
 
     model_parameters_millions: int | None = None
@@ -977,7 +980,7 @@ class Resolved(StatusModel):
     forgetting_budget_percent: int | None = None
     """The forgetting budget the run was accepted with (used by the trainer's guard and by selection)."""
 
-    notes: list[str] = Field(default_factory=list)
+    notes: list[Annotated[str, Field(max_length=STATUS_TEXT_MAX)]] = Field(default_factory=list, max_length=16)
     """Why each derived value is what it is."""
 
 
@@ -1078,7 +1081,7 @@ class CheckpointReport(StatusModel):
     alpha: float | None = Field(default=None, ge=0, le=1)
     """kind interpolation: the weight of the fine-tuned checkpoint (0 is the base model, 1 the checkpoint)."""
 
-    average_of: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=1024)
+    average_of: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=100)
     """kind average: the steps of the averaged checkpoints."""
 
     domain_loss: float | None = None
@@ -1103,6 +1106,22 @@ class CheckpointReport(StatusModel):
     """False while the upload is unfinished; only complete checkpoints (true or unset) can be selected."""
 
 
+class CheckpointsOmitted(StatusModel):
+    """The complete checkpoints status.checkpoints leaves out (neither among the newest nor on the Pareto set).
+
+    They stay in the output; the trainer's state file of the latest checkpoint (forge/state.json) lists them all.
+    """
+
+    count: int = Field(ge=1)
+    """How many are left out."""
+
+    first_step: int = Field(ge=0)
+    """The earliest step left out."""
+
+    last_step: int = Field(ge=0)
+    """The latest step left out."""
+
+
 class CandidateRef(StatusModel):
     """Which checkpoint or end-of-run candidate: what status.selected and status.paretoFront point at."""
 
@@ -1118,7 +1137,7 @@ class CandidateRef(StatusModel):
     alpha: float | None = Field(default=None, ge=0, le=1)
     """kind interpolation: the weight of the fine-tuned checkpoint."""
 
-    average_of: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=1024)
+    average_of: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=100)
     """kind average: the averaged steps."""
 
     forgetting_percent: float | None = None
@@ -1134,7 +1153,7 @@ class Selected(CandidateRef):
     policy: SelectionPolicy
     """The policy that chose it."""
 
-    reason: str
+    reason: str = Field(max_length=STATUS_TEXT_MAX)
     """Why it was chosen, naming its kind."""
 
 
@@ -1258,11 +1277,12 @@ class ForgeJobStatus(StatusModel):
 
     conditions: list[Condition] = Field(
         default_factory=list,
+        max_length=16,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     """Conditions keyed by type."""
 
-    pytorch_job: str | None = None
+    pytorch_job: str | None = Field(default=None, max_length=253)
     """Name of the PyTorchJob running this ForgeJob."""
 
     resolved: Resolved | None = None
@@ -1277,13 +1297,18 @@ class ForgeJobStatus(StatusModel):
     latest: Latest | None = None
     """Latest evaluation (trainer)."""
 
-    checkpoints: list[CheckpointReport] = Field(default_factory=list)
-    """Checkpoints reported by the trainer, in step order."""
+    checkpoints: list[CheckpointReport] = Field(default_factory=list, max_length=STATUS_CHECKPOINTS_MAX)
+    """Checkpoints reported by the trainer, in step order: the newest 16 and the Pareto set (domain gain, forgetting
+    and its standard error), which holds every entry any selection policy can choose; at most 64 (the rest are
+    counted in checkpointsOmitted)."""
+
+    checkpoints_omitted: CheckpointsOmitted | None = None
+    """Complete checkpoints left out of status.checkpoints to bound its size."""
 
     selected: Selected | None = None
     """The checkpoint chosen by the selection policy."""
 
-    pareto_front: list[CandidateRef] = Field(default_factory=list)
+    pareto_front: list[CandidateRef] = Field(default_factory=list, max_length=STATUS_CHECKPOINTS_MAX)
     """The non-dominated checkpoints and candidates (domain gain vs forgetting), with selection 'pareto'."""
 
     early_stop: EarlyStop | None = None

@@ -101,7 +101,8 @@ def record_status(namespace: str, name: str, status: ForgeJobStatus) -> None:
             SELECTED_STEP.labels(namespace=namespace, forge_job=name).set(status.selected.step)
         else:
             _remove(SELECTED_STEP, namespace, name)
-        CHECKPOINTS.labels(namespace=namespace, forge_job=name).set(complete_checkpoints(status.checkpoints))
+        omitted = status.checkpoints_omitted.count if status.checkpoints_omitted else 0
+        CHECKPOINTS.labels(namespace=namespace, forge_job=name).set(complete_checkpoints(status.checkpoints) + omitted)
 
 
 def forget(namespace: str, name: str) -> None:

@@ -25,7 +25,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
-from forge_operator.api import Baseline, CandidateKind, CandidateRef, CheckpointReport, Selected, SelectionPolicy
+from forge_operator.api import (
+    STATUS_TEXT_MAX,
+    Baseline,
+    CandidateKind,
+    CandidateRef,
+    CheckpointReport,
+    Selected,
+    SelectionPolicy,
+)
 
 # Preference among exact ties: the plainest artifact first.
 KIND_RANK: dict[CandidateKind, int] = {"checkpoint": 2, "average": 1, "interpolation": 0}
@@ -156,7 +164,7 @@ def pareto_front(pool: Sequence[Candidate]) -> list[Candidate]:
 
 
 def _selected(c: Candidate, policy: SelectionPolicy, reason: str) -> Selected:
-    return Selected(**c.ref().model_dump(), policy=policy, reason=reason)
+    return Selected(**c.ref().model_dump(), policy=policy, reason=reason[:STATUS_TEXT_MAX])
 
 
 def _plain(pool: Sequence[Candidate]) -> list[Candidate]:

@@ -80,6 +80,7 @@ from forge_trainer.report import (
     StatusReporter,
     baseline_status,
     checkpoint_entry,
+    checkpoint_status,
     chosen_uris,
     kube_patcher,
     kube_status_reader,
@@ -859,7 +860,7 @@ class Run:
             uploadSeconds=None if seconds is None else round(seconds, 3),
         )
         if self.reporter is not None:
-            self.reporter.submit(status_patch(checkpoints=list(self.progress.checkpoints)))
+            self.reporter.submit(status_patch(**checkpoint_status(self.progress.checkpoints)))
         self._start_retention()
         return manifest
 
@@ -941,7 +942,7 @@ class Run:
             if denv.is_main:
                 shutil.rmtree(self._candidate_inputs, ignore_errors=True)
         if denv.is_main and self.reporter is not None:
-            self.reporter.submit(status_patch(checkpoints=list(self.progress.checkpoints)))
+            self.reporter.submit(status_patch(**checkpoint_status(self.progress.checkpoints)))
 
     def _candidate_plans(self) -> list[cand.CandidatePlan]:
         steps = [int(m["step"]) for m in ckpt.complete_checkpoints(self.cfg.checkpoints.output)]

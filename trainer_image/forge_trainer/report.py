@@ -13,6 +13,7 @@ with a 4xx (other than 401, 408, 429) is logged and dropped: the CRD refused it 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
@@ -112,6 +113,96 @@ def checkpoint_entry(step: int, uri: str, ev: EvalResult | None) -> dict[str, An
         if fields[optional] is None:
             del fields[optional]  # not measured: no key rather than a null the API server drops
     return {"step": step, "uri": uri, **fields, "complete": True}
+
+
+# status.checkpoints holds at most this many entries (the CRD's maxItems): the newest STATUS_NEWEST_CHECKPOINTS and the
+# Pareto set, which holds whatever any selection policy can choose; the rest are summarised in checkpointsOmitted.
+STATUS_CHECKPOINTS_LIMIT = 64
+STATUS_NEWEST_CHECKPOINTS = 16
+
+
+# One-sided z of the confidence levels people set in spec.checkpoints.budgetConfidencePercent: 50, 80 (the default),
+# 95 and 99.
+SELECTION_Z_LEVELS = (0.0, 0.8416, 1.6449, 2.3263)
+
+
+def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """a is at least as good as b in every coordinate (lower is better) and better in one."""
+    return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
+
+
+def _front(entries: list[dict[str, Any]], key: Callable[[dict[str, Any]], tuple[float, ...]]) -> list[int]:
+    """Indices of the scored entries no other scored entry dominates under ``key``."""
+    scored = [
+        i
+        for i, e in enumerate(entries)
+        if e.get("domainGainPercent") is not None and e.get("forgettingPercent") is not None
+    ]
+    keys = {i: key(entries[i]) for i in scored}
+    return [i for i in scored if not any(_dominates(keys[j], keys[i]) for j in scored)]
+
+
+def _stderr(e: dict[str, Any]) -> float:
+    return float(e.get("forgettingStderrPercent") or 0.0)
+
+
+def _margin_key(z: float, e: dict[str, Any]) -> tuple[float, ...]:
+    """(domain gain, forgetting + z x stderr), both lower-is-better: what selection compares at confidence z."""
+    return (-float(e["domainGainPercent"]), float(e["forgettingPercent"]) + z * _stderr(e))
+
+
+def _three_way_key(e: dict[str, Any]) -> tuple[float, ...]:
+    return (-float(e["domainGainPercent"]), float(e["forgettingPercent"]), _stderr(e))
+
+
+def pareto_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries no other entry dominates in (domain gain, forgetting, forgetting's standard error).
+
+    Selection counts a checkpoint within budget when forgetting + z x stderr <= budget, for a z set by
+    spec.checkpoints.budgetConfidencePercent (which may change at any time). An entry dominated in all three is
+    beaten at every z, so this set holds the choice of every policy at every confidence level.
+    """
+    return [entries[i] for i in _front(entries, _three_way_key)]
+
+
+def bounded_checkpoints(
+    entries: list[dict[str, Any]],
+    limit: int = STATUS_CHECKPOINTS_LIMIT,
+    newest: int = STATUS_NEWEST_CHECKPOINTS,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """status.checkpoints (at most ``limit`` entries, in the given order) and status.checkpointsOmitted (or None).
+
+    Kept, in this order of priority until ``limit``: the end-of-run candidates (at most 17: one average and 16
+    interpolations) and the ``newest`` latest saved checkpoints; the non-dominated entries of (domain gain,
+    forgetting + z x stderr) at each of SELECTION_Z_LEVELS (every policy's choice at those confidence levels); then
+    the rest of the three-way Pareto set, least forgetting first. The summary counts the rest and names their
+    first and last step.
+    """
+    if len(entries) <= limit:
+        return list(entries), None
+    plain = [i for i, e in enumerate(entries) if e.get("kind", "checkpoint") == "checkpoint"]
+    keep = set(range(len(entries))) - set(plain)
+    keep.update(plain[-newest:])
+    tiers: list[int] = []
+    for z in SELECTION_Z_LEVELS:
+        tiers += _front(entries, functools.partial(_margin_key, z))
+    three_way = {id(e) for e in pareto_entries(entries)}
+    tiers += sorted(
+        (i for i, e in enumerate(entries) if id(e) in three_way), key=lambda i: float(entries[i]["forgettingPercent"])
+    )
+    for i in tiers:
+        if len(keep) >= limit:
+            break
+        keep.add(i)
+    omitted = [int(e["step"]) for i, e in enumerate(entries) if i not in keep]
+    summary = {"count": len(omitted), "firstStep": min(omitted), "lastStep": max(omitted)}
+    return [e for i, e in enumerate(entries) if i in keep], summary
+
+
+def checkpoint_status(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The status fields that report the checkpoints: checkpoints, and checkpointsOmitted once some are left out."""
+    kept, omitted = bounded_checkpoints(entries)
+    return {"checkpoints": kept} if omitted is None else {"checkpoints": kept, "checkpointsOmitted": omitted}
 
 
 def baseline_status(ev: EvalResult) -> dict[str, Any]:
