@@ -32,6 +32,15 @@ def test_non_finite_loss_stops_at_once_whatever_the_action() -> None:
     assert inf is not None and inf.reason == g.NON_FINITE
 
 
+def test_a_non_finite_held_out_loss_stops_at_once_even_in_the_grace_period() -> None:
+    gd = make(action="warn", max_steps=1000)
+    feed_steps(gd, 1, 5)
+    v = gd.observe_eval(EvalResult(5, 1.2, math.nan, None, 12.0))
+    assert v is not None and v.reason == g.NON_FINITE and v.action == "stop" and v.step == 5
+    assert "general held-out loss nan" in v.message
+    assert make().observe_eval(EvalResult(5, 1.2, 1.3, 0.5, 12.0)) is None
+
+
 def test_divergence_waits_for_the_grace_period() -> None:
     gd = make(max_steps=100)  # grace 10 steps
     feed_steps(gd, 1, 5)

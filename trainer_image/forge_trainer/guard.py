@@ -208,6 +208,21 @@ class Guard:
 
     def observe_eval(self, ev: EvalResult) -> Verdict | None:
         """A held-out evaluation after the baseline (step > 0)."""
+        broken = [
+            f"{name} held-out loss {value}"
+            for name, value in (("domain", ev.domain_loss), ("general", ev.general_loss))
+            if value is not None and not math.isfinite(value)
+        ]
+        if broken:  # finite training figures but broken weights: never saved, never selected
+            return self._verdict(
+                ev.step,
+                NON_FINITE,
+                "non-finite-loss",
+                f"{' and '.join(broken)} at step {ev.step}: the weights are no longer usable; lower learningRate to "
+                f"{round_down(self.learning_rate * LR_FACTOR_BOUNDS[0])} (or check the data and precision)",
+                force_stop=True,
+                lr=round_down(self.learning_rate * LR_FACTOR_BOUNDS[0]),
+            )
         self.evals.append((self.lr_sum, ev.forgetting_percent, ev.domain_gain_percent))
         if ev.step <= self.grace_steps or len(self.evals) <= self.settings.grace_evals:
             return None

@@ -516,6 +516,7 @@ class Run:
                     self.latest_eval = self._evaluate(step)
                     if verdict is None and self.latest_eval is not None:
                         verdict = self.guard.observe_eval(self.latest_eval)
+                    broken = verdict is not None and verdict.reason == NON_FINITE  # the same on every rank
                 if due_ckpt and not broken:
                     self._checkpoint(step)
                 verdict = self._broadcast(verdict)
