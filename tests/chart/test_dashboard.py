@@ -29,7 +29,14 @@ RATE_INTERVAL = "10s"
 # Metrics the dashboard uses that the trainer/operator do not export yet (requested in docs/monitoring.md). While a
 # name is missing from both metrics.py registries, its panels may be empty; once exported, its queries must return
 # data like every other one. Remove a name from here when it is exported.
-PENDING_METRICS: dict[str, str] = {}
+PENDING_METRICS: dict[str, str] = {
+    # Issue 14, added in parallel (stall and straggler detection); tests/chart/test_alerts.py serves them from a test
+    # registry meanwhile, for the alerts and for these panels.
+    "forge_forgejob_stalled": "operator: 1 while the ForgeJob is Progressing=False, reason Stalled",
+    "forge_trainer_rank_step_seconds": "trainer: recent median step compute time of each rank",
+    "forge_trainer_straggler_rank": "trainer: 1 for a rank named as straggler",
+    "forge_trainer_data_wait_ratio": "trainer: share of step time spent waiting for the next batch",
+}
 LABEL_VALUES = re.compile(r"^label_values\((?:(.+),\s*)?([A-Za-z_][A-Za-z0-9_]*)\)$")
 
 
