@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client import CollectorRegistry, start_http_server
 
 from forge_dev.controlplane import free_port
 from forge_dev.services import http_ok, managed_process
@@ -105,3 +106,16 @@ def prometheus(
             yield server
     finally:
         shutil.rmtree(workdir / "data", ignore_errors=True)
+
+
+@contextmanager
+def served(registry: CollectorRegistry) -> Iterator[str]:
+    """Serve ``registry`` on a loopback /metrics endpoint; ``host:port``."""
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -8,18 +8,25 @@ import re
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge
 
-from forge_dev.controlplane import free_port
-from tests.chart.helm import CHART, MONITORING_API_VERSIONS, by_kind, helm, one, template, value_args, wait_for
-from tests.chart.prometheus import Prometheus, prometheus
+from tests.chart.helm import (
+    CHART,
+    REPO_ROOT,
+    MONITORING_API_VERSIONS,
+    by_kind,
+    helm,
+    one,
+    template,
+    value_args,
+    wait_for,
+)
+from tests.chart.prometheus import Prometheus, prometheus, served
 
 ALERTS = CHART / "files" / "alerts.yaml"
 UNIT_TESTS = Path(__file__).with_name("alerts.test.yml")
@@ -74,6 +81,13 @@ def minutes(duration: str) -> float:
     for amount, unit in re.findall(r"(\d+)([hms])", duration):
         total += int(amount) * {"h": 60.0, "m": 1.0, "s": 1 / 60}[unit]
     return total
+
+
+def test_every_alert_has_a_runbook_row() -> None:
+    runbook = (REPO_ROOT / "docs" / "runbook.md").read_text()
+    rows = re.findall(r"^\| `(Forge[A-Za-z]+)` \((critical|warning|info)\) \|", runbook, re.MULTILINE)
+    shipped = {r["alert"]: r["labels"]["severity"] for group in shipped_groups() for r in group["rules"]}
+    assert dict(rows) == shipped
 
 
 # --- the PrometheusRule --------------------------------------------------------------------------------------------
@@ -178,19 +192,6 @@ def test_scaled_rules_change_only_durations() -> None:
     for name, rule in scaled.items():
         digits = re.sub(r"\[[^\]]*\]|offset \w+", "", rule["expr"])
         assert digits == re.sub(r"\[[^\]]*\]|offset \w+", "", shipped[name]["expr"]), name
-
-
-@contextmanager
-def served(registry: CollectorRegistry) -> Iterator[str]:
-    """Serve ``registry`` on a loopback /metrics endpoint; ``host:port``."""
-    port = free_port()
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 class Stepper:
