@@ -469,8 +469,10 @@ def dashboard() -> dict[str, Any]:
     return {
         "uid": "forge-overview",
         "title": "Forge",
-        "description": "Forge ForgeJobs: forgetting, domain gain, losses, throughput, stalls and stragglers, checkpoints, "
-        "operator health.",
+        "description": (
+            "Forge ForgeJobs: forgetting, domain gain, losses, throughput, stalls and stragglers, checkpoints, "
+            "operator health."
+        ),
         "tags": ["forge", "training", "kubeflow"],
         "timezone": "browser",
         "editable": True,

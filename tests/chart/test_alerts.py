@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from tests.chart.helm import (
     CHART,
-    REPO_ROOT,
     MONITORING_API_VERSIONS,
+    REPO_ROOT,
     by_kind,
     helm,
     one,
