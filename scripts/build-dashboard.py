@@ -31,6 +31,12 @@ BUDGET = "forge_trainer_forgetting_budget_percent"  # trainer: spec.forgetting.b
 # Exported by the operator (operator/forge_operator/metrics.py), labels namespace, forge_job.
 SELECTED_STEP = "forge_forgejob_selected_step"  # status.selected.step
 REPORTED_CHECKPOINTS = "forge_forgejob_checkpoints"  # complete saved checkpoints in status.checkpoints
+# Stall and straggler detection (issue 14). STALLED from the operator; the others from the trainer, labels forge_job,
+# namespace, rank.
+STALLED = "forge_forgejob_stalled"  # 1 while Progressing=False, reason Stalled
+RANK_STEP = "forge_trainer_rank_step_seconds"  # each rank's recent median step compute time
+STRAGGLER = "forge_trainer_straggler_rank"  # 1 for a rank named as straggler
+DATA_WAIT = "forge_trainer_data_wait_ratio"  # share of step time waiting for the next batch
 
 
 def target(expr: str, legend: str, ref: str = "A", instant: bool = False) -> dict[str, Any]:
@@ -298,6 +304,53 @@ def panels() -> list[dict[str, Any]]:
             [target(f"sum by ({BY_JOB}) (forge_trainer_tokens_total{{{SEL}}})", job)],
             unit="short",
         ),
+        row("Stalls, stragglers and data"),
+        timeseries(
+            "Stalled ForgeJobs",
+            f"{STALLED}: 1 while the operator holds the ForgeJob's Progressing condition False with reason Stalled "
+            "(no progress within the limit of the run's phase; alert ForgeJobStalled). kubectl describe forgejob "
+            "says which phase and since when.",
+            [target(f"max by ({BY_JOB}) ({STALLED}{{{SEL}}})", f"{job} stalled")],
+            decimals=0,
+            min_zero=True,
+        ),
+        timeseries(
+            "Seconds without a step",
+            "Time since forge_trainer_step last moved, at one-minute resolution (it reads 0 while steps come at least "
+            "once a minute). A line climbing steadily is a hang: a collective, the data loader or storage.",
+            [
+                target(
+                    f"time() - max by ({BY_JOB}) (max_over_time((timestamp(changes(forge_trainer_step{{{SEL}}}[1m]) "
+                    "> 0))[3h:30s]))",
+                    job,
+                )
+            ],
+            unit="s",
+            min_zero=True,
+        ),
+        timeseries(
+            "Step time per rank",
+            f"{RANK_STEP}: each rank's recent median step compute time, the job's median rank, and 1.3x that median "
+            "(dashed): a rank above the dashed line for 15 minutes is a straggler (alert ForgeStragglerRank). "
+            f"{STRAGGLER} is 1 for a rank the trainer names a straggler.",
+            [
+                target(f"max by ({BY_JOB}, rank) ({RANK_STEP}{{{SEL}}})", rank, "A"),
+                target(f"quantile by ({BY_JOB}) (0.5, {RANK_STEP}{{{SEL}}})", f"{job} median rank", "B"),
+                target(f"1.3 * quantile by ({BY_JOB}) (0.5, {RANK_STEP}{{{SEL}}})", f"{job} straggler line", "C"),
+                target(f"max by ({BY_JOB}, rank) ({STRAGGLER}{{{SEL}}})", f"{rank} named straggler", "D"),
+            ],
+            unit="s",
+            overrides=[dashed(".*straggler line", "orange")],
+            min_zero=True,
+        ),
+        timeseries(
+            "Data wait per rank",
+            f"{DATA_WAIT}: share of each rank's step time spent waiting for its next batch. Above 20% for 15 minutes "
+            "(alert ForgeDataStarved) the GPUs wait on storage, the loader or tokenisation.",
+            [target(f"max by ({BY_JOB}, rank) ({DATA_WAIT}{{{SEL}}})", rank)],
+            unit="percentunit",
+            min_zero=True,
+        ),
         row("Checkpoints"),
         timeseries(
             "Checkpoints saved",
@@ -416,7 +469,10 @@ def dashboard() -> dict[str, Any]:
     return {
         "uid": "forge-overview",
         "title": "Forge",
-        "description": "Forge ForgeJobs: forgetting, domain gain, losses, throughput, checkpoints, operator health.",
+        "description": (
+            "Forge ForgeJobs: forgetting, domain gain, losses, throughput, stalls and stragglers, checkpoints, "
+            "operator health."
+        ),
         "tags": ["forge", "training", "kubeflow"],
         "timezone": "browser",
         "editable": True,

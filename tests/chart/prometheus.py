@@ -6,13 +6,14 @@ import json
 import shutil
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client import CollectorRegistry, start_http_server
 
 from forge_dev.controlplane import free_port
 from forge_dev.services import http_ok, managed_process
@@ -51,17 +52,40 @@ class Prometheus:
         result: list[dict[str, str]] = self.api("series", {"match[]": match, "start": str(start), "end": str(end)})
         return result
 
+    def alerts(self) -> dict[str, list[dict[str, Any]]]:
+        """``{alert name: [alert]}`` of the pending and firing alerts (each with ``labels`` and ``state``)."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        for alert in self.api("alerts", {})["alerts"]:
+            found.setdefault(alert["labels"]["alertname"], []).append(alert)
+        return found
+
+    def rule_groups(self) -> list[dict[str, Any]]:
+        groups: list[dict[str, Any]] = self.api("rules", {})["groups"]
+        return groups
+
     def targets_up(self) -> dict[str, float]:
         """``{job: value of up}`` for every target."""
         return {r["metric"]["job"]: float(r["value"][1]) for r in self.query("up")}
 
 
 @contextmanager
-def prometheus(workdir: Path, targets: Mapping[str, str], scrape_interval: str = "500ms") -> Iterator[Prometheus]:
-    """Run Prometheus scraping ``{job name: host:port}``; stopped (and its data removed) on exit."""
+def prometheus(
+    workdir: Path,
+    targets: Mapping[str, str],
+    scrape_interval: str = "500ms",
+    rule_files: Sequence[Path] = (),
+    evaluation_interval: str = "5s",
+) -> Iterator[Prometheus]:
+    """Run Prometheus scraping ``{job name: host:port}`` and evaluating ``rule_files`` every ``evaluation_interval``;
+    stopped (and its data removed) on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = {
-        "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval, "evaluation_interval": "5s"},
+        "global": {
+            "scrape_interval": scrape_interval,
+            "scrape_timeout": scrape_interval,
+            "evaluation_interval": evaluation_interval,
+        },
+        "rule_files": [str(path) for path in rule_files],
         "scrape_configs": [
             {"job_name": job, "static_configs": [{"targets": [target]}]} for job, target in targets.items()
         ],
@@ -82,3 +106,16 @@ def prometheus(workdir: Path, targets: Mapping[str, str], scrape_interval: str =
             yield server
     finally:
         shutil.rmtree(workdir / "data", ignore_errors=True)
+
+
+@contextmanager
+def served(registry: CollectorRegistry) -> Iterator[str]:
+    """Serve ``registry`` on a loopback /metrics endpoint; ``host:port``."""
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

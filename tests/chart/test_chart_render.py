@@ -222,6 +222,8 @@ def test_namespaced_install_monitors_on_dashboard_off_custom_images(tmp_path: Pa
     assert sm["spec"]["selector"]["matchLabels"].items() <= one(objects, "Service")["metadata"]["labels"].items()
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
     assert sm["spec"]["endpoints"][0]["interval"] == "15s"
+    # The operator's per-ForgeJob series keep their own namespace label (the ForgeJob's), which alerts join on.
+    assert sm["spec"]["endpoints"][0]["honorLabels"] is True
     pm = one(objects, "PodMonitor")
     assert pm["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
 
@@ -236,15 +238,23 @@ def test_service_monitor_selects_the_metrics_service(tmp_path: Path) -> None:
 
 def test_monitors_need_the_prometheus_operator_api(cluster: LocalCluster, tmp_path: Path) -> None:
     """Enabled monitors render only where the cluster serves monitoring.coreos.com/v1; NOTES.txt says so."""
-    values = {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}}
+    values = {
+        "metrics": {
+            "serviceMonitor": {"enabled": True},
+            "podMonitor": {"enabled": True},
+            "prometheusRule": {"enabled": True},
+        }
+    }
     objects = template(tmp_path, values)
     assert not by_kind(objects, "ServiceMonitor") and not by_kind(objects, "PodMonitor")
+    assert not by_kind(objects, "PrometheusRule")
     # NOTES.txt is rendered by install, not by template: a client-side dry run against the local API server (which
     # serves no monitoring.coreos.com API) shows it.
     args = ["install", "forge", str(CHART), "--dry-run=client", "--kubeconfig", str(cluster.kubeconfig)]
     proc = helm(*args, *value_args(values, tmp_path / "n"))
     assert "no ServiceMonitor was created" in proc.stdout
     assert "no PodMonitor was created" in proc.stdout
+    assert "no PrometheusRule was created" in proc.stdout
 
 
 def test_pod_monitor_selects_the_trainer_pods_the_operator_renders(tmp_path: Path) -> None:
