@@ -3,6 +3,7 @@ real ForgeJob) and ZeRO-3 in bf16 with both exports."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,9 @@ def test_lora_sft_in_one_pod_with_two_processes_reports_to_the_forgejob(
     model_states = [f for f in manifest["files"] if f["path"].endswith("mp_rank_00_model_states.pt")]
     assert model_states and model_states[0]["size"] < 100_000
 
-    merged_w = weights(Path(cfg["checkpoints"]["output"]) / "step-00000008" / "hf")
+    merged_dir = Path(cfg["checkpoints"]["output"]) / "step-00000008" / "hf"
+    assert json.loads((merged_dir / "config.json").read_text())["use_cache"] is True
+    merged_w = weights(merged_dir)
     base_w = weights(Path(cfg["model"]["base"]))
     assert merged_w.keys() == base_w.keys()  # adapters merged away: a plain Llama folder
     changed = {k for k in base_w if not torch.equal(merged_w[k], base_w[k])}
@@ -115,8 +118,11 @@ def test_zero3_bf16_trains_and_both_exports_agree(base_config: dict[str, Any], t
     proc = run_export(config, f"{cfg['checkpoints']['output']}/step-00000004", out, timeout=200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fp32 = weights(out)  # from the fp32 master weights of the ZeRO-3 shards
-    bf16 = weights(Path(cfg["checkpoints"]["output"]) / "step-00000004" / "hf")  # gathered 16-bit weights
+    live = Path(cfg["checkpoints"]["output"]) / "step-00000004" / "hf"
+    bf16 = weights(live)  # gathered 16-bit weights
     base = weights(Path(cfg["model"]["base"]))
+    for folder in (live, out):  # exports are for serving: the KV cache training turned off is on again
+        assert json.loads((folder / "config.json").read_text())["use_cache"] is True, folder
     for k in fp32:
         assert torch.allclose(fp32[k], bf16[k], atol=2e-2, rtol=1e-2), k
     assert any(not torch.allclose(fp32[k], base[k]) for k in fp32)

@@ -75,6 +75,7 @@ from forge_trainer.model import (
     load_model,
     load_tokenizer,
     pad_token_id,
+    save_hf,
 )
 from forge_trainer.report import (
     StatusReporter,
@@ -915,8 +916,7 @@ class Run:
         if cfg.model.technique == "lora":
             export_hf(sd, self.model_dir, cfg.model, out_dir, self.tokenizer)
         else:
-            self.engine.module.save_pretrained(str(out_dir), state_dict=sd, safe_serialization=True)
-            self.tokenizer.save_pretrained(str(out_dir))
+            save_hf(self.engine.module, out_dir, self.tokenizer, state_dict=sd)
 
     # ---- end-of-run candidates --------------------------------------------------------------------------------
 

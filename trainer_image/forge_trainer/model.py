@@ -150,8 +150,19 @@ def export_hf(
             raise ModelError(
                 f"checkpoint does not match the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
             )
+    save_hf(model, out_dir, tokenizer)
+
+
+def save_hf(model: Any, out_dir: Path, tokenizer: Any, state_dict: dict[str, Any] | None = None) -> None:
+    """An HF folder people serve: config.json says ``use_cache: true`` (training turns the KV cache off, and
+    save_pretrained would otherwise write that into the export, making generation slow)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    training_value = model.config.use_cache
+    model.config.use_cache = True
+    try:
+        model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
+    finally:
+        model.config.use_cache = training_value
     tokenizer.save_pretrained(str(out_dir))
 
 
