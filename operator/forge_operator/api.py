@@ -258,8 +258,9 @@ class TrainingSpec(ApiModel):
     precision: Precision = "bf16"
     """Training precision: bf16 (mixed, fp32 master weights) or fp32."""
 
-    zero_stage: int = Field(default=2, ge=0, le=3)
-    """DeepSpeed ZeRO stage 0-3."""
+    zero_stage: int | None = Field(default=None, ge=0, le=3)
+    """DeepSpeed ZeRO stage 0-3. Omitted: 0 when the run has one process (there is nothing to partition, and ZeRO-1/2
+    would only add bucketed gradient copies), 2 with more (optimizer state and gradients partitioned)."""
 
     seed: int = Field(default=1234, ge=0, le=4_294_967_295)
     """Seed of initialisation noise, dropout and data order."""

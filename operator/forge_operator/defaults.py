@@ -160,6 +160,13 @@ def domain_factor(domain_percent: int) -> float:
     return clamp(0.5 + (100 - domain_percent) / 50, DOMAIN_FACTOR_BOUNDS)
 
 
+def zero_stage(spec: ForgeJobSpec) -> int:
+    """training.zeroStage, or its default by world size: 0 for one process, 2 for more."""
+    if spec.training.zero_stage is not None:
+        return spec.training.zero_stage
+    return 2 if world_size(spec.resources) > 1 else 0
+
+
 def resolve(spec: ForgeJobSpec) -> Resolved:
     """Every value the trainer needs that the spec leaves to the operator, with the reasons."""
     row = DEFAULTS[spec.technique]
@@ -185,6 +192,8 @@ def resolve(spec: ForgeJobSpec) -> Resolved:
         params_note,
         f"warmupSteps {warmup_steps} = {training.warmup_percent}% of maxSteps {training.max_steps}",
     ]
+    if training.zero_stage is None:
+        notes.append(f"zeroStage {zero_stage(spec)}: the default for worldSize {world} (0 for one process, 2 for more)")
     if effective != target:
         notes.append(
             f"effective globalBatchTokens differs from the target by {100 * (effective - target) / target:+.1f}%"

@@ -23,7 +23,7 @@ from forge_operator.api import (
     Resolved,
     Source,
 )
-from forge_operator.defaults import parse_decimal
+from forge_operator.defaults import parse_decimal, zero_stage
 
 TRAINER_CONFIG_VERSION = 1
 CONFIG_KEY = "config.json"
@@ -178,7 +178,7 @@ def resolved_loss_chunk_tokens(spec: ForgeJobSpec) -> int:
     if spec.training.loss_chunk_tokens is not None:
         return spec.training.loss_chunk_tokens
     on_gpu = spec.resources.gpus_per_node > 0
-    return GPU_LOSS_CHUNK_TOKENS if on_gpu and spec.training.zero_stage < 3 else 0
+    return GPU_LOSS_CHUNK_TOKENS if on_gpu and zero_stage(spec) < 3 else 0
 
 
 def _sources(sources: list[Source]) -> list[dict[str, Any]]:
@@ -266,7 +266,7 @@ def build_trainer_config(
             "globalBatchTokens": resolved.global_batch_tokens,
             "maxSteps": training.max_steps,
             "precision": training.precision,
-            "zeroStage": training.zero_stage,
+            "zeroStage": zero_stage(spec),
             "seed": training.seed,
             "gradientClipping": parse_decimal(training.gradient_clipping),
             "weightDecay": parse_decimal(training.weight_decay),

@@ -480,3 +480,18 @@ def test_compile_and_chunked_loss_default_on_with_gpus_and_off_on_cpu() -> None:
     assert (zero3["compile"], zero3["lossChunkTokens"]) == (True, 0)
     own = training(spec(training={"compile": False, "lossChunkTokens": 256}, resources={"nodes": 1, "gpusPerNode": 0}))
     assert (own["compile"], own["lossChunkTokens"]) == (False, 256)
+
+
+def test_zero_stage_defaults_by_world_size_and_the_spec_wins() -> None:
+    def stage(job_spec: ForgeJobSpec) -> tuple[int, list[str]]:
+        resolved = resolve(job_spec)
+        config = build_trainer_config(OWNER, job_spec, resolved, OPTIONS)["training"]
+        return int(config["zeroStage"]), [n for n in resolved.notes if n.startswith("zeroStage")]
+
+    one_gpu, notes = stage(spec(resources={"nodes": 1, "gpusPerNode": 1}))
+    assert one_gpu == 0 and notes == ["zeroStage 0: the default for worldSize 1 (0 for one process, 2 for more)"]
+    assert stage(spec(resources={"nodes": 1, "gpusPerNode": 0}))[0] == 0  # one CPU process
+    many, notes = stage(spec())  # 2 nodes x 4 GPUs
+    assert many == 2 and notes == ["zeroStage 2: the default for worldSize 8 (0 for one process, 2 for more)"]
+    assert stage(spec(training={"zeroStage": 1}, resources={"nodes": 1, "gpusPerNode": 1})) == (1, [])
+    assert stage(spec(training={"zeroStage": 3})) == (3, [])
