@@ -244,7 +244,7 @@ class TrainingSpec(ApiModel):
     decay_percent: int = Field(default=20, ge=1, le=100)
     """wsd only: share of maxSteps spent in the final decay, in percent."""
 
-    global_batch_tokens: int | None = Field(default=None, ge=1024, le=1_073_741_824)
+    global_batch_tokens: int | None = Field(default=None, ge=128, le=1_073_741_824)
     """Target tokens per optimizer step over all ranks. Omitted: the technique's default. The operator picks
     gradientAccumulationSteps = round(globalBatchTokens / (seqLength * microBatchSize * worldSize)), at least 1;
     the effective value is recorded in status.resolved."""
