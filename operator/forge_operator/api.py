@@ -371,7 +371,9 @@ class CheckpointSpec(ApiModel):
     compares the measured forgetting alone; 80 is calibrated by the forgetting sweep, docs/trainer.md). The
     standard error comes from the trainer (paired per-sequence differences to the base model); when none is reported
     the measured value is compared. When nothing qualifies with this confidence, selection falls back to the measured
-    value and says so. May change at any time, like selection."""
+    value and says so. May change at any time, like selection. The guard's forgetting rule (spec.forgetting) uses
+    the level accepted at the start of the run the other way round: it acts only when forgetting - z x its standard
+    error is over the budget, so that the noise of a small held-out set does not stop a run."""
 
     keep: int = Field(default=3, ge=1, le=10_000)
     """Complete checkpoints kept on the trainer's local disk (newest first)."""

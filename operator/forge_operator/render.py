@@ -196,6 +196,7 @@ def _forgetting(spec: ForgeJobSpec) -> dict[str, Any]:
     return {
         "budgetPercent": float(forgetting.budget_percent),
         "action": forgetting.action,
+        "confidencePercent": spec.checkpoints.budget_confidence_percent,
         "graceSteps": grace_steps(spec),
         "graceEvals": forgetting.grace_evals,
         "slopeWindowEvals": forgetting.slope_window_evals,

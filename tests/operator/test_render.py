@@ -208,12 +208,16 @@ def test_pull_policy_comes_from_the_spec_or_the_operator() -> None:
     assert "imagePullPolicy" not in _container(build_pytorchjob(OWNER, spec(), OPTIONS))
 
 
+CHECKPOINTS_95 = {"output": "s3://acme/o/", "budgetConfidencePercent": 95}
+
+
 def test_forgetting_budget_and_action_reach_the_trainer_config() -> None:
-    job_spec = spec(forgetting={"budgetPercent": 5, "action": "rebalance"})
+    job_spec = spec(forgetting={"budgetPercent": 5, "action": "rebalance"}, checkpoints=CHECKPOINTS_95)
     config = build_trainer_config(OWNER, job_spec, resolve(job_spec), OPTIONS)
     assert config["forgetting"] == {
         "budgetPercent": 5.0,
         "action": "rebalance",
+        "confidencePercent": 95,  # checkpoints.budgetConfidencePercent: the guard judges the budget at this level too
         "graceSteps": 100,
         "graceEvals": 2,
         "slopeWindowEvals": 3,

@@ -79,6 +79,23 @@ def test_forgetting_over_budget_and_rising_after_the_stability_gap() -> None:
     assert "lower learningRate to 2e-05 or raise the general share to 30% (domainPercent 70)" in v.message
 
 
+def test_forgetting_over_budget_by_less_than_its_noise_does_not_fire() -> None:
+    def run(confidence: int, stderr: float) -> g.Verdict | None:
+        gd = make(max_steps=100, budget_percent=2.0, grace_evals=2, confidence_percent=confidence)
+        verdict = None
+        for i, f in enumerate([1.0, 1.8, 2.6], start=1):  # rising, 0.6 points over the budget at the end
+            feed_steps(gd, (i - 1) * 10 + 1, i * 10)
+            noisy = EvalResult(i * 10, 1.0, 1.0, f, 10.0, forgetting_stderr_percent=stderr)
+            verdict = gd.observe_eval(noisy)
+        return verdict
+
+    assert run(80, 0.5) is not None  # 2.6 - 0.84 x 0.5 = 2.18 > 2: over by more than the noise...
+    assert run(95, 0.5) is None  # ...but not at 95%: 2.6 - 1.64 x 0.5 = 1.78 <= 2
+    assert run(80, 0.8) is None  # 2.6 - 0.84 x 0.8 = 1.93 <= 2
+    fired = run(50, 0.8)  # 50%: the measured value decides
+    assert fired is not None and fired.rule == "forgetting-budget" and "2.60% +- 0.80" in fired.message
+
+
 def test_forgetting_that_recovers_does_not_fire() -> None:
     gd = make(max_steps=100, budget_percent=2.0)
     feed_steps(gd, 1, 10)

@@ -314,6 +314,15 @@ class ForgettingSettings(_Model):
     action: ForgettingAction = Field(
         default="stop", description="What happens when the budget is exceeded: stop, warn, or rebalance the mix."
     )
+    confidence_percent: int = Field(
+        default=80,
+        ge=50,
+        le=99,
+        description=(
+            "How sure the forgetting rule must be that a run is over the budget, in percent: it acts when "
+            "forgetting - z x its standard error > budget (z of this one-sided confidence; 50: the measured value)."
+        ),
+    )
     grace_steps: int | None = Field(
         default=None,
         ge=0,

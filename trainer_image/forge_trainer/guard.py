@@ -10,7 +10,9 @@ Rules, in the order they are checked:
   exponential moving average, after the grace period.
 - ``grad-norm-spikes`` (GradNormSpikes): ``gradSpikeSteps`` consecutive observed steps with a gradient norm above
   ``gradSpikeFactor`` x the running median of the norms seen so far, after the grace period.
-- ``forgetting-budget`` (LearningRateTooHigh or ForgettingBudgetExceeded): forgetting above the budget AND still
+- ``forgetting-budget`` (LearningRateTooHigh or ForgettingBudgetExceeded): forgetting above the budget (by more
+  than z x its standard error, z of ``confidencePercent``, the ForgeJob's checkpoints.budgetConfidencePercent: a
+  small held-out set must not stop a run on noise) AND still
   rising per unit of cumulative learning rate (the least-squares slope of forgetting against the sum of the
   learning rates so far, over the last ``slopeWindowEvals`` evaluations, is > 0), or falling too slowly to be back
   within the budget by the end of the run: the projection (current + slope x the learning-rate sum the schedule
@@ -29,6 +31,7 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 from forge_trainer.config import ForgettingAction, ForgettingSettings
@@ -231,8 +234,10 @@ class Guard:
     def _forgetting(self, ev: EvalResult) -> Verdict | None:
         s = self.settings
         f = ev.forgetting_percent
-        if f is None or f <= s.budget_percent:
-            return None
+        stderr = ev.forgetting_stderr_percent or 0.0
+        margin = NormalDist().inv_cdf(s.confidence_percent / 100) * stderr
+        if f is None or f - margin <= s.budget_percent:
+            return None  # within the budget, or not over it by more than the measurement's noise
         window = [(x, y) for x, y, _ in self.evals[-s.slope_window_evals :] if y is not None]
         k = slope([x for x, _ in window], [y for _, y in window])
         if k is None:
@@ -247,8 +252,9 @@ class Guard:
         if dp is not None:
             advice += f" or raise the general share to {100 - dp}% (domainPercent {dp})"
         trend = "still rising" if k > 0 else "not falling fast enough"
+        noise = f" +- {stderr:.2f}" if stderr else ""
         what = (
-            f"forgetting {f:.2f}% at step {ev.step} is over the budget of {s.budget_percent:g}% and {trend} "
+            f"forgetting {f:.2f}%{noise} at step {ev.step} is over the budget of {s.budget_percent:g}% and {trend} "
             f"({k:.3g} points per unit of cumulative learning rate; projected {max(projected, 0.0):.1f}% by the end)"
         )
         return self._verdict(
