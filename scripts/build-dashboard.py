@@ -2,10 +2,11 @@
 """Writes the Forge Grafana dashboard, charts/forge/dashboards/forge.json, from the panel list below.
 
 The dashboard is generated so that every panel follows the same conventions (datasource variable, ForgeJob and
-namespace filters, units): edit this file and run it (`python3 scripts/build-dashboard.py`), never the JSON by hand.
-It also writes the table of panels and their PromQL into docs/monitoring.md. tests/chart/test_dashboard.py fails
-when either differs from this script's output, and runs every PromQL expression against a real Prometheus that
-scraped a CPU training run.
+namespace filters, units): edit this file and run it (`.venv/bin/python scripts/build-dashboard.py`), never the JSON
+by hand. It builds the dashboard with Grafana's foundation SDK for Python (grafana-foundation-sdk, pinned in
+requirements-dev.txt, installed by `make venv`). It also writes the table of panels and their PromQL into
+docs/monitoring.md. tests/chart/test_dashboard.py fails when either differs from this script's output, and runs every
+PromQL expression against a real Prometheus that scraped a CPU training run.
 
 Metric names come from operator/forge_operator/metrics.py (forge_forgejobs, forge_reconcile_*, ...) and
 trainer_image/forge_trainer/metrics.py (forge_trainer_*, labels forge_job, namespace, rank).
@@ -18,11 +19,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from grafana_foundation_sdk.builders import common as common_b
+from grafana_foundation_sdk.builders import dashboard as dashboard_b
+from grafana_foundation_sdk.builders import prometheus as prometheus_b
+from grafana_foundation_sdk.builders import stat as stat_b
+from grafana_foundation_sdk.builders import timeseries as timeseries_b
+from grafana_foundation_sdk.builders import xychart as xychart_b
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as dashboard_m
+from grafana_foundation_sdk.models import xychart as xychart_m
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "charts" / "forge" / "dashboards" / "forge.json"
 DOC = ROOT / "docs" / "monitoring.md"
 DOC_START, DOC_END = "<!-- dashboard-panels:start -->", "<!-- dashboard-panels:end -->"
-DS = {"type": "prometheus", "uid": "${datasource}"}
+DS = dashboard_m.DataSourceRef(type_val="prometheus", uid="${datasource}")
+# The schema version written before the SDK port; the SDK's Dashboard builder has no setter for it (default 36).
+SCHEMA_VERSION = 39
 # Trainer series of the selected ForgeJobs.
 SEL = 'namespace=~"$namespace", forge_job=~"$forgejob"'
 BY_JOB = "namespace, forge_job"
@@ -38,132 +52,149 @@ RANK_STEP = "forge_trainer_rank_step_seconds"  # each rank's recent median step 
 STRAGGLER = "forge_trainer_straggler_rank"  # 1 for a rank named as straggler
 DATA_WAIT = "forge_trainer_data_wait_ratio"  # share of step time waiting for the next batch
 
+Override = dashboard_b.DashboardFieldConfigSourceOverrides
+Item = timeseries_b.Panel | stat_b.Panel | xychart_b.Panel | dashboard_b.Row
 
-def target(expr: str, legend: str, ref: str = "A", instant: bool = False) -> dict[str, Any]:
-    t: dict[str, Any] = {"datasource": DS, "expr": expr, "legendFormat": legend, "refId": ref, "range": not instant}
-    if instant:
-        t["instant"] = True
-    return t
+
+def target(expr: str, legend: str, ref: str = "A") -> prometheus_b.Dataquery:
+    return prometheus_b.Dataquery().datasource(DS).expr(expr).legend_format(legend).ref_id(ref).range()
+
+
+def legend() -> common_b.VizLegendOptions:
+    return (
+        common_b.VizLegendOptions()
+        .display_mode(common.LegendDisplayMode.LIST)
+        .placement(common.LegendPlacement.BOTTOM)
+        .show_legend(True)
+        .calcs([])
+    )
 
 
 def timeseries(
     title: str,
     description: str,
-    targets: list[dict[str, Any]],
+    targets: list[prometheus_b.Dataquery],
     unit: str = "short",
     decimals: int | None = None,
-    overrides: list[dict[str, Any]] | None = None,
+    overrides: list[Override] | None = None,
     stack: bool = False,
     min_zero: bool = False,
-) -> dict[str, Any]:
-    defaults: dict[str, Any] = {
-        "unit": unit,
-        "color": {"mode": "palette-classic"},
-        "custom": {
-            "drawStyle": "line",
-            "lineWidth": 2,
-            "fillOpacity": 10 if stack else 0,
-            "showPoints": "never",
-            "spanNulls": True,
-            "stacking": {"mode": "normal" if stack else "none", "group": "A"},
-        },
-    }
+) -> timeseries_b.Panel:
+    panel = (
+        timeseries_b.Panel()
+        .span(12)
+        .height(8)
+        .title(title)
+        .description(description)
+        .datasource(DS)
+        .targets(list(targets))
+        .unit(unit)
+        .color_scheme(dashboard_b.FieldColor().mode(dashboard_m.FieldColorModeId.PALETTE_CLASSIC))
+        .draw_style(common.GraphDrawStyle.LINE)
+        .line_width(2)
+        .fill_opacity(10 if stack else 0)
+        .show_points(common.VisibilityMode.NEVER)
+        .span_nulls(True)
+        .stacking(
+            common_b.StackingConfig().mode(common.StackingMode.NORMAL if stack else common.StackingMode.NONE).group("A")
+        )
+        .overrides(list(overrides or []))
+        .legend(legend())
+        .tooltip(common_b.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING))
+    )
     if decimals is not None:
-        defaults["decimals"] = decimals
+        panel.decimals(decimals)
     if min_zero:
-        defaults["min"] = 0
-    return {
-        "type": "timeseries",
-        "title": title,
-        "description": description,
-        "datasource": DS,
-        "targets": targets,
-        "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
-        "options": {
-            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True, "calcs": []},
-            "tooltip": {"mode": "multi", "sort": "desc"},
-        },
-    }
+        panel.min(0)
+    return panel
 
 
-def stat(title: str, description: str, targets: list[dict[str, Any]], unit: str = "short") -> dict[str, Any]:
-    return {
-        "type": "stat",
-        "title": title,
-        "description": description,
-        "datasource": DS,
-        "targets": targets,
-        "fieldConfig": {
-            "defaults": {
-                "unit": unit,
-                "color": {"mode": "thresholds"},
-                "thresholds": {"mode": "absolute", "steps": [{"color": "blue", "value": None}]},
-            },
-            "overrides": [],
-        },
-        "options": {
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "colorMode": "value",
-            "graphMode": "area",
-            "textMode": "auto",
-            "orientation": "auto",
-        },
-    }
+def stat(title: str, description: str, targets: list[prometheus_b.Dataquery], unit: str = "short") -> stat_b.Panel:
+    return (
+        stat_b.Panel()
+        .span(6)
+        .height(8)
+        .title(title)
+        .description(description)
+        .datasource(DS)
+        .targets(list(targets))
+        .unit(unit)
+        .color_scheme(dashboard_b.FieldColor().mode(dashboard_m.FieldColorModeId.THRESHOLDS))
+        .thresholds(
+            dashboard_b.ThresholdsConfig()
+            .mode(dashboard_m.ThresholdsMode.ABSOLUTE)
+            .steps([dashboard_m.Threshold(value=None, color="blue")])
+        )
+        .overrides([])
+        .reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False))
+        .color_mode(common.BigValueColorMode.VALUE)
+        .graph_mode(common.BigValueGraphMode.AREA)
+        .text_mode(common.BigValueTextMode.AUTO)
+        .orientation(common.VizOrientation.AUTO)
+    )
 
 
-def dashed(name_regex: str, color: str) -> dict[str, Any]:
+def dashed(name_regex: str, color: str) -> Override:
     """An override drawing the series whose name matches as a dashed line of a fixed colour (a limit line)."""
-    return {
-        "matcher": {"id": "byRegexp", "options": name_regex},
-        "properties": [
-            {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
-            {"id": "color", "value": {"mode": "fixed", "fixedColor": color}},
-        ],
-    }
+    return (
+        Override()
+        .matcher(dashboard_m.MatcherConfig(id_val="byRegexp", options=name_regex))
+        .properties(
+            [
+                dashboard_m.DynamicConfigValue(
+                    id_val="custom.lineStyle", value=common.LineStyle(fill="dash", dash=[10, 10])
+                ),
+                dashboard_m.DynamicConfigValue(
+                    id_val="color",
+                    value=dashboard_m.FieldColor(mode=dashboard_m.FieldColorModeId.FIXED, fixed_color=color),
+                ),
+            ]
+        )
+    )
 
 
-def row(title: str) -> dict[str, Any]:
-    return {"type": "row", "title": title, "collapsed": False, "panels": []}
+def row(title: str) -> dashboard_b.Row:
+    return dashboard_b.Row(title).collapsed(False)
 
 
-def forgetting_vs_step() -> dict[str, Any]:
+def forgetting_vs_step() -> xychart_b.Panel:
     """XY chart: forgetting % (y) against the optimizer step (x), with the budget as a second series."""
-    return {
-        "type": "xychart",
-        "title": "Forgetting % against step (with budget)",
-        "description": (
+    return (
+        xychart_b.Panel()
+        .span(12)
+        .height(8)
+        .title("Forgetting % against step (with budget)")
+        .description(
             "Relative rise of the general held-out loss over the base model, in percent, at each evaluated step "
             "(forge_trainer_forgetting_percent against forge_trainer_step), and the ForgeJob's forgetting budget "
             "(spec.forgetting.budgetPercent). Select a single ForgeJob. Points above the budget line are over budget; "
             "an early rise that recovers is the 'stability gap'."
-        ),
-        "datasource": DS,
-        "targets": [
-            target(f"max by ({BY_JOB}) (forge_trainer_step{{{SEL}}})", "step", "A"),
-            target(f"max by ({BY_JOB}) (forge_trainer_forgetting_percent{{{SEL}}})", "forgetting %", "B"),
-            target(f"max by ({BY_JOB}) ({BUDGET}{{{SEL}}})", "budget %", "C"),
-        ],
-        "transformations": [
-            {"id": "joinByField", "options": {"byField": "Time", "mode": "outer"}},
-        ],
-        "fieldConfig": {
-            "defaults": {
-                "unit": "percent",
-                "custom": {"show": "points", "pointSize": {"fixed": 5, "min": 1, "max": 20}},
-            },
-            "overrides": [dashed("budget.*", "red")],
-        },
-        "options": {
-            "seriesMapping": "auto",
-            "dims": {"frame": 0, "x": "step"},
-            "series": [],
-            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True, "calcs": []},
-            "tooltip": {"mode": "single"},
-        },
-    }
+        )
+        .datasource(DS)
+        .targets(
+            [
+                target(f"max by ({BY_JOB}) (forge_trainer_step{{{SEL}}})", "step", "A"),
+                target(f"max by ({BY_JOB}) (forge_trainer_forgetting_percent{{{SEL}}})", "forgetting %", "B"),
+                target(f"max by ({BY_JOB}) ({BUDGET}{{{SEL}}})", "budget %", "C"),
+            ]
+        )
+        .with_transformation(
+            dashboard_m.DataTransformerConfig(id_val="joinByField", options={"byField": "Time", "mode": "outer"})
+        )
+        .unit("percent")
+        .show(xychart_m.ScatterShow.POINTS)
+        .point_size(common_b.ScaleDimensionConfig().fixed(5).min(1).max(20))
+        .overrides([dashed("budget.*", "red")])
+        .series_mapping(xychart_m.SeriesMapping.AUTO)
+        .dims(xychart_b.XYDimensionConfig().frame(0).x("step"))
+        .series([])
+        .legend(legend())
+        # The SDK always writes a tooltip sort; "none" is Grafana's default for a single-series tooltip.
+        .tooltip(common_b.VizTooltipOptions().mode(common.TooltipDisplayMode.SINGLE).sort(common.SortOrder.NONE))
+    )
 
 
-def panels() -> list[dict[str, Any]]:
+def panels() -> list[Item]:
     job = "{{forge_job}}"
     rank = "{{forge_job}} rank {{rank}}"
     return [
@@ -426,82 +457,68 @@ def panels() -> list[dict[str, Any]]:
     ]
 
 
-def layout(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows span the width; other panels flow two per line (12 columns each, 8 high)."""
-    out, y, col, pid = [], 0, 0, 1
-    for p in items:
-        p = dict(p, id=pid)
-        pid += 1
-        if p["type"] == "row":
-            if col:
-                y, col = y + 8, 0
-            p["gridPos"] = {"h": 1, "w": 24, "x": 0, "y": y}
-            y += 1
+def variable(name: str, label: str, query: str, multi: bool = True) -> dashboard_b.QueryVariable:
+    return (
+        dashboard_b.QueryVariable(name)
+        .label(label)
+        .datasource(DS)
+        .query({"query": query, "refId": f"{name}-var"})
+        .refresh(dashboard_m.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(dashboard_m.VariableSort.ALPHABETICAL_ASC)
+        .multi(multi)
+        .include_all(True)
+        .all_value(".*")
+        .current(dashboard_m.VariableOption(selected=True, text=["All"], value=["$__all"]))
+        .hide(dashboard_m.VariableHide.DONT_HIDE)
+    )
+
+
+def builder() -> dashboard_b.Dashboard:
+    """The dashboard. The SDK lays the panels out: rows span the width, the others (12 columns wide, 6 for a stat,
+    8 high) flow left to right and wrap at 24 columns."""
+    dash = (
+        dashboard_b.Dashboard("Forge")
+        .uid("forge-overview")
+        .description(
+            "Forge ForgeJobs: forgetting, domain gain, losses, throughput, stalls and stragglers, checkpoints, "
+            "operator health."
+        )
+        .tags(["forge", "training", "kubeflow"])
+        .timezone("browser")
+        .editable()
+        .tooltip(dashboard_m.DashboardCursorSync.CROSSHAIR)
+        .version(1)
+        .refresh("30s")
+        .time("now-6h", "now")
+        .annotations([])
+        .links([])
+        .with_variable(dashboard_b.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+        .with_variable(variable("namespace", "Namespace", "label_values(forge_trainer_step, namespace)"))
+        .with_variable(
+            variable("forgejob", "ForgeJob", 'label_values(forge_trainer_step{namespace=~"$namespace"}, forge_job)')
+        )
+    )
+    for pid, item in enumerate(panels(), start=1):
+        if isinstance(item, dashboard_b.Row):
+            dash.with_row(item.id(pid))
         else:
-            w = 6 if p["type"] == "stat" else 12
-            if col + w > 24:
-                y, col = y + 8, 0
-            p["gridPos"] = {"h": 8, "w": w, "x": col, "y": y}
-            col += w
-        out.append(p)
-    return out
-
-
-def variable(name: str, label: str, query: str, multi: bool = True) -> dict[str, Any]:
-    return {
-        "name": name,
-        "label": label,
-        "type": "query",
-        "datasource": DS,
-        "query": {"query": query, "refId": f"{name}-var"},
-        "definition": query,
-        "refresh": 2,
-        "sort": 1,
-        "multi": multi,
-        "includeAll": True,
-        "allValue": ".*",
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-        "hide": 0,
-    }
+            dash.with_panel(item.id(pid))
+    return dash
 
 
 def dashboard() -> dict[str, Any]:
-    return {
-        "uid": "forge-overview",
-        "title": "Forge",
-        "description": (
-            "Forge ForgeJobs: forgetting, domain gain, losses, throughput, stalls and stragglers, checkpoints, "
-            "operator health."
-        ),
-        "tags": ["forge", "training", "kubeflow"],
-        "timezone": "browser",
-        "editable": True,
-        "graphTooltip": 1,
-        "schemaVersion": 39,
-        "version": 1,
-        "refresh": "30s",
-        "time": {"from": "now-6h", "to": "now"},
-        "annotations": {"list": []},
-        "links": [],
-        "templating": {
-            "list": [
-                {
-                    "name": "datasource",
-                    "label": "Data source",
-                    "type": "datasource",
-                    "query": "prometheus",
-                    "current": {},
-                    "hide": 0,
-                    "refresh": 1,
-                },
-                variable("namespace", "Namespace", "label_values(forge_trainer_step, namespace)"),
-                variable(
-                    "forgejob", "ForgeJob", 'label_values(forge_trainer_step{namespace=~"$namespace"}, forge_job)'
-                ),
-            ]
-        },
-        "panels": layout(panels()),
-    }
+    model = builder().build()
+    model.schema_version = SCHEMA_VERSION
+    doc: dict[str, Any] = json.loads(json.dumps(model, cls=JSONEncoder))
+    # Kept as plain JSON: the SDK's variable model (Grafana 10.1 schema) has no `definition` (the query text Grafana
+    # shows in the variable list, and that tests/chart/test_dashboard.py reads), and its DatasourceVariable builder
+    # no `refresh`.
+    for var in doc["templating"]["list"]:
+        if var["type"] == "query":
+            var["definition"] = var["query"]["query"]
+        elif var["type"] == "datasource":
+            var["refresh"] = dashboard_m.VariableRefresh.ON_DASHBOARD_LOAD.value
+    return doc
 
 
 def render() -> str:
@@ -511,7 +528,7 @@ def render() -> str:
 def panel_table() -> str:
     """The Markdown table of panels and their PromQL, for docs/monitoring.md."""
     rows = ["| Panel | PromQL |", "| --- | --- |"]
-    for panel in panels():
+    for panel in dashboard()["panels"]:
         if panel["type"] == "row":
             rows.append(f"| **{panel['title']}** | |")
             continue
@@ -537,10 +554,13 @@ def main() -> int:
         return 1
     if "--check" in sys.argv[1:]:
         if not OUT.is_file() or OUT.read_text() != text:
-            print(f"{OUT} is out of date: run python3 scripts/build-dashboard.py", file=sys.stderr)
+            print(f"{OUT} is out of date: run .venv/bin/python scripts/build-dashboard.py", file=sys.stderr)
             return 1
         if updated != doc:
-            print(f"{DOC}: the panel table is out of date: run python3 scripts/build-dashboard.py", file=sys.stderr)
+            print(
+                f"{DOC}: the panel table is out of date: run .venv/bin/python scripts/build-dashboard.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     OUT.parent.mkdir(parents=True, exist_ok=True)
