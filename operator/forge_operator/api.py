@@ -837,7 +837,7 @@ class RunPolicySpec(ApiModel):
 
 class MonitoringSpec(ApiModel):
     """Liveness of the run: every trainer rank times its own steps (the hang watchdog), the operator watches the
-    reported steps (stalls), rank 0 compares the ranks' step times (stragglers) and the job's throughput."""
+    reported steps (stalls)."""
 
     hang_multiple: int = Field(default=10, ge=2, le=1000)
     """A training step that runs longer than this multiple of the recent median step (and longer than
@@ -867,17 +867,6 @@ class MonitoringSpec(ApiModel):
 
     max_stall_restarts: int = Field(default=2, ge=0, le=100)
     """Restarts onStall restart may make over the whole run; a stall after the last one fails the ForgeJob."""
-
-    straggler_percent: int = Field(default=130, ge=101, le=1000)
-    """A rank whose median step compute time stays above this percentage of the median of the other ranks for
-    stragglerReadBacks read-backs in a row is a straggler (condition ThroughputDegraded, reason Straggler)."""
-
-    straggler_read_backs: int = Field(default=5, ge=1, le=1000)
-    """Consecutive read-backs (every training.logEverySteps steps) a rank must stay slow before it is named."""
-
-    throughput_drop_percent: int = Field(default=50, ge=1, le=99)
-    """ThroughputDegraded, reason ThroughputDrop: the job's tokens per second fell below this percentage of its own
-    running median (over the last 20 read-backs) for stragglerReadBacks read-backs in a row."""
 
 
 class ForgeJobSpec(ApiModel):
@@ -925,7 +914,7 @@ class ForgeJobSpec(ApiModel):
     """Queue (Kueue) and priority of the run on a shared cluster."""
 
     monitoring: MonitoringSpec = section()
-    """When a run counts as hung, stalled or slow, and what a stall does."""
+    """When a run counts as hung or stalled, and what a stall does."""
 
     suspend: bool = False
     """Pause (true) or resume (false) the run. With checkpoints.selection, the only fields that may change once the
