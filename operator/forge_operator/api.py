@@ -29,6 +29,8 @@ SelectionPolicy = Literal["best-within-budget", "pareto", "last"]
 CandidateKind = Literal["checkpoint", "average", "interpolation"]
 RestartPolicy = Literal["OnFailure", "ExitCode", "Never"]
 OutputRetention = Literal["dropOptimizerState", "keepAll"]
+StallAction = Literal["restart", "fail", "warn"]
+TrainerPhase = Literal["setup", "compile", "train", "evaluate", "candidates"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 State = Literal[
     "Pending", "Invalid", "Queued", "Running", "Restarting", "Suspended", "Succeeded", "EarlyStopped", "Failed"
@@ -840,7 +842,8 @@ class RunPolicySpec(ApiModel):
 
 
 class MonitoringSpec(ApiModel):
-    """Liveness of the run: every trainer rank times its own steps (the hang watchdog)."""
+    """Liveness of the run: every trainer rank times its own steps (the hang watchdog), the operator watches the
+    reported steps (stalls)."""
 
     hang_multiple: int = Field(default=10, ge=2, le=1000)
     """A training step that runs longer than this multiple of the recent median step (and longer than
@@ -851,6 +854,25 @@ class MonitoringSpec(ApiModel):
     hang_floor_seconds: int = Field(default=300, ge=10, le=86_400)
     """A step is never hung before this many seconds (the first steps have no median yet; a collective after a slow
     storage read or a recompilation may take a while)."""
+
+    stall_minutes: int | None = Field(default=None, ge=1, le=10_080)
+    """The run is stalled when the trainer reports no new step for this many minutes while it trains (the operator
+    checks every FORGE_LIVENESS_CHECK_SECONDS). Omitted: derived from the run's own pace, 3 x the expected gap
+    between two progress reports (the larger of the report interval and logEverySteps x the recent step time the
+    trainer reports), never below 10 minutes (the operator's FORGE_STALL_FLOOR_SECONDS)."""
+
+    startup_minutes: int = Field(default=60, ge=1, le=10_080)
+    """The stall limit of the phases other than training: setup (model download, tokenisation, the baseline),
+    compile, evaluate (evaluation and checkpoint save) and candidates. Raise it for large models on slow storage."""
+
+    on_stall: StallAction = "restart"
+    """What a stall does. restart: the child job's pods are deleted, the training operator re-creates them and the
+    run resumes from its latest complete checkpoint (at most maxStallRestarts times, counted in
+    status.stallRestarts; then as fail). fail: the ForgeJob fails with reason Stalled and its PyTorchJob is deleted.
+    warn: only the Progressing=False condition, an Event and the forge_forgejob_stalled metric."""
+
+    max_stall_restarts: int = Field(default=2, ge=0, le=100)
+    """Restarts onStall restart may make over the whole run; a stall after the last one fails the ForgeJob."""
 
 
 class ForgeJobSpec(ApiModel):
@@ -898,7 +920,7 @@ class ForgeJobSpec(ApiModel):
     """Queue (Kueue) and priority of the run on a shared cluster."""
 
     monitoring: MonitoringSpec = section()
-    """When a run counts as hung."""
+    """When a run counts as hung or stalled, and what a stall does."""
 
     suspend: bool = False
     """Pause (true) or resume (false) the run. With checkpoints.selection, the only fields that may change once the
@@ -1014,6 +1036,23 @@ class Progress(StatusModel):
 
     eta_seconds: float | None = None
     """Estimated seconds to the end of the run."""
+
+    phase: TrainerPhase | None = None
+    """What the trainer is doing: setup (model, data, baseline), compile (the first compiled step), train,
+    evaluate (held-out evaluation and checkpoint save) or candidates (end-of-run candidates)."""
+
+    time: str | None = Field(default=None, max_length=64, json_schema_extra={"format": "date-time"})
+    """When the trainer reached this step or entered this phase (RFC 3339, the trainer's clock)."""
+
+    step_seconds: float | None = None
+    """Median wall time of rank 0's recent training steps."""
+
+    report_interval_seconds: float | None = None
+    """Expected seconds between two progress reports while training: the larger of the report interval and
+    logEverySteps x stepSeconds (the operator's stall limit is derived from it)."""
+
+    data_wait_percent: float | None = None
+    """Share of rank 0's recent step time spent waiting for the next batch (data-loader starvation), in percent."""
 
 
 class GeneralSourceReport(StatusModel):
@@ -1269,6 +1308,29 @@ class TrainerError(StatusModel):
     """Where in the trainer's code the error was raised (file:line)."""
 
 
+class PodRef(StatusModel):
+    """A pod the operator deleted (name and uid)."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """Pod name."""
+
+    uid: str = Field(min_length=1, max_length=64)
+    """Pod uid (a pod of the same name created later is not the same pod)."""
+
+
+class StallRestart(StatusModel):
+    """One stall restart of the operator."""
+
+    time: str = Field(max_length=64, json_schema_extra={"format": "date-time"})
+    """When the operator decided it (RFC 3339)."""
+
+    step: int | None = Field(default=None, ge=0)
+    """The last step reported before the stall."""
+
+    pods: list[PodRef] = Field(default_factory=list, max_length=1024)
+    """The pods deleted to restart the run."""
+
+
 class ForgeJobStatus(StatusModel):
     """Observed state; the operator and the trainer (progress, latest, checkpoints, baseline) write it."""
 
@@ -1325,6 +1387,13 @@ class ForgeJobStatus(StatusModel):
 
     trainer_error: TrainerError | None = None
     """The last error a trainer rank exited with (kind, message, exit code, rank); the Failed condition quotes it."""
+
+    stall_restarts: int | None = Field(default=None, ge=0)
+    """Restarts the operator made because the run stalled (spec.monitoring.onStall restart)."""
+
+    last_stall_restart: StallRestart | None = None
+    """The operator's latest stall restart: recorded before its pods are deleted, so that an operator restart
+    finishes it instead of counting another."""
 
     @field_validator("pareto_front", mode="before")
     @classmethod

@@ -28,6 +28,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "PyTorchJob": ("/apis/kubeflow.org/v1", "pytorchjobs"),
     "ForgeJob": (f"/apis/{GROUP}/{VERSION}", PLURAL),
+    "Pod": ("/api/v1", "pods"),
 }
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -190,6 +191,22 @@ class Kube:
             if object_missing(error):
                 return None
             raise
+
+    def list_objects(self, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """The objects of ``kind`` in ``namespace`` matching ``label_selector``."""
+        listing = self.request("GET", self.path(kind, namespace), query={"labelSelector": label_selector})
+        return list(listing.get("items") or [])
+
+    def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
+        """Delete one object (only the one with ``uid``, when given); False when it was already gone or replaced."""
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": uid}} if uid else None
+        try:
+            self.request("DELETE", self.path(kind, namespace, name), body)
+        except ApiException as error:
+            if error.status == 404 or (error.status == 409 and uid is not None):
+                return False
+            raise
+        return True
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         return self.request("POST", self.path(obj["kind"], obj["metadata"]["namespace"]), dict(obj))

@@ -14,6 +14,7 @@ import kopf
 from forge_operator.api import GROUP, PLURAL, VERSION
 from forge_operator.context import OperatorContext
 from forge_operator.handlers import (
+    handle_liveness,
     handle_reconcile_forgejob,
     handle_startup,
     handle_sync_pytorchjob,
@@ -53,6 +54,17 @@ def _resync_seconds() -> float:
 def forgejob_resync(body: kopf.Body, memo: Any, logger: Logger, retry: int, **_: Any) -> None:
     with guard(handle_reconcile_forgejob.RESYNC, body):
         handle_reconcile_forgejob.reconcile(_ctx(memo), body, logger, retry)
+
+
+def _liveness_seconds() -> float:
+    """Read from FORGE_LIVENESS_CHECK_SECONDS at import, like the resync interval."""
+    return float(Settings().liveness_check_seconds)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=_liveness_seconds(), initial_delay=_liveness_seconds())
+def forgejob_liveness(body: kopf.Body, memo: Any, logger: Logger, **_: Any) -> None:
+    with guard(handle_liveness.HANDLER, body):
+        handle_liveness.check(_ctx(memo), body, logger)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

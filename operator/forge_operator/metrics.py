@@ -62,6 +62,19 @@ CHECKPOINTS = Gauge(
     ["namespace", "forge_job"],
     registry=REGISTRY,
 )
+STALLED = Gauge(
+    "forge_forgejob_stalled",
+    "1 while the ForgeJob's Progressing condition is False with reason Stalled (no step reported within the stall "
+    "limit), else 0.",
+    ["namespace", "forge_job"],
+    registry=REGISTRY,
+)
+STALL_RESTARTS = Gauge(
+    "forge_forgejob_stall_restarts",
+    "Restarts the operator made because the run stalled (status.stallRestarts).",
+    ["namespace", "forge_job"],
+    registry=REGISTRY,
+)
 STATUS_PATCHES = Counter(
     "forge_status_patches_total",
     "Status patches written to ForgeJobs, by handler.",
@@ -103,6 +116,10 @@ def record_status(namespace: str, name: str, status: ForgeJobStatus) -> None:
             _remove(SELECTED_STEP, namespace, name)
         omitted = status.checkpoints_omitted.count if status.checkpoints_omitted else 0
         CHECKPOINTS.labels(namespace=namespace, forge_job=name).set(complete_checkpoints(status.checkpoints) + omitted)
+        progressing = next((c for c in status.conditions if c.type == "Progressing"), None)
+        stalled = progressing is not None and progressing.status == "False" and progressing.reason == "Stalled"
+        STALLED.labels(namespace=namespace, forge_job=name).set(1 if stalled else 0)
+        STALL_RESTARTS.labels(namespace=namespace, forge_job=name).set(status.stall_restarts or 0)
 
 
 def forget(namespace: str, name: str) -> None:
@@ -111,6 +128,8 @@ def forget(namespace: str, name: str) -> None:
         _publish()
         _remove(SELECTED_STEP, namespace, name)
         _remove(CHECKPOINTS, namespace, name)
+        _remove(STALLED, namespace, name)
+        _remove(STALL_RESTARTS, namespace, name)
 
 
 @contextmanager

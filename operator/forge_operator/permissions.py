@@ -17,7 +17,10 @@ CODE: Permissions = {
     (GROUP, f"{PLURAL}/status"): frozenset({"patch"}),
     # ownerReferences with blockOwnerDeletion: clusters that enforce OwnerReferencesPermissionEnforcement check it.
     (GROUP, f"{PLURAL}/finalizers"): frozenset({"update"}),
-    ("kubeflow.org", "pytorchjobs"): frozenset({"get", "create", "patch"}),
+    # delete: spec.monitoring.onStall fail stops the run (forge_operator.child_pods)
+    ("kubeflow.org", "pytorchjobs"): frozenset({"get", "create", "patch", "delete"}),
+    # a stall restart deletes the child job's pods, which the training operator re-creates
+    ("", "pods"): frozenset({"list", "delete"}),
     ("", "configmaps"): frozenset({"get", "create", "update"}),
     ("", "serviceaccounts"): frozenset({"get", "create"}),
     ("rbac.authorization.k8s.io", "roles"): frozenset({"get", "create"}),

@@ -101,6 +101,14 @@ class Settings(BaseSettings):
     """Seconds between two resyncs of each ForgeJob: the reconcile runs again without any event (children
     re-ensured, the PyTorchJob re-mirrored), so a failed status write or re-create is repaired."""
 
+    liveness_check_seconds: int = Field(default=30, ge=1, le=3600)
+    """Seconds between two stall checks of each running ForgeJob (a stall is seen at most this long after its
+    limit; the check reads no object unless the run is stalled or a stall restart is unfinished)."""
+
+    stall_floor_seconds: int = Field(default=600, ge=10, le=86_400)
+    """The least stall limit derived from a run's pace when spec.monitoring.stallMinutes is omitted (default 10
+    minutes). Lower it only for drills and tests (e.g. 20): a report gap of the trainer must never reach it."""
+
     retry_max_seconds: int = Field(default=300, ge=5, le=3600)
     """Ceiling of the exponential back-off (5 s, 10 s, 20 s, ...) after the cluster refuses a reconcile (missing
     CRD, missing RBAC, API server unavailable)."""

@@ -9,11 +9,13 @@ both ranks.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -87,14 +89,39 @@ class Stack:
         return result
 
 
+# Stall drills: a small stall floor (the derived limit is max(floor, 3 x the report gap)), frequent checks and
+# frequent progress reports, so that a stall is seen within about half a minute.
+DRILL_OPERATOR_ENV = {
+    "FORGE_STALL_FLOOR_SECONDS": "20",
+    "FORGE_LIVENESS_CHECK_SECONDS": "2",
+    "FORGE_REPORT_MIN_INTERVAL_SECONDS": "2",
+}
+
+
 @pytest.fixture
 def stack(cluster: LocalCluster, namespace: str, tmp_path: Path) -> Iterator[Stack]:
+    with running_stack(cluster, namespace, tmp_path, {}) as running:
+        yield running
+
+
+@pytest.fixture
+def drill_stack(cluster: LocalCluster, namespace: str, tmp_path: Path) -> Iterator[Stack]:
+    with running_stack(cluster, namespace, tmp_path, DRILL_OPERATOR_ENV) as running:
+        yield running
+
+
+@contextmanager
+def running_stack(
+    cluster: LocalCluster, namespace: str, tmp_path: Path, operator_env: dict[str, str]
+) -> Iterator[Stack]:
     with ExitStack() as services, cluster.api_client() as api:
         s3 = services.enter_context(s3_server(tmp_path / "s3.log"))
         file_sd = tmp_path / "targets.json"
         file_sd.write_text("[]")
         prometheus = services.enter_context(prometheus_server(tmp_path / "prometheus", file_sd, "1s"))
-        operator = services.enter_context(operator_process(cluster.kubeconfig, tmp_path / "operator.log", [namespace]))
+        operator = services.enter_context(
+            operator_process(cluster.kubeconfig, tmp_path / "operator.log", [namespace], operator_env)
+        )
         services.enter_context(standin_thread(api, StandInSettings(workdir=tmp_path / "standin", namespace=namespace)))
         s3_api = s3_client(s3)
         _upload_inputs(s3_api, tmp_path / "inputs")
@@ -224,6 +251,17 @@ def test_apply_to_selected_checkpoint_with_prometheus(stack: Stack) -> None:
 
     wait_for(succeeded_gauge, "the operator's forge_forgejobs{state=Succeeded} in Prometheus", 30, stack.logs)
 
+    # No false alarm: a healthy run never stalled (Progressing never False, no stall restart, the gauge stayed 0)
+    # and was never degraded.
+    kinds = {c["type"]: c for c in status["conditions"]}
+    assert kinds.get("Progressing", {}).get("status", "True") == "True", kinds.get("Progressing")
+    assert kinds.get("ThroughputDegraded", {}).get("status", "False") != "True", kinds.get("ThroughputDegraded")
+    assert not status.get("stallRestarts") and not status.get("lastStallRestart")
+    assert not stack.query(f'max_over_time(forge_forgejob_stalled{{forge_job="{name}"}}[10m]) > 0')
+    assert stack.query(f'forge_forgejob_stalled{{forge_job="{name}"}} == 0'), "the stall gauge is not exported"
+    events = client.CoreV1Api(stack.api).list_namespaced_event(stack.namespace).items
+    assert not [e.message for e in events if e.reason == "Stalled"]
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
@@ -302,3 +340,89 @@ def test_bad_data_fails_at_once_with_file_and_line_in_the_status(stack: Stack) -
     )
     seen = {c["type"] for c in job["status"]["conditions"]}
     assert "Failed" in seen and "Restarting" not in seen, job["status"]
+
+
+def replica_pids(stack: Stack, job: str, replica: str) -> list[int] | None:
+    state_path = stack.workdir / "standin" / stack.namespace / job / "state.json"
+    if not state_path.is_file():
+        return None
+    pids: list[int] = json.loads(state_path.read_text())["replicas"].get(replica, {}).get("pids") or []
+    return pids or None
+
+
+def condition_of(status: dict[str, Any], ctype: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c["type"] == ctype), {})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_frozen_rank_is_stalled_restarted_and_the_run_resumes_to_success(drill_stack: Stack) -> None:
+    stack, name = drill_stack, "stall"
+    job = forgejob(name, "1e-4", 40)
+    job["spec"]["eval"]["everySteps"] = 10
+    # The hang watchdog is out of the way: this drill is about the operator's stall check.
+    job["spec"]["monitoring"] = {"hangFloorSeconds": 3600, "maxStallRestarts": 2}
+    client.CustomObjectsApi(stack.api).create_namespaced_custom_object(GROUP, VERSION, stack.namespace, PLURAL, job)
+
+    def past_first_checkpoint() -> dict[str, Any] | None:
+        status: dict[str, Any] = stack.forgejob(name).get("status") or {}
+        done = [c["step"] for c in status.get("checkpoints") or [] if c.get("complete")]
+        progress = status.get("progress") or {}
+        ok = done and progress.get("phase") == "train" and progress.get("step", 0) > max(done)
+        return status if ok else None
+
+    wait_for(lambda: stack.scrape_trainers(name), "both trainer ranks to start", 120, stack.logs)  # + the operator
+    wait_for(past_first_checkpoint, "a complete checkpoint and training past it", 300, stack.logs)
+    pid = wait_for(lambda: replica_pids(stack, name, "worker-0"), "the worker's pid", 30, stack.logs)[0]
+    os.kill(pid, signal.SIGSTOP)  # rank 1 stops answering; rank 0 waits in its next collective
+    frozen_at = time.monotonic()
+    try:
+
+        def stalled() -> dict[str, Any] | None:
+            status: dict[str, Any] = stack.forgejob(name).get("status") or {}
+            progressing = condition_of(status, "Progressing")
+            return status if progressing.get("reason") == "Stalled" and progressing.get("status") == "False" else None
+
+        status = wait_for(stalled, "Progressing=False, reason Stalled", 240, stack.logs)
+        detected_s = time.monotonic() - frozen_at
+        message = condition_of(status, "Progressing")["message"]
+        assert "phase train" in message and "kubectl logs" in message and f"{name}-master-0" in message, message
+        wait_for(
+            lambda: stack.query(f'max_over_time(forge_forgejob_stalled{{forge_job="{name}"}}[5m]) == 1'),
+            "forge_forgejob_stalled = 1 in Prometheus",
+            30,
+            stack.logs,
+        )
+        restarted = wait_for(
+            lambda: (stack.forgejob(name).get("status") or {}).get("stallRestarts"), "the stall restart", 60, stack.logs
+        )
+        assert restarted == 1
+        wait_for(lambda: not Path(f"/proc/{pid}").exists() or None, "the frozen rank to be stopped", 60, stack.logs)
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGCONT)
+
+    def progressing_again() -> dict[str, Any] | None:
+        status: dict[str, Any] = stack.forgejob(name).get("status") or {}
+        return status if condition_of(status, "Progressing").get("status") == "True" else None
+
+    wait_for(progressing_again, "Progressing=True after the restart", 240, stack.logs)
+    recovered_s = time.monotonic() - frozen_at
+
+    def finished() -> dict[str, Any] | None:
+        status: dict[str, Any] = stack.forgejob(name).get("status") or {}
+        if status.get("state") in ("Failed", "EarlyStopped", "Invalid"):
+            raise AssertionError(f"the run ended {status.get('state')}: {json.dumps(status, indent=1)}\n{stack.logs()}")
+        return status if status.get("state") == "Succeeded" else None
+
+    status = wait_for(finished, "the ForgeJob to succeed after the restart", 300, stack.logs)
+    assert status["stallRestarts"] == 1 and status["progress"]["step"] == 40
+    record = status["lastStallRestart"]
+    assert {p["name"] for p in record["pods"]} == {f"{name}-master-0", f"{name}-worker-0"}
+    # Both ranks resumed from the latest complete checkpoint at or before the last reported step.
+    master_log = (stack.workdir / "standin" / stack.namespace / name / "master-0.log").read_text()
+    resumed = [json.loads(line) for line in master_log.splitlines() if line.startswith('{"event": "resumed"')]
+    assert resumed and resumed[-1]["step"] % 10 == 0 and resumed[-1]["step"] <= record["step"], resumed
+    events = client.CoreV1Api(stack.api).list_namespaced_event(stack.namespace).items
+    assert [e for e in events if e.reason == "Stalled"], "no Stalled Event"
+    print(f"stall drill: fault -> Stalled {detected_s:.1f} s, fault -> Progressing again {recovered_s:.1f} s")

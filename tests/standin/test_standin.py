@@ -280,6 +280,43 @@ def test_suspend_stops_processes_and_resume_restarts_them(standin: Harness) -> N
     assert starts[0] == first_pid and pid_alive(starts[1])
 
 
+def _pods(standin: Harness, job: str) -> dict[str, str]:
+    """{pod name: uid} of the job's Pod objects."""
+    listed = standin.core.list_namespaced_pod(standin.namespace, label_selector=f"training.kubeflow.org/job-name={job}")
+    return {pod.metadata.name: pod.metadata.uid for pod in listed.items if pod.metadata.deletion_timestamp is None}
+
+
+@pytest.mark.timeout(90)
+def test_each_replica_has_a_pod_and_deleting_it_restarts_the_replica(standin: Harness) -> None:
+    tmpl = template(["--out", str(standin.out), "--sleep"])
+    standin.create_job("podded", {"Master": replica_spec(tmpl), "Worker": replica_spec(tmpl)}, {"backoffLimit": 0})
+    pods = wait_until(lambda: _pods(standin, "podded") if len(_pods(standin, "podded")) == 2 else None, "two pods")
+    assert set(pods) == {"podded-master-0", "podded-worker-0"}
+    pod = standin.core.read_namespaced_pod("podded-worker-0", standin.namespace)
+    assert pod.metadata.labels["training.kubeflow.org/replica-type"] == "worker"
+    assert pod.metadata.owner_references[0].kind == "PyTorchJob" and pod.metadata.owner_references[0].controller
+    master_pid, worker_pid = standin.record(0)["pid"], standin.record(1)["pid"]
+
+    standin.core.delete_namespaced_pod("podded-worker-0", standin.namespace)
+    restarted = wait_until(lambda: standin.starts(1) if len(standin.starts(1)) == 2 else None, "the worker's restart")
+    assert not pid_alive(worker_pid) and pid_alive(restarted[1])
+    new_pods = wait_until(
+        lambda: (
+            _pods(standin, "podded")
+            if _pods(standin, "podded").get("podded-worker-0") not in (None, pods["podded-worker-0"])
+            else None
+        ),
+        "a new worker pod",
+    )
+    assert new_pods["podded-master-0"] == pods["podded-master-0"]
+    assert standin.starts(0) == [master_pid] and pid_alive(master_pid)  # the other replica was left alone
+    # A deleted pod is no failure: with backoffLimit 0 the job still runs.
+    job = standin.job("podded")
+    assert conditions(job).get("Failed") != "True" and _active(job, "Worker") == 1
+    log = (standin.workdir / standin.namespace / "podded" / "worker-0.log").read_text()
+    assert "pod podded-worker-0 was deleted: restarting worker-0" in log
+
+
 @pytest.mark.timeout(60)
 def test_deleting_the_job_stops_its_process_groups(standin: Harness) -> None:
     tmpl = template(["--out", str(standin.out), "--spawn-child", "--sleep"])

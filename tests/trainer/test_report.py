@@ -21,6 +21,7 @@ from forge_trainer.report import (
     kube_patcher,
     latest_status,
     merge,
+    phase_status,
     progress_status,
     status_patch,
 )
@@ -39,13 +40,23 @@ def test_forgetting_and_gain() -> None:
 
 
 def test_progress_and_latest_are_camel_case_and_rounded() -> None:
-    assert progress_status(25, 100, 51200, 12.6) == {
+    assert progress_status(25, 100, 51200, 12.6, at="2025-01-01T00:00:00Z") == {
         "step": 25,
         "totalSteps": 100,
         "tokens": 51200,
         "percent": 25.0,
         "etaSeconds": 13,
+        "phase": "train",
+        "time": "2025-01-01T00:00:00Z",
     }
+    paced = progress_status(
+        25, 100, 51200, None, step_seconds=0.123456, report_interval_seconds=30.0, data_wait_percent=12.3456
+    )
+    assert paced["stepSeconds"] == 0.1235 and paced["reportIntervalSeconds"] == 30.0
+    assert paced["dataWaitPercent"] == 12.35 and paced["etaSeconds"] is None
+    assert phase_status("evaluate", at="2025-01-01T00:00:00Z") == {"phase": "evaluate", "time": "2025-01-01T00:00:00Z"}
+    with pytest.raises(ValueError, match="unknown phase 'warmup'"):
+        phase_status("warmup")
     latest = latest_status(EvalResult.against(10, 1.234567, 3.0912345, BASE), 1234.56789, None, 2.5e-5, 69.99)
     assert latest == {
         "domainLoss": 1.2346,
@@ -271,7 +282,15 @@ def test_sender_patches_a_real_forgejob_through_an_outage(
         proxy.down()
     status = read_status(cluster, forgejob)
     assert status["baseline"] == {"domainLoss": 2.5, "generalLoss": 3.5}
-    assert status["progress"] == {"step": 30, "totalSteps": 40, "tokens": 15360, "percent": 75.0, "etaSeconds": 10}
+    progress = {k: v for k, v in status["progress"].items() if k != "time"}
+    assert progress == {
+        "step": 30,
+        "totalSteps": 40,
+        "tokens": 15360,
+        "percent": 75.0,
+        "etaSeconds": 10,
+        "phase": "train",
+    }
     assert status["checkpoints"] == [entry]
     assert status["latest"]["forgettingPercent"] == pytest.approx(2.8571)
     assert status["latest"]["learningRate"] == pytest.approx(1e-4)
@@ -337,6 +356,9 @@ def test_significant_patches_are_evaluations_checkpoints_and_events() -> None:
     assert not is_significant(evaluated, eval_fingerprint(evaluated)), "the same figures again are not news"
     for key in ("checkpoints", "baseline", "earlyStop", "rebalance", "lrProbe", "trainerError"):
         assert is_significant(status_patch(**{key: {"x": 1}}), None), key
+    # A phase other than train begins: the operator's stall limit changes with it, so it goes out at once.
+    assert is_significant(status_patch(progress=phase_status("evaluate")), None)
+    assert not is_significant(status_patch(progress={"step": 9, "phase": "train"}), None)
 
 
 def test_progress_waits_for_the_interval_but_a_checkpoint_goes_out_at_once() -> None:

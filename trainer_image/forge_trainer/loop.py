@@ -77,6 +77,7 @@ from forge_trainer.model import (
     pad_token_id,
     save_hf,
 )
+from forge_trainer.pace import StepClock
 from forge_trainer.report import (
     StatusReporter,
     baseline_status,
@@ -86,6 +87,7 @@ from forge_trainer.report import (
     kube_patcher,
     kube_status_reader,
     latest_status,
+    phase_status,
     progress_status,
     report_exit_error,
     status_patch,
@@ -222,6 +224,7 @@ class Run:
         self.flops_token = 0.0
         self.peak = device_peak_flops()
         self.tps: float | None = None
+        self.clock = StepClock()
         self.last_data_state: dict[str, Any] | None = None
         self.encoder: DocEncoder | None = None
         self.prefetch: Prefetcher | None = None
@@ -248,6 +251,7 @@ class Run:
         if denv.is_main and cfg.report.forge_job is not None:
             ref = cfg.report.forge_job
             self.reporter = StatusReporter(lambda: kube_patcher(ref), cfg.report.min_interval_seconds)
+            self._report_phase("setup")
         self.model_dir = fetch_model(cfg.model.base, self.places.local_dir / "base-model")
         self.tokenizer = load_tokenizer(self.model_dir)
         encoder = DocEncoder(self.tokenizer, assistant_only=cfg.model.technique in ("sft", "lora"))
@@ -482,10 +486,13 @@ class Run:
             WatchdogSettings(cfg.watchdog.multiple, cfg.watchdog.floor_seconds), self.denv.rank, self._hung
         )
         compiling = t.compile
+        if compiling and self.progress.step < t.max_steps:
+            self._report_phase("compile")
         try:
             while self.progress.step < t.max_steps:
                 if not compiling:  # the compile phase has no recent median to judge it by
                     watchdog.step_started(self.progress.step + 1)
+                waiting = time.perf_counter()
                 batch = self.prefetch.next()
                 lr = float(self.engine.lr_scheduler.get_last_lr()[0])  # a Python float: no device read
                 started = time.perf_counter()
@@ -497,6 +504,8 @@ class Run:
                     compiling = False
                     self._compile_phase(time.perf_counter() - started)
                     window.restart()
+                else:
+                    self.clock.add(started - waiting, time.perf_counter() - started)
                 self.progress.step += 1
                 self.progress.tokens += step_tokens
                 self.last_data_state = batch.state
@@ -514,6 +523,7 @@ class Run:
                 # weights after a non-finite step are neither evaluated nor saved (the guard stops the run)
                 broken = verdict is not None and verdict.reason == NON_FINITE
                 if (due_eval or due_ckpt) and not broken:
+                    self._report_phase("evaluate")
                     self.latest_eval = self._evaluate(step)
                     if verdict is None and self.latest_eval is not None:
                         verdict = self.guard.observe_eval(self.latest_eval)
@@ -931,6 +941,7 @@ class Run:
         settings = cfg.checkpoints.candidates
         if settings.average_last < 2 and not settings.interpolation_alphas:
             return
+        self._report_phase("candidates")
         if not cfg.checkpoints.export_hf or (not self.eval_domain and not self.eval_general):
             if denv.is_main:
                 log.warning("no end-of-run candidates: they need checkpoints.exportHf and held-out sets")
@@ -1062,6 +1073,11 @@ class Run:
         if self.reporter is not None and self.progress.baseline is not None:
             self.reporter.submit(status_patch(baseline=baseline_status(self.progress.baseline)))
 
+    def _report_phase(self, phase: str) -> None:
+        """A phase other than train begins (rank 0): reported within a second, for the operator's stall check."""
+        if self.reporter is not None:
+            self.reporter.submit(status_patch(progress=phase_status(phase)))
+
     def _report_progress(self) -> None:
         if self.reporter is None:
             return
@@ -1074,9 +1090,19 @@ class Run:
             eta = remaining_tokens / self.tps
         lr = float(self.engine.lr_scheduler.get_last_lr()[0])
         mix = self.mix_report()
+        step_s, wait = self.clock.median_step(), self.clock.data_wait_ratio()
+        interval = self.cfg.report.min_interval_seconds
         self.reporter.submit(
             status_patch(
-                progress=progress_status(self.progress.step, t.max_steps, self.progress.tokens, eta),
+                progress=progress_status(
+                    self.progress.step,
+                    t.max_steps,
+                    self.progress.tokens,
+                    eta,
+                    step_seconds=step_s,
+                    report_interval_seconds=None if step_s is None else max(interval, t.log_every_steps * step_s),
+                    data_wait_percent=None if wait is None else 100 * wait,
+                ),
                 latest=latest_status(
                     self.latest_eval,
                     self.tps,

@@ -40,15 +40,49 @@ def r4(x: float | None) -> float | None:
     return round(float(x), 4)
 
 
-def progress_status(step: int, total_steps: int, tokens: int, eta_seconds: float | None) -> dict[str, Any]:
-    """status.progress."""
-    return {
+def rfc3339(moment: float | None = None) -> str:
+    """A wall-clock time as the API server writes it (UTC, seconds)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if moment is None else moment))
+
+
+def progress_status(
+    step: int,
+    total_steps: int,
+    tokens: int,
+    eta_seconds: float | None,
+    *,
+    at: str | None = None,
+    step_seconds: float | None = None,
+    report_interval_seconds: float | None = None,
+    data_wait_percent: float | None = None,
+) -> dict[str, Any]:
+    """status.progress while training: the step, when it was reached, and the pace the operator's stall limit is
+    derived from (unknown figures are left out: null would delete them in a merge patch)."""
+    out: dict[str, Any] = {
         "step": step,
         "totalSteps": total_steps,
         "tokens": tokens,
         "percent": round(100.0 * step / total_steps, 2) if total_steps else 0.0,
         "etaSeconds": None if eta_seconds is None else max(0, round(eta_seconds)),
+        "phase": "train",
+        "time": at or rfc3339(),
+        "stepSeconds": r4(step_seconds),
+        "reportIntervalSeconds": r4(report_interval_seconds),
+        "dataWaitPercent": None if data_wait_percent is None else round(data_wait_percent, 2),
     }
+    return {k: v for k, v in out.items() if v is not None or k == "etaSeconds"}
+
+
+# Phases other than train: each is reported when it begins (within a second), so that the operator judges a stall
+# against the phase's own limit (spec.monitoring.startupMinutes) rather than the training one.
+PHASES = ("setup", "compile", "train", "evaluate", "candidates")
+
+
+def phase_status(phase: str, at: str | None = None) -> dict[str, Any]:
+    """status.progress fields of a phase that begins now (merged into the last progress reported)."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; one of {', '.join(PHASES)}")
+    return {"phase": phase, "time": at or rfc3339()}
 
 
 def eval_fields(ev: EvalResult | None) -> dict[str, Any]:
@@ -376,6 +410,8 @@ def is_significant(patch: Patch, last_eval: tuple[Any, ...] | None) -> bool:
     status = patch.get("status") or {}
     if any(key in status for key in SIGNIFICANT_FIELDS):
         return True
+    if (status.get("progress") or {}).get("phase") not in (None, "train"):
+        return True  # a phase begins: the operator's stall limit changes with it
     fingerprint = eval_fingerprint(patch)
     return fingerprint is not None and fingerprint != last_eval
 

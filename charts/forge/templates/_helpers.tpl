@@ -119,10 +119,15 @@ Keep in sync with operator/forge_operator/ (handlers and render): docs/monitorin
 - apiGroups: ["forge.dev"]
   resources: ["forgejobs/finalizers"]
   verbs: ["update"]
-# The PyTorchJob each ForgeJob runs as (created, watched, patched: suspend, its forge.dev/final-status finalizer).
+# The PyTorchJob each ForgeJob runs as (created, watched, patched: suspend, its forge.dev/final-status finalizer;
+# deleted when a stalled run fails: spec.monitoring.onStall fail).
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
-  verbs: ["create", "get", "list", "watch", "patch"]
+  verbs: ["create", "get", "list", "watch", "patch", "delete"]
+# The PyTorchJob's pods, listed and deleted to restart a stalled run (spec.monitoring.onStall restart).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "delete"]
 # The trainer config ConfigMap (replaced, with update, when an earlier attempt left another spec's config).
 - apiGroups: [""]
   resources: ["configmaps"]

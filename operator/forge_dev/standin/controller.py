@@ -37,6 +37,7 @@ from forge_dev.standin.environment import (
     kubeflow_environment,
     process_environment,
 )
+from forge_dev.standin.pods import pod_gone, pod_manifest
 from forge_dev.standin.policy import backoff_exhausted, is_retryable, past_active_deadline, restart_delay
 from forge_dev.standin.processes import LocalProcess, log_line, spawn, stop_processes, sweep
 from forge_dev.standin.references import ApiObjectSource, ReplicaStartError
@@ -96,6 +97,7 @@ class StandInSettings:
     drain_s: float = 5.0  # once the Master succeeded, how long other replicas may finish by themselves
     token_expiration_s: int = 24 * 3600
     remap_metrics_ports: bool = True  # off: every replica keeps its `metrics` container port (one replica per host)
+    create_pods: bool = True  # a Pod object per replica attempt; deleting it restarts the replica (see pods.py)
     path_prefix: tuple[str, ...] = field(default_factory=lambda: (str(Path(sys.executable).parent),))
 
 
@@ -126,6 +128,8 @@ class ReplicaRuntime:
     stopped_after_success: bool = False
     last_error: str = ""
     metrics_port: int | None = None  # the local port standing in for the container's `metrics` port
+    pod_uid: str | None = None  # the Pod object of the running attempt (StandInSettings.create_pods)
+    pod_created_at: float = 0.0
 
 
 @dataclass
@@ -255,6 +259,8 @@ class TrainingOperatorStandIn:
         self._runtimes: dict[Key, JobRuntime] = {}
         self._saved_states: dict[Key, dict[str, Any]] = {}
         self._draining: list[Draining] = []
+        self._pods: dict[Key, tuple[str, bool]] = {}  # (namespace, pod name) -> (uid, being deleted)
+        self._pods_listed_at = float("-inf")
         self._wake = threading.Event()
         self._stopping = threading.Event()
 
@@ -346,6 +352,26 @@ class TrainingOperatorStandIn:
         self._jobs = {
             (item["metadata"]["namespace"], item["metadata"]["name"]): item for item in listing.get("items", [])
         }
+        if self.settings.create_pods:
+            self._refresh_pods()
+
+    def _refresh_pods(self) -> None:
+        """The replicas' Pod objects as the API has them now (a deleted one restarts its replica)."""
+        started = time.monotonic()
+        selector = "training.kubeflow.org/job-name"
+        try:
+            if self.settings.namespace:
+                pods = self._core.list_namespaced_pod(self.settings.namespace, label_selector=selector)
+            else:
+                pods = self._core.list_pod_for_all_namespaces(label_selector=selector)
+        except Exception as error:
+            LOG.warning("cannot list pods (keeping the last known list): %s", error)
+            return
+        self._pods = {
+            (pod.metadata.namespace, pod.metadata.name): (pod.metadata.uid, pod.metadata.deletion_timestamp is not None)
+            for pod in pods.items
+        }
+        self._pods_listed_at = started
 
     def _write_status(self, key: Key, obj: dict[str, Any], status: dict[str, Any]) -> bool:
         namespace, name = key
@@ -414,6 +440,8 @@ class TrainingOperatorStandIn:
     def _advance(self, job: PyTorchJob, runtime: JobRuntime, status: dict[str, Any]) -> None:
         """One step of the job's processes: collect exits, apply the policies, start what is due."""
         if runtime.outcome is None:
+            self._restart_deleted_pods(job, runtime)
+        if runtime.outcome is None:
             self._collect_exits(job, runtime)
         if runtime.outcome is None:
             runtime.outcome = success_outcome(job, runtime)
@@ -440,6 +468,49 @@ class TrainingOperatorStandIn:
             "PyTorchJob %s/%s: %d replica(s), MASTER_PORT %d", *runtime.key, len(runtime.replicas), runtime.master_port
         )
         return runtime
+
+    def _restart_deleted_pods(self, job: PyTorchJob, runtime: JobRuntime) -> None:
+        """A running replica whose Pod was deleted is stopped and started again (not counted as a failure), as the
+        training operator re-creates a deleted pod. Judged only from a pod listing newer than the Pod."""
+        for replica in runtime.replicas.values():
+            if replica.phase is not ReplicaPhase.RUNNING or replica.pod_uid is None:
+                continue
+            if self._pods_listed_at <= replica.pod_created_at:
+                continue
+            pod_name = replica.replica.pod_name(job.metadata.name)
+            if not pod_gone(self._pods, runtime.namespace, pod_name, replica.pod_uid):
+                continue
+            log_line(self._log_path(runtime, replica), f"pod {pod_name} was deleted: restarting {replica.replica.name}")
+            LOG.info("PyTorchJob %s/%s: pod %s was deleted: restarting its replica", *runtime.key, pod_name)
+            stop_processes(replica.processes, runtime.grace_s)
+            replica.processes = []
+            replica.pod_uid = None
+            replica.phase = ReplicaPhase.PENDING
+            replica.not_before = time.monotonic()
+
+    def _create_pod(self, job: PyTorchJob, runtime: JobRuntime, replica: ReplicaRuntime) -> None:
+        """The Pod object of a replica attempt (replacing the previous attempt's); best effort: a refusal is logged
+        and the replica runs without one."""
+        rid = replica.replica
+        rspec = job.spec.pytorch_replica_specs[rid.rtype]
+        container = pytorch_container(rspec, rid.rtype)
+        pod_name = rid.pod_name(job.metadata.name)
+        labels = pod_labels(job.metadata.name, rid, rspec.template.metadata.labels)
+        manifest = pod_manifest(job, pod_name, labels, container.name, container.image, service_account_name(rspec))
+        replica.pod_created_at = time.monotonic()
+        try:
+            try:
+                created = self._core.create_namespaced_pod(runtime.namespace, manifest)
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+                self._core.delete_namespaced_pod(pod_name, runtime.namespace, grace_period_seconds=0)
+                created = self._core.create_namespaced_pod(runtime.namespace, manifest)
+        except ApiException as error:
+            LOG.warning("PyTorchJob %s/%s: cannot create pod %s: %s", *runtime.key, pod_name, error.reason)
+            replica.pod_uid = None
+            return
+        replica.pod_uid = created.metadata.uid
 
     def _collect_exits(self, job: PyTorchJob, runtime: JobRuntime) -> None:
         for replica in runtime.replicas.values():
@@ -539,6 +610,8 @@ class TrainingOperatorStandIn:
         replica.phase = ReplicaPhase.RUNNING
         replica.restart_pending = False
         replica.exit_code = None
+        if self.settings.create_pods:
+            self._create_pod(job, runtime, replica)
         if not any(r.restart_pending for r in runtime.replicas.values()):
             runtime.restart_message = None
 

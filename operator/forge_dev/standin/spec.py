@@ -86,6 +86,7 @@ class Container(_Model):
     env_from: list[EnvFromSource] = Field(default_factory=list)
     volume_mounts: list[VolumeMount] = Field(default_factory=list)
     working_dir: str | None = None
+    image: str | None = None
 
 
 class KeyToPath(_Model):
