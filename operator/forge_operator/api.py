@@ -71,6 +71,9 @@ URI_MAX = 2048
 # Bounds that keep a ForgeJob far below the API server's 1.5 MiB object limit (see tests/operator/test_status_size.py).
 STATUS_TEXT_MAX = 2048
 STATUS_CHECKPOINTS_MAX = 64
+# Kubernetes allows 32 KiB per condition message; Forge keeps them to 8 KiB (longer ones are cut, naming the cut) so
+# that every condition type fits at once.
+CONDITION_MESSAGE_MAX = 8192
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # A Kubernetes label value (a LocalQueue name, a WorkloadPriorityClass name) and a DNS-1123 subdomain (PriorityClass).
@@ -952,7 +955,7 @@ class Condition(StatusModel):
     reason: str = Field(min_length=1, max_length=1024)
     """A CamelCase word for programs (e.g. InvalidSpec, PyTorchJobRunning)."""
 
-    message: str = Field(default="", max_length=32_768)
+    message: str = Field(default="", max_length=CONDITION_MESSAGE_MAX)
     """A sentence for people."""
 
     last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
@@ -1342,7 +1345,7 @@ class ForgeJobStatus(StatusModel):
 
     conditions: list[Condition] = Field(
         default_factory=list,
-        max_length=16,
+        max_length=32,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     """Conditions keyed by type."""

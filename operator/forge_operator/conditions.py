@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from forge_operator.api import Condition, ConditionStatus
+from forge_operator.api import CONDITION_MESSAGE_MAX, Condition, ConditionStatus
 
 
 def timestamp(moment: datetime) -> str:
@@ -28,6 +28,16 @@ def find(conditions: Sequence[Condition], condition_type: str) -> Condition | No
 def is_true(conditions: Sequence[Condition], condition_type: str) -> bool:
     found = find(conditions, condition_type)
     return found is not None and found.status == "True"
+
+
+CUT_MARK = " [...] (cut to fit the condition)"
+
+
+def fit_message(message: str) -> str:
+    """``message``, or its start and a note saying it was cut when it is longer than a condition may hold."""
+    if len(message) <= CONDITION_MESSAGE_MAX:
+        return message
+    return message[: CONDITION_MESSAGE_MAX - len(CUT_MARK)] + CUT_MARK
 
 
 def upsert(
@@ -50,7 +60,7 @@ def upsert(
         type=condition_type,
         status=status,
         reason=reason,
-        message=message,
+        message=fit_message(message),
         last_transition_time=transition,
         observed_generation=observed_generation,
     )

@@ -11,7 +11,14 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from forge_operator.api import STATUS_CHECKPOINTS_MAX, STATUS_TEXT_MAX, URI_MAX, CheckpointReport, ForgeJobStatus
+from forge_operator.api import (
+    CONDITION_MESSAGE_MAX,
+    STATUS_CHECKPOINTS_MAX,
+    STATUS_TEXT_MAX,
+    URI_MAX,
+    CheckpointReport,
+    ForgeJobStatus,
+)
 from forge_operator.selection import select
 from forge_trainer.report import STATUS_CHECKPOINTS_LIMIT, bounded_checkpoints, checkpoint_status, pareto_entries
 from tests.conftest import LocalCluster
@@ -118,10 +125,10 @@ def largest_status() -> dict[str, Any]:
             "type": f"Condition{i}",
             "status": "True",
             "reason": "R" * 1024,
-            "message": "m" * 32_768,
+            "message": "m" * CONDITION_MESSAGE_MAX,
             "lastTransitionTime": "2026-12-05T00:00:00Z",
         }
-        for i in range(16)
+        for i in range(32)
     ]
     return {
         **status,

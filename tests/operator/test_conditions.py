@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 from forge_operator import conditions as cond
+from forge_operator.api import CONDITION_MESSAGE_MAX
 
 
 def test_new_condition_is_appended_with_the_time() -> None:
@@ -43,3 +44,11 @@ def test_timestamps_are_utc_seconds() -> None:
     moment = datetime(2026, 3, 4, 5, 6, 7, 890000, tzinfo=timezone(timedelta(hours=2)))
     assert cond.timestamp(moment) == "2026-03-04T03:06:07Z"
     assert cond.now().endswith("Z") and datetime.strptime(cond.now(), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def test_a_message_longer_than_a_condition_holds_is_cut_and_says_so() -> None:
+    long = "x" * (CONDITION_MESSAGE_MAX + 10)
+    (cut,) = cond.upsert([], "Failed", "True", "TrainerError", long, at="2026-12-05T00:00:00Z")
+    assert len(cut.message) == CONDITION_MESSAGE_MAX and cut.message.endswith("(cut to fit the condition)")
+    (whole,) = cond.upsert([], "Failed", "True", "TrainerError", "short", at="2026-12-05T00:00:00Z")
+    assert whole.message == "short"
