@@ -11,15 +11,18 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from forge_trainer import storage
 from forge_trainer.config import DataSettings, Source, TrainerConfig
 from forge_trainer.data.encode import DocEncoder, IdArray, MaskArray
 from forge_trainer.data.mixer import DOMAIN, GENERAL, Mixer, integer_shares, mix_report, source_states
 from forge_trainer.data.pack import PackedSource, SourceLimits, SourceState
+from forge_trainer.data.shards import Gather, PrepareStats, ShardCache, ShardIndex, ShardReader, prepare
 from forge_trainer.data.sources import SourceFiles, resolve_source
 from forge_trainer.errors import DataError
 
@@ -38,6 +41,7 @@ class MixPlan:
     groups: list[str]
     shares: list[int]
     files: list[SourceFiles]
+    shards: ShardIndex | None = None
 
     def fingerprint(self, seed: int, seq_len: int) -> str:
         """Identifies the stream: a data state only resumes the stream it came from."""
@@ -49,15 +53,20 @@ class MixPlan:
         """Stable id of source i within the plan (seeds its file order)."""
         return f"{self.groups[i]}/{i}"
 
+    def source_shards(self, i: int) -> list[ShardReader] | None:
+        """Source i's prepared token shards (None: it is tokenised while it streams)."""
+        return None if self.shards is None else self.shards.for_source(self.files[i])
 
-def plan_mix(data: DataSettings) -> MixPlan:
-    """Resolve every training source's files; at domainPercent 100 general sources are not used."""
+
+def plan_mix(data: DataSettings, shards: ShardIndex | None = None) -> MixPlan:
+    """Resolve every training source's files; at domainPercent 100 general sources are not used. With ``shards``
+    (the preparation phase's index) sources are read from their token shards."""
     general = data.general if data.domain_percent < 100 else []
     sources = [*data.domain, *general]
     groups = [DOMAIN] * len(data.domain) + [GENERAL] * len(general)
     shares = integer_shares([s.weight for s in data.domain], [s.weight for s in general], data.domain_percent)
     files = [resolve_source(s.uri) for s in sources]
-    return MixPlan(sources, groups, shares, files)
+    return MixPlan(sources, groups, shares, files, shards)
 
 
 def needed_sequences(plan: MixPlan, total_sequences: int) -> list[int]:
@@ -68,7 +77,7 @@ def needed_sequences(plan: MixPlan, total_sequences: int) -> list[int]:
 
 def limits(data: DataSettings, single_pass: bool = False) -> SourceLimits:
     """Per-source limits from the config."""
-    return SourceLimits(data.max_repetition, data.max_bad_lines, single_pass)
+    return SourceLimits(data.max_repetition, data.max_bad_lines, single_pass, data.max_record_bytes)
 
 
 def preflight(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, total_sequences: int) -> None:
@@ -79,7 +88,15 @@ def preflight(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, total_sequ
     """
     data = cfg.data
     for i, need in enumerate(needed_sequences(plan, total_sequences)):
-        src = PackedSource(plan.files[i], plan.source_id(i), encoder, data.seq_length, cfg.training.seed, limits(data))
+        src = PackedSource(
+            plan.files[i],
+            plan.source_id(i),
+            encoder,
+            data.seq_length,
+            cfg.training.seed,
+            limits(data),
+            shards=plan.source_shards(i),
+        )
         if plan.files[i].total_bytes > PREFLIGHT_COUNT_BYTES:
             src.next_sequence()
             continue
@@ -101,6 +118,25 @@ def preflight(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, total_sequ
         )
 
 
+def token_cache(cfg: TrainerConfig) -> ShardCache:
+    """data.tokenCache (default <checkpoints.output>/token-cache/), with S3 shards copied under the local dir."""
+    uri = cfg.data.token_cache or storage.join(cfg.checkpoints.output, "token-cache")
+    return ShardCache(uri, Path(cfg.checkpoints.local_dir) / "token-cache")
+
+
+def prepare_shards(
+    plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, rank: int, world: int, gather: Gather
+) -> tuple[ShardIndex, PrepareStats]:
+    """The preparation phase: every training file tokenised once over the ranks (or found in the cache).
+    Returns the index and the job's summed figures."""
+    files = [f for src in plan.files for f in src.files]
+    index, per_rank = prepare(files, encoder, token_cache(cfg), cfg.data.max_record_bytes, rank, world, gather)
+    total = PrepareStats()
+    for st in per_rank:
+        total.add(st)
+    return index, total
+
+
 def build_mixer(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, state: dict[str, Any] | None = None) -> Mixer:
     """The training mixer, fresh or resumed from a data state."""
     if state is not None:
@@ -113,7 +149,14 @@ def build_mixer(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, state: d
     states: list[SourceState | None] = source_states(state, len(plan.sources))
     packed = [
         PackedSource(
-            plan.files[i], plan.source_id(i), encoder, cfg.data.seq_length, cfg.training.seed, limits(cfg.data), st
+            plan.files[i],
+            plan.source_id(i),
+            encoder,
+            cfg.data.seq_length,
+            cfg.training.seed,
+            limits(cfg.data),
+            st,
+            shards=plan.source_shards(i),
         )
         for i, st in enumerate(states)
     ]
