@@ -111,7 +111,7 @@ def test_a_second_preparation_tokenises_nothing(
     cfg = make_cfg(base_config, data={"tokenCache": str(tmp_path / "cache")})
     _, first = prepared(cfg, tokenizer)
     assert (first.built, first.reused) == (3, 0) and first.tokens > 0
-    plan, second = prepared(cfg, tokenizer)
+    _, second = prepared(cfg, tokenizer)
     assert (second.built, second.reused, second.tokens, second.records) == (0, 3, 0, 0)
     # Another technique changes the encoding (SFT masks): new entries, the old ones stay.
     _, sft = prepared(make_cfg(cfg.to_json_dict(), model={"technique": "sft"}), tokenizer)
@@ -186,9 +186,7 @@ def test_s3_cache_is_copied_to_local_disk_and_a_read_error_is_not_absence(
     base_config: dict[str, Any], corpora: Corpora, tokenizer: Any, tmp_path: Path, bucket: str
 ) -> None:
     uri = f"s3://{bucket}/cache/"
-    cfg = make_cfg(
-        base_config, data={"tokenCache": uri}, checkpoints={"localDir": str(tmp_path / "node-a")}
-    )
+    cfg = make_cfg(base_config, data={"tokenCache": uri}, checkpoints={"localDir": str(tmp_path / "node-a")})
     plan, first = prepared(cfg, tokenizer)
     expected = take(build_mixer(plan, cfg, encoder_for(cfg, tokenizer)), 60)
     assert first.built == 3 and len(storage.list_folders(uri)) == 3
@@ -263,8 +261,8 @@ def test_oversized_lines_count_against_max_bad_lines_with_file_and_line(
 
 
 def test_max_record_bytes_is_bounded(base_config: dict[str, Any]) -> None:
-    from forge_trainer.errors import ConfigError
     from forge_trainer.config import load_config
+    from forge_trainer.errors import ConfigError
 
     for bad in (10, 2 << 30):
         path = Path(base_config["checkpoints"]["output"]).parent / "c.json"

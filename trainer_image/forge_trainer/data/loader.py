@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import hashlib
 import json
 import logging
 import math
+import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from forge_trainer import storage
 from forge_trainer.config import DataSettings, Source, TrainerConfig
@@ -29,6 +34,7 @@ from forge_trainer.errors import DataError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+PREPARE_TIMEOUT_ENV = "FORGE_PREPARE_TIMEOUT_S"
 # Sources up to this size are tokenised whole at start, so "too small for its share" fails before training.
 PREFLIGHT_COUNT_BYTES = 32 << 20
 
@@ -135,6 +141,42 @@ def prepare_shards(
     for st in per_rank:
         total.add(st)
     return index, total
+
+
+def rank_gather(world_size: int) -> Gather:
+    """All-gather of a picklable object over the job's ranks, for the prepare phase: a gloo group of its own whose
+    timeout (FORGE_PREPARE_TIMEOUT_S, default 86400) covers tokenising a rank's share of the files."""
+    if world_size == 1 or not dist.is_initialized():
+        return lambda obj: [obj]
+    timeout = datetime.timedelta(seconds=float(os.environ.get(PREPARE_TIMEOUT_ENV, "86400")))
+    group = dist.new_group(backend="gloo", timeout=timeout)
+
+    def gather(obj: Any) -> list[Any]:
+        out: list[Any] = [None] * world_size
+        dist.all_gather_object(out, obj, group=group)
+        return out
+
+    return gather
+
+
+def prepare_phase(
+    plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, rank: int, world_size: int
+) -> tuple[MixPlan, PrepareStats, float]:
+    """The prepare phase (data.cacheTokens): the plan reading token shards, the job's figures and the seconds."""
+    started = time.perf_counter()
+    index, total = prepare_shards(plan, cfg, encoder, rank, world_size, rank_gather(world_size))
+    seconds = time.perf_counter() - started
+    log.info(
+        "prepare phase: %d file(s), %d tokenised (%d records, %d tokens) and %d reused by %d rank(s) in %.1f s",
+        total.files,
+        total.built,
+        total.records,
+        total.tokens,
+        total.reused,
+        world_size,
+        seconds,
+    )
+    return dataclasses.replace(plan, shards=index), total, seconds
 
 
 def build_mixer(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, state: dict[str, Any] | None = None) -> Mixer:
