@@ -25,11 +25,11 @@ import numpy as np
 
 from forge_trainer import tiny
 from forge_trainer.config import TrainerConfig
-from forge_trainer.data.encode import Doc, DocEncoder
+from forge_trainer.data.encode import Doc, DocEncoder, Encoded
 from forge_trainer.data.loader import Layout, build_mixer, plan_mix, step_batches
 from forge_trainer.data.mixer import Mixer, integer_shares
 from forge_trainer.data.pack import PackedSource, SourceLimits
-from forge_trainer.data.records import Located, Position, TextRecord
+from forge_trainer.data.records import Position
 from forge_trainer.data.sources import SourceFile, SourceFiles
 from forge_trainer.model import load_tokenizer
 
@@ -44,11 +44,10 @@ class PretokenisedSource(PackedSource):
         self._i = 0
 
     def _fill(self) -> None:
-        rec = TextRecord("")
         for _ in range(64):
             doc = self._docs[self._i % len(self._docs)]
             pos = Position(0, 0, self._i + 1, 0)
-            self._items.append((Located(rec, self.files.uri, pos), doc))
+            self._items.append(Encoded(self.files.uri, pos, doc))
             self._i += 1
 
 

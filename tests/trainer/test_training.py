@@ -119,6 +119,37 @@ def test_loss_decreases(reference: Reference) -> None:
     assert evals[-1]["domain_gain_percent"] > 10
 
 
+def prepare_event(events: list[dict[str, Any]]) -> dict[str, Any]:
+    found = [e for e in events if e["event"] == "prepare"]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_the_prepare_phase_tokenised_every_file_once_over_both_ranks(reference: Reference) -> None:
+    prep = prepare_event(reference.events)
+    # 3 training files (2 domain, 1 general), split over the 2 ranks: each tokenised by one rank only.
+    assert (prep["files"], prep["built"], prep["reused"]) == (3, 3, 0) and prep["tokens"] > 0
+    for r in reference.results:
+        assert re.search(r"prepare phase: 3 file\(s\), 3 tokenised .* by 2 rank\(s\)", r.stderr), r.stderr[-3000:]
+    entries = storage.list_folders("s3://train/reference/token-cache/")
+    assert len(entries) == 3
+    for key in entries:
+        assert storage.read_bytes(f"s3://train/reference/token-cache/{key}/manifest.json") is not None
+
+
+@pytest.mark.timeout(300)
+def test_a_second_run_on_the_same_data_tokenises_nothing_and_trains_the_same(
+    reference: Reference, tmp_path: Path, s3: S3Server
+) -> None:
+    cfg = reference_config(reference.cfg, "train", "second-run", tmp_path / "local")
+    cfg = merged(cfg, data={"tokenCache": "s3://train/reference/token-cache/"})
+    results = run_ranks(write_config(tmp_path / "config.json", cfg), 2, tmp_path / "run", env=s3.env, timeout=240)
+    assert_ok(results)
+    prep = prepare_event(results[0].events)
+    assert (prep["files"], prep["built"], prep["reused"], prep["records"], prep["tokens"]) == (3, 0, 3, 0, 0)
+    assert step_losses(results[0].events) == reference.losses
+
+
 def test_realised_mix_within_one_percent(reference: Reference) -> None:
     finished = next(e for e in reference.events if e["event"] == "finished")
     mix = finished["mix"]
@@ -213,6 +244,9 @@ def test_killed_rank_resumes_and_matches_the_uninterrupted_run(
     assert_ok(second)
     assert "retrying" in second[0].stderr, "the outage was not met: the test would prove nothing"
     events = second[0].events
+    # The restart found the token shards the first attempt prepared (through the outage) and tokenised nothing.
+    assert prepare_event(first[0].events)["built"] == 3
+    assert (prepare_event(events)["built"], prepare_event(events)["reused"]) == (0, 3)
     resumed = [e for e in events if e["event"] == "resumed"]
     assert [e["step"] for e in resumed] == [last]
     losses = step_losses(events)
@@ -407,6 +441,7 @@ def test_a_rerun_after_the_end_reuses_the_candidates(reference: Reference, s3: S
     assert_ok(results)
     kinds = [e["event"] for e in results[0].events]
     assert "step" not in kinds and "candidate" not in kinds
+    assert prepare_event(results[0].events)["built"] == 0
     assert sorted(e["name"] for e in results[0].events if e["event"] == "candidateReused") == CANDIDATES
     after = {n: storage.read_bytes(f"s3://train/reference/candidates/{n}/forge-manifest.json") for n in CANDIDATES}
     assert after == before

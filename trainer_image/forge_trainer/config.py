@@ -131,6 +131,30 @@ class DataSettings(_Model):
             "fails, naming the file and line of the record that crossed the limit."
         ),
     )
+    max_record_bytes: int = Field(
+        default=64 << 20,
+        ge=1024,
+        le=1 << 30,
+        description=(
+            "Largest record read into memory: a jsonl line (newline excluded) or a whole .txt file longer than this "
+            "is a bad record (counted against maxBadLines, named by file and line), skipped in bounded chunks."
+        ),
+    )
+    token_cache: Uri | None = Field(
+        default=None,
+        description=(
+            "Where the token shards of the training sources are kept: a local folder or s3://bucket/prefix/. "
+            "Default: <checkpoints.output>/token-cache/. Point several jobs at one location to share shards."
+        ),
+    )
+    cache_tokens: bool = Field(
+        default=True,
+        description=(
+            "Tokenise each training file once, split over the ranks, into token shards in tokenCache (reused by "
+            "restarts and later runs); training reads them memory-mapped. False: every rank tokenises the whole "
+            "stream while training."
+        ),
+    )
 
     @model_validator(mode="after")
     def _general_needed(self) -> DataSettings:

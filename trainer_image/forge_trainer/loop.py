@@ -35,6 +35,7 @@ from forge_trainer.data.loader import (
     plan_mix,
     plan_report,
     preflight,
+    prepare_phase,
     step_batches,
 )
 from forge_trainer.data.mixer import Mixer
@@ -257,6 +258,11 @@ class Run:
         encoder = DocEncoder(self.tokenizer, assistant_only=cfg.model.technique in ("sft", "lora"))
         self.encoder = encoder
         self.plan = plan_mix(cfg.data)
+        if cfg.data.cache_tokens:
+            self.plan, prepared, seconds = prepare_phase(self.plan, cfg, encoder, denv.rank, denv.world_size)
+            self.metrics.set(self.metrics.prepare_seconds, seconds)
+            if denv.is_main:
+                emit("prepare", seconds=round(seconds, 3), **dataclasses.asdict(prepared))
         manifest = self._find_resume()
         state: dict[str, Any] | None = None
         if manifest is not None:
@@ -269,7 +275,7 @@ class Run:
             if self.progress.guard is not None:
                 self.guard.load_json(self.progress.guard)
             if self.progress.domain_percent is not None:
-                self.plan = plan_mix(self._data_at(self.progress.domain_percent))
+                self.plan = plan_mix(self._data_at(self.progress.domain_percent), self.plan.shards)
         else:
             total = cfg.training.max_steps * self.layout.step_sequences
             preflight(self.plan, cfg, encoder, total)
@@ -599,7 +605,7 @@ class Run:
         previous = self.guard.domain_percent
         new_dp = verdict.domain_percent
         self.prefetch.close()
-        plan = plan_mix(self._data_at(new_dp))
+        plan = plan_mix(self._data_at(new_dp), self.plan.shards)
         state = dict(self.last_data_state)
         old_sources = list(state["sources"])
         state["sources"] = old_sources + [None] * (len(plan.sources) - len(old_sources))

@@ -61,6 +61,7 @@ class TrainerMetrics:
     grad_norm: Gauge
     mfu: Gauge
     compile_seconds: Gauge
+    prepare_seconds: Gauge
     checkpoints: Counter
     eval_loss: Gauge
     forgetting: Gauge
@@ -104,6 +105,10 @@ def create_metrics(forge_job: str, namespace: str, rank: int) -> TrainerMetrics:
         compile_seconds=g(
             "forge_trainer_compile_seconds",
             "Duration of the compile phase: the first training step of this process with training.compile.",
+        ),
+        prepare_seconds=g(
+            "forge_trainer_prepare_seconds",
+            "Duration of the prepare phase: training files tokenised into token shards (or found in the cache).",
         ),
         checkpoints=Counter("forge_trainer_checkpoints_saved", "Complete checkpoints written.", base, registry=reg),
         eval_loss=g("forge_trainer_eval_loss", "Held-out loss by set (domain, general).", ("set",)),

@@ -179,15 +179,19 @@ def s3_client() -> Any:
     return boto3.client("s3", endpoint_url=endpoint, config=cfg)
 
 
-def _s3_keys(url: S3Url) -> list[tuple[str, int]]:
-    def listing() -> list[tuple[str, int]]:
+def _s3_objects(url: S3Url) -> list[tuple[str, int, str]]:
+    def listing() -> list[tuple[str, int, str]]:
         paginator = s3_client().get_paginator("list_objects_v2")
         out = []
         for page in paginator.paginate(Bucket=url.bucket, Prefix=url.key):
-            out += [(obj["Key"], int(obj["Size"])) for obj in page.get("Contents", [])]
+            out += [(obj["Key"], int(obj["Size"]), str(obj.get("ETag", ""))) for obj in page.get("Contents", [])]
         return out
 
     return with_retries(listing, f"list {url}")
+
+
+def _s3_keys(url: S3Url) -> list[tuple[str, int]]:
+    return [(k, s) for k, s, _ in _s3_objects(url)]
 
 
 def list_folders(uri: str) -> list[str]:
@@ -210,19 +214,32 @@ def list_folders(uri: str) -> list[str]:
 
 def list_files(uri: str) -> list[tuple[str, int]]:
     """All files at or under ``uri`` as (uri, size), sorted by uri. A missing location gives []."""
+    return [(u, s) for u, s, _ in list_versions(uri)]
+
+
+def list_versions(uri: str) -> list[tuple[str, int, str]]:
+    """All files at or under ``uri`` as (uri, size, version), sorted by uri; a missing location gives [].
+
+    The version changes when the content does: the ETag of an S3 object, the modification time (ns) of a local file.
+    """
     if is_s3(uri):
         url = parse_s3(uri)
-        items = [(f"{S3_SCHEME}{url.bucket}/{k}", s) for k, s in _s3_keys(url) if not k.endswith("/")]
+        items = [(f"{S3_SCHEME}{url.bucket}/{k}", s, e) for k, s, e in _s3_objects(url) if not k.endswith("/")]
         if url.key and not url.key.endswith("/"):
             # "s3://b/data" must not match "s3://b/data2/...": keep the exact object or the folder.
-            items = [(u, s) for u, s in items if u == uri or u.startswith(uri + "/")]
+            items = [(u, s, e) for u, s, e in items if u == uri or u.startswith(uri + "/")]
         return sorted(items)
     path = Path(uri)
     if path.is_file():
-        return [(str(path), path.stat().st_size)]
+        return [_local_version(path)]
     if path.is_dir():
-        return sorted((str(p), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+        return sorted(_local_version(p) for p in path.rglob("*") if p.is_file())
     return []
+
+
+def _local_version(path: Path) -> tuple[str, int, str]:
+    st = path.stat()
+    return str(path), st.st_size, f"mtime:{st.st_mtime_ns}"
 
 
 class _S3Raw(io.RawIOBase):

@@ -23,8 +23,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from forge_trainer.data.records import BadRecordError, ChatRecord, Record, TextRecord
+from forge_trainer.data.records import BadRecordError, ChatRecord, Position, Record, TextRecord
 from forge_trainer.errors import ModelError
+
+# The fallback chat format's version: part of the token cache key (data/shards), bump it when render_fallback changes.
+FALLBACK_FORMAT = 1
 
 IdArray = npt.NDArray[np.int32]
 MaskArray = npt.NDArray[np.bool_]
@@ -39,6 +42,15 @@ class Doc:
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenised record (or why it cannot be used) with its file and position."""
+
+    file: str
+    pos: Position
+    doc: Doc | BadRecordError
 
 
 Span = tuple[int, int]

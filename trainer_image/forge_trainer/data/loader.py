@@ -3,29 +3,38 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import hashlib
 import json
 import logging
 import math
+import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from forge_trainer import storage
 from forge_trainer.config import DataSettings, Source, TrainerConfig
 from forge_trainer.data.encode import DocEncoder, IdArray, MaskArray
 from forge_trainer.data.mixer import DOMAIN, GENERAL, Mixer, integer_shares, mix_report, source_states
 from forge_trainer.data.pack import PackedSource, SourceLimits, SourceState
+from forge_trainer.data.shards import Gather, PrepareStats, ShardCache, ShardIndex, ShardReader, prepare
 from forge_trainer.data.sources import SourceFiles, resolve_source
 from forge_trainer.errors import DataError
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+PREPARE_TIMEOUT_ENV = "FORGE_PREPARE_TIMEOUT_S"
 # Sources up to this size are tokenised whole at start, so "too small for its share" fails before training.
 PREFLIGHT_COUNT_BYTES = 32 << 20
 
@@ -38,6 +47,7 @@ class MixPlan:
     groups: list[str]
     shares: list[int]
     files: list[SourceFiles]
+    shards: ShardIndex | None = None
 
     def fingerprint(self, seed: int, seq_len: int) -> str:
         """Identifies the stream: a data state only resumes the stream it came from."""
@@ -49,15 +59,20 @@ class MixPlan:
         """Stable id of source i within the plan (seeds its file order)."""
         return f"{self.groups[i]}/{i}"
 
+    def source_shards(self, i: int) -> list[ShardReader] | None:
+        """Source i's prepared token shards (None: it is tokenised while it streams)."""
+        return None if self.shards is None else self.shards.for_source(self.files[i])
 
-def plan_mix(data: DataSettings) -> MixPlan:
-    """Resolve every training source's files; at domainPercent 100 general sources are not used."""
+
+def plan_mix(data: DataSettings, shards: ShardIndex | None = None) -> MixPlan:
+    """Resolve every training source's files; at domainPercent 100 general sources are not used. With ``shards``
+    (the preparation phase's index) sources are read from their token shards."""
     general = data.general if data.domain_percent < 100 else []
     sources = [*data.domain, *general]
     groups = [DOMAIN] * len(data.domain) + [GENERAL] * len(general)
     shares = integer_shares([s.weight for s in data.domain], [s.weight for s in general], data.domain_percent)
     files = [resolve_source(s.uri) for s in sources]
-    return MixPlan(sources, groups, shares, files)
+    return MixPlan(sources, groups, shares, files, shards)
 
 
 def needed_sequences(plan: MixPlan, total_sequences: int) -> list[int]:
@@ -68,7 +83,7 @@ def needed_sequences(plan: MixPlan, total_sequences: int) -> list[int]:
 
 def limits(data: DataSettings, single_pass: bool = False) -> SourceLimits:
     """Per-source limits from the config."""
-    return SourceLimits(data.max_repetition, data.max_bad_lines, single_pass)
+    return SourceLimits(data.max_repetition, data.max_bad_lines, single_pass, data.max_record_bytes)
 
 
 def preflight(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, total_sequences: int) -> None:
@@ -79,7 +94,15 @@ def preflight(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, total_sequ
     """
     data = cfg.data
     for i, need in enumerate(needed_sequences(plan, total_sequences)):
-        src = PackedSource(plan.files[i], plan.source_id(i), encoder, data.seq_length, cfg.training.seed, limits(data))
+        src = PackedSource(
+            plan.files[i],
+            plan.source_id(i),
+            encoder,
+            data.seq_length,
+            cfg.training.seed,
+            limits(data),
+            shards=plan.source_shards(i),
+        )
         if plan.files[i].total_bytes > PREFLIGHT_COUNT_BYTES:
             src.next_sequence()
             continue
@@ -101,6 +124,61 @@ def preflight(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, total_sequ
         )
 
 
+def token_cache(cfg: TrainerConfig) -> ShardCache:
+    """data.tokenCache (default <checkpoints.output>/token-cache/), with S3 shards copied under the local dir."""
+    uri = cfg.data.token_cache or storage.join(cfg.checkpoints.output, "token-cache")
+    return ShardCache(uri, Path(cfg.checkpoints.local_dir) / "token-cache")
+
+
+def prepare_shards(
+    plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, rank: int, world: int, gather: Gather
+) -> tuple[ShardIndex, PrepareStats]:
+    """The preparation phase: every training file tokenised once over the ranks (or found in the cache).
+    Returns the index and the job's summed figures."""
+    files = [f for src in plan.files for f in src.files]
+    index, per_rank = prepare(files, encoder, token_cache(cfg), cfg.data.max_record_bytes, rank, world, gather)
+    total = PrepareStats()
+    for st in per_rank:
+        total.add(st)
+    return index, total
+
+
+def rank_gather(world_size: int) -> Gather:
+    """All-gather of a picklable object over the job's ranks, for the prepare phase: a gloo group of its own whose
+    timeout (FORGE_PREPARE_TIMEOUT_S, default 86400) covers tokenising a rank's share of the files."""
+    if world_size == 1 or not dist.is_initialized():
+        return lambda obj: [obj]
+    timeout = datetime.timedelta(seconds=float(os.environ.get(PREPARE_TIMEOUT_ENV, "86400")))
+    group = dist.new_group(backend="gloo", timeout=timeout)
+
+    def gather(obj: Any) -> list[Any]:
+        out: list[Any] = [None] * world_size
+        dist.all_gather_object(out, obj, group=group)
+        return out
+
+    return gather
+
+
+def prepare_phase(
+    plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, rank: int, world_size: int
+) -> tuple[MixPlan, PrepareStats, float]:
+    """The prepare phase (data.cacheTokens): the plan reading token shards, the job's figures and the seconds."""
+    started = time.perf_counter()
+    index, total = prepare_shards(plan, cfg, encoder, rank, world_size, rank_gather(world_size))
+    seconds = time.perf_counter() - started
+    log.info(
+        "prepare phase: %d file(s), %d tokenised (%d records, %d tokens) and %d reused by %d rank(s) in %.1f s",
+        total.files,
+        total.built,
+        total.records,
+        total.tokens,
+        total.reused,
+        world_size,
+        seconds,
+    )
+    return dataclasses.replace(plan, shards=index), total, seconds
+
+
 def build_mixer(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, state: dict[str, Any] | None = None) -> Mixer:
     """The training mixer, fresh or resumed from a data state."""
     if state is not None:
@@ -113,7 +191,14 @@ def build_mixer(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, state: d
     states: list[SourceState | None] = source_states(state, len(plan.sources))
     packed = [
         PackedSource(
-            plan.files[i], plan.source_id(i), encoder, cfg.data.seq_length, cfg.training.seed, limits(cfg.data), st
+            plan.files[i],
+            plan.source_id(i),
+            encoder,
+            cfg.data.seq_length,
+            cfg.training.seed,
+            limits(cfg.data),
+            st,
+            shards=plan.source_shards(i),
         )
         for i, st in enumerate(states)
     ]

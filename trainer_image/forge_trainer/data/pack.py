@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from forge_trainer.data.encode import Doc, DocEncoder, IdArray, MaskArray
-from forge_trainer.data.records import BadLine, BadRecordError, EpochEnd, Item, Located, Position
+from forge_trainer.data.encode import Doc, DocEncoder, Encoded, IdArray, MaskArray
+from forge_trainer.data.records import DEFAULT_MAX_RECORD_BYTES, BadLine, EpochEnd, Item, Located, Position
+from forge_trainer.data.shards import ShardItem, ShardReader, iter_shards
 from forge_trainer.data.sources import SourceFiles, iter_source
 from forge_trainer.errors import DataError
 
@@ -71,7 +73,6 @@ log = logging.getLogger(__name__)
 BAD_LINES_LOGGED = 20
 
 _Queued = Located | BadLine | EpochEnd
-_Encoded = tuple[Located, Doc | BadRecordError] | BadLine | EpochEnd
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,15 @@ class SourceLimits:
     max_repetition: float = 4.0
     max_bad_lines: int = 100
     single_pass: bool = False
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 
 
 class PackedSource:
-    """Packs one source's documents into fixed-length sequences."""
+    """Packs one source's documents into fixed-length sequences.
+
+    Documents come from the source's files through the tokenizer, or with ``shards`` (one per file, in the order
+    of ``files``) from prepared token shards: the same documents, positions and bad records, tokenised once.
+    """
 
     def __init__(
         self,
@@ -96,6 +102,7 @@ class PackedSource:
         limits: SourceLimits,
         state: SourceState | None = None,
         batch_docs: int = 64,
+        shards: Seq[ShardReader] | None = None,
     ) -> None:
         self.files = files
         self.source_id = source_id
@@ -105,8 +112,11 @@ class PackedSource:
         self.batch_docs = batch_docs
         st = state or SourceState()
         self.counters = SourceCounters(**asdict(st.counters))
-        self._items: deque[_Encoded] = deque()
-        self._reader: Iterator[Item] = iter_source(files, seed, source_id, st.doc)
+        self._items: deque[ShardItem] = deque()
+        self._reader: Iterator[Item] = iter_source(files, seed, source_id, st.doc, limits.max_record_bytes)
+        self._shard_items: Iterator[ShardItem] | None = None
+        if shards is not None:
+            self._shard_items = iter_shards(files, shards, seed, source_id, st.doc)
         self._doc: Doc | None = None
         self._doc_pos: Position | None = None
         self._cursor = 0
@@ -121,15 +131,21 @@ class PackedSource:
 
     def _restore(self, st: SourceState) -> None:
         item = self._pop()
-        if not (isinstance(item, tuple) and item[0].pos == st.doc and isinstance(item[1], Doc)):
+        if not (isinstance(item, Encoded) and item.pos == st.doc and isinstance(item.doc, Doc)):
             raise DataError(f"source {self.uri}: cannot resume: the document at {st.doc} changed since the checkpoint")
-        self._doc, self._doc_pos, self._cursor = item[1], item[0].pos, st.cursor
+        self._doc, self._doc_pos, self._cursor = item.doc, item.pos, st.cursor
 
     def state(self) -> SourceState:
         """A snapshot to resume from exactly this point."""
         return SourceState(self._doc_pos, self._cursor, SourceCounters(**asdict(self.counters)))
 
     def _fill(self) -> None:
+        if self._shard_items is not None:
+            for shard_item in self._shard_items:
+                self._items.append(shard_item)
+                if len(self._items) >= self.batch_docs or isinstance(shard_item, EpochEnd):
+                    break
+            return
         batch: list[_Queued] = []
         n_records = 0
         for item in self._reader:
@@ -141,9 +157,9 @@ class PackedSource:
         located = [it for it in batch if isinstance(it, Located)]
         docs = iter(self.encoder.encode([it.record for it in located]))
         for it in batch:
-            self._items.append((it, next(docs)) if isinstance(it, Located) else it)
+            self._items.append(Encoded(it.file, it.pos, next(docs)) if isinstance(it, Located) else it)
 
-    def _pop(self) -> _Encoded:
+    def _pop(self) -> ShardItem:
         if not self._items:
             self._fill()
         return self._items.popleft()
@@ -157,15 +173,14 @@ class PackedSource:
                 self._end_epoch(item.epoch)
             elif isinstance(item, BadLine):
                 self._bad(item.file, item.line, item.reason, item.epoch)
-            elif isinstance(item[1], BadRecordError):
-                self._bad(item[0].file, item[0].pos.line, str(item[1]), item[0].pos.epoch)
+            elif not isinstance(item.doc, Doc):
+                self._bad(item.file, item.pos.line, str(item.doc), item.pos.epoch)
             else:
-                loc, doc = item[0], item[1]
-                if loc.pos.epoch == 0:
-                    self.counters.epoch0_tokens += len(doc)
+                if item.pos.epoch == 0:
+                    self.counters.epoch0_tokens += len(item.doc)
                     self.counters.epoch0_docs += 1
                 self.counters.docs += 1
-                self._doc, self._doc_pos, self._cursor = doc, loc.pos, 0
+                self._doc, self._doc_pos, self._cursor = item.doc, item.pos, 0
                 return
 
     def _end_epoch(self, epoch: int) -> None:

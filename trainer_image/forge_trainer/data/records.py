@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Literal
 
@@ -72,6 +72,12 @@ Item = Located | BadLine | EpochEnd
 
 class BadRecordError(ValueError):
     """A record that cannot be used; the message says why."""
+
+
+# A record (a jsonl line or a whole .txt file) longer than this many bytes is a bad record (data.maxRecordBytes).
+DEFAULT_MAX_RECORD_BYTES = 64 << 20
+# Bytes read at a time while skipping the rest of an oversized line.
+_SKIP_CHUNK = 1 << 20
 
 
 def file_kind(uri: str) -> FileKind | None:
@@ -145,8 +151,20 @@ def _read_error(uri: str, err: Exception) -> DataError:
     return DataError(f"{uri}: cannot read: {type(err).__name__}: {err}")
 
 
-def iter_file(uri: str, kind: FileKind, epoch: int, file_pos: int, line: int = 1, offset: int = 0) -> Iterator[Item]:
-    """Records of one file from (line, offset), as Located or BadLine items. Unreadable files raise DataError."""
+def iter_file(
+    uri: str,
+    kind: FileKind,
+    epoch: int,
+    file_pos: int,
+    line: int = 1,
+    offset: int = 0,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+) -> Iterator[Item]:
+    """Records of one file from (line, offset), as Located or BadLine items. Unreadable files raise DataError.
+
+    No record is read into memory beyond ``max_record_bytes``: a longer jsonl line (newline excluded) or .txt file
+    is a bad record, skipped in bounded chunks.
+    """
     try:
         fh = _open(uri, offset)
     except StorageUnavailableError:
@@ -155,19 +173,17 @@ def iter_file(uri: str, kind: FileKind, epoch: int, file_pos: int, line: int = 1
         raise _read_error(uri, err) from err
     with fh:
         if kind == "txt":
-            yield from _iter_txt(fh, uri, epoch, file_pos)
+            yield from _iter_txt(fh, uri, epoch, file_pos, max_record_bytes)
             return
         while True:
-            try:
-                raw = fh.readline()
-            except StorageUnavailableError:
-                raise
-            except Exception as err:
-                raise _read_error(uri, err) from err
+            raw = _read(uri, lambda: fh.readline(max_record_bytes + 1))
             if not raw:
                 return
             start, offset = offset, offset + len(raw)
-            if raw.strip():
+            if len(raw) > max_record_bytes and not raw.endswith(b"\n"):
+                offset += _skip_line(uri, fh)
+                yield BadLine(uri, line, f"line longer than data.maxRecordBytes={max_record_bytes} bytes", epoch)
+            elif raw.strip():
                 try:
                     rec = parse_json_record(raw)
                 except BadRecordError as bad:
@@ -177,13 +193,30 @@ def iter_file(uri: str, kind: FileKind, epoch: int, file_pos: int, line: int = 1
             line += 1
 
 
-def _iter_txt(fh: IO[bytes], uri: str, epoch: int, file_pos: int) -> Iterator[Item]:
+def _read(uri: str, op: Callable[[], bytes]) -> bytes:
     try:
-        data = fh.read()
+        return op()
     except StorageUnavailableError:
         raise
     except Exception as err:
         raise _read_error(uri, err) from err
+
+
+def _skip_line(uri: str, fh: IO[bytes]) -> int:
+    """Read past the end of the current line in bounded chunks; returns the bytes skipped (newline included)."""
+    skipped = 0
+    while True:
+        chunk = _read(uri, lambda: fh.readline(_SKIP_CHUNK))
+        skipped += len(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return skipped
+
+
+def _iter_txt(fh: IO[bytes], uri: str, epoch: int, file_pos: int, max_record_bytes: int) -> Iterator[Item]:
+    data = _read(uri, lambda: fh.read(max_record_bytes + 1))
+    if len(data) > max_record_bytes:
+        yield BadLine(uri, 1, f"text file larger than data.maxRecordBytes={max_record_bytes} bytes", epoch)
+        return
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
