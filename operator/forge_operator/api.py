@@ -1265,6 +1265,16 @@ class ProbeMultiple(StatusModel):
     """Forgetting projected to the end of the whole run at this rate, in percent; omitted when the probe run had a
     non-finite loss."""
 
+    projected_low_percent: float | None = None
+    """Lower end of the projection's 90% interval (from the fitted slope's standard error), in percent."""
+
+    projected_high_percent: float | None = None
+    """Upper end of the projection's 90% interval, in percent."""
+
+    extrapolation_capped: bool | None = None
+    """True when the run goes more than 10 times past the probe's cumulative learning rate: the projection stops
+    there rather than extrapolating a short line further."""
+
     measured_forgetting_percent: float | None = None
     """Forgetting measured at the end of the probe run, in percent."""
 

@@ -18,6 +18,7 @@ from forge_trainer.probe import (
     MultipleResult,
     ProbePoint,
     ProbeRecord,
+    SlopeFit,
     assess,
     choose,
     cumulative_lr,
@@ -46,18 +47,20 @@ def training(**overrides: Any) -> TrainingSettings:
 # ---- the fit -------------------------------------------------------------------------------------------------------
 
 
-def test_fit_through_the_baseline_point() -> None:
-    # (0, 0), (1, 2), (2, 4): on the line y = 2x
-    assert fit_forgetting_slope([(1.0, 2.0), (2.0, 4.0)]) == pytest.approx((0.0, 2.0))
-    # (0, 0), (2, 1): the line through both
-    assert fit_forgetting_slope([(2.0, 1.0)]) == pytest.approx((0.0, 0.5))
-    # (0, 0), (1, 1), (2, 3): mean x 1, mean y 4/3; Sxx = 2, Sxy = (-1)(-4/3) + (1)(5/3) = 3; slope 1.5,
-    # intercept 4/3 - 1.5 = -1/6
-    assert fit_forgetting_slope([(1.0, 1.0), (2.0, 3.0)]) == pytest.approx((-1 / 6, 1.5))
-    # a fall (general loss improved) gives a negative slope
-    assert fit_forgetting_slope([(1.0, -1.0)]) == pytest.approx((0.0, -1.0))
-    # no spread in x: a flat line at the mean
-    assert fit_forgetting_slope([(0.0, 3.0)]) == pytest.approx((1.5, 0.0))
+def test_fit_is_anchored_at_the_origin_with_a_standard_error() -> None:
+    exact = fit_forgetting_slope([(1.0, 2.0), (2.0, 4.0)])  # on the line y = 2x: no residual
+    assert (exact.slope, exact.stderr, exact.dof) == pytest.approx((2.0, 0.0, 1))
+    assert exact.interval() == pytest.approx((2.0, 2.0))
+    single = fit_forgetting_slope([(2.0, 1.0)])  # the line through the origin and the point; no error estimate
+    assert (single.slope, single.stderr, single.interval()) == (0.5, None, None)
+    # (1, 1), (2, 3): slope (1 + 6) / (1 + 4) = 1.4; residuals -0.4, 0.2 -> variance 0.2 over 1 dof;
+    # stderr sqrt(0.2 / 5) = 0.2; 90% interval 1.4 +- 6.314 x 0.2 (Student's t, 1 dof)
+    noisy = fit_forgetting_slope([(1.0, 1.0), (2.0, 3.0)])
+    assert (noisy.slope, noisy.stderr) == pytest.approx((1.4, 0.2))
+    assert noisy.interval() == pytest.approx((1.4 - 1.2628, 1.4 + 1.2628))
+    # no free intercept: a free line through these points would cross zero forgetting at x = 1/9, not at 0
+    assert fit_forgetting_slope([(1.0, -1.0)]).slope == -1.0  # a fall (general loss improved)
+    assert fit_forgetting_slope([(0.0, 3.0)]) == SlopeFit(0.0, None)  # no spread in x: no slope
 
 
 # ---- the schedule ----------------------------------------------------------------------------------------------------
@@ -103,21 +106,37 @@ def test_probe_runs_are_short_constant_and_scaled() -> None:
 
 
 def test_assess_projects_to_the_whole_run() -> None:
-    # 2 x 1e-3 over 100 constant steps: cumulative 0.2. Points (0.02, 0.5%), (0.04, 1%) and (0, 0): slope 25 points
-    # per unit of cumulative rate, intercept 0 -> 25 x 0.2 = 5% at the end of the run.
+    # 2 x 1e-3 over 100 constant steps: cumulative 0.2. Points (0.02, 0.5%), (0.04, 1%): slope 25 points per unit
+    # of cumulative rate through the origin -> 25 x 0.2 = 5% at the end of the run (0.2 is within 10 x 0.04).
     points = [ProbePoint(10, 0.02, 0.5), ProbePoint(20, 0.04, 1.0)]
     result = assess(2.0, training(), points, finite=True)
     assert result.learning_rate == pytest.approx(2e-3)
     assert result.full_run_cumulative_lr == pytest.approx(0.2)
-    assert (result.intercept, result.slope) == pytest.approx((0.0, 25.0))
-    assert result.projected_percent == pytest.approx(5.0)
+    assert result.slope == pytest.approx(25.0)
+    assert result.projected_percent == pytest.approx(5.0) and not result.extrapolation_capped
+    assert (result.projected_low_percent, result.projected_high_percent) == pytest.approx((5.0, 5.0))
     assert result.measured_percent == 1.0 and result.usable
     broken = assess(64.0, training(), points[:1], finite=False)
     assert broken.projected_percent is None and not broken.usable and broken.measured_percent == 0.5
 
 
+def test_the_projection_stops_at_ten_times_the_probed_rate_and_carries_an_interval() -> None:
+    # 1000 steps at 2e-3: cumulative 2.0, fifty times the probe's 0.04. The line is followed to 10 x 0.04 = 0.4 only.
+    points = [ProbePoint(10, 0.02, 0.4), ProbePoint(20, 0.04, 1.1)]
+    result = assess(2.0, training(maxSteps=1000), points, finite=True)
+    slope = (0.02 * 0.4 + 0.04 * 1.1) / (0.02**2 + 0.04**2)
+    assert result.slope == pytest.approx(slope) and result.extrapolation_capped
+    assert result.projected_percent == pytest.approx(slope * 0.4)
+    assert result.projected_low_percent is not None and result.projected_high_percent is not None
+    assert result.projected_low_percent < result.projected_percent < result.projected_high_percent
+    choice = choose([result], budget_percent=50.0)
+    assert "90% interval" in choice.reason and "not the whole run's" in choice.reason
+    again = MultipleResult.from_json(result.to_json())
+    assert again == result
+
+
 def result(multiplier: float, projected: float | None, finite: bool = True) -> MultipleResult:
-    return MultipleResult(multiplier, 1e-3 * multiplier, (), finite, 0.1 * multiplier, 0.0, 1.0, projected)
+    return MultipleResult(multiplier, 1e-3 * multiplier, (), finite, 0.1 * multiplier, 1.0, projected)
 
 
 def test_choose_the_highest_multiple_within_the_budget() -> None:
@@ -166,6 +185,8 @@ def test_the_record_round_trips_and_reports_status() -> None:
                 "multiplier": 1.0,
                 "learningRate": 1e-3,
                 "projectedForgettingPercent": 2.0,
+                "projectedLowPercent": 2.0,  # the two points lie on a line through the origin: no spread
+                "projectedHighPercent": 2.0,
                 "measuredForgettingPercent": 0.2,
             },
             {"multiplier": 8.0, "learningRate": 8e-3, "measuredForgettingPercent": 0.1},

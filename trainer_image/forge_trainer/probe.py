@@ -5,10 +5,13 @@ of the configured learning rate, on the real mixed stream, and evaluates forgett
 those measurements into a learning rate, on the assumption (from the continual-learning literature) that forgetting
 grows roughly linearly with the cumulative learning rate, i.e. the sum of the learning rates of the steps so far:
 
-- per multiple, a least-squares line ``forgetting = intercept + slope x cumulative lr`` through its evaluations and
-  the baseline point (0, 0) (:func:`fit_forgetting_slope`);
+- per multiple, a least-squares line through the origin, ``forgetting = slope x cumulative lr`` (the base model
+  forgets nothing, exactly), with the standard error of the slope (:func:`fit_forgetting_slope`);
 - projected to the cumulative learning rate the whole run would give at that multiple, with the run's own schedule
-  (:func:`full_run_cumulative_lr`);
+  (:func:`full_run_cumulative_lr`), but never more than ``MAX_EXTRAPOLATION`` times the cumulative rate the probe
+  measured: a line fitted over a short stretch says little about a run fifty times longer (forgetting bends over
+  with training, and the guard watches the real run), so the projection beyond that is capped and the reason says so;
+- with a 90% interval from the slope's standard error (Student's t), shown beside the point;
 - the choice: the highest multiple projected within ``forgetting.budgetPercent``, else the lowest (:func:`choose`).
 """
 
@@ -82,17 +85,48 @@ def full_run_cumulative_lr(training: TrainingSettings, lr: float) -> float:
 # ---- the fit and the choice ----------------------------------------------------------------------------------------
 
 
-def fit_forgetting_slope(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
-    """(intercept, slope) of the least-squares line of forgetting % against the cumulative learning rate, through
-    ``points`` and the baseline point (0, 0) (the base model forgets nothing). Slope 0 when every x is the same."""
-    xs = [0.0, *(float(x) for x, _ in points)]
-    ys = [0.0, *(float(y) for _, y in points)]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
+# Beyond this many times the cumulative learning rate a probe run reached, its line is not extrapolated.
+MAX_EXTRAPOLATION = 10.0
+# One-sided 95% quantiles of Student's t by degrees of freedom (a two-sided 90% interval); the normal one beyond.
+T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812}
+Z95 = 1.645
+
+
+@dataclass(frozen=True)
+class SlopeFit:
+    """forgetting % = slope x cumulative learning rate, fitted through the origin."""
+
+    slope: float
+    stderr: float | None
+    """Standard error of the slope; None with a single point (no residual to estimate it from)."""
+    dof: int = 0
+    """Degrees of freedom of the residuals (points - 1)."""
+
+    def interval(self) -> tuple[float, float] | None:
+        """The slope's 90% interval, or None without a standard error."""
+        if self.stderr is None:
+            return None
+        half = T95.get(self.dof, Z95) * self.stderr
+        return self.slope - half, self.slope + half
+
+
+def fit_forgetting_slope(points: Sequence[tuple[float, float]]) -> SlopeFit:
+    """The least-squares slope through the origin of forgetting % against the cumulative learning rate.
+
+    The base model forgets nothing at zero cumulative rate, exactly: the origin is not a noisy measurement to fit
+    a free intercept to, but the line's anchor. Slope 0 when every x is 0.
+    """
+    xs = [float(x) for x, _ in points]
+    ys = [float(y) for _, y in points]
+    sxx = sum(x * x for x in xs)
     if sxx <= 0:
-        return my, 0.0
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-    return my - slope * mx, slope
+        return SlopeFit(0.0, None)
+    slope = sum(x * y for x, y in zip(xs, ys, strict=True)) / sxx
+    dof = len(xs) - 1
+    if dof < 1:
+        return SlopeFit(slope, None)
+    residual = sum((y - slope * x) ** 2 for x, y in zip(xs, ys, strict=True)) / dof
+    return SlopeFit(slope, math.sqrt(residual / sxx), dof)
 
 
 @dataclass(frozen=True)
@@ -133,11 +167,15 @@ class MultipleResult:
     finite: bool
     """Every training loss and evaluation of the probe run was finite (a run with a NaN loss ends at once)."""
     full_run_cumulative_lr: float
-    intercept: float | None = None
     slope: float | None = None
     projected_percent: float | None = None
     """Forgetting at the end of the whole run at this multiple; None when the probe run was not finite."""
     seconds: float = 0.0
+    projected_low_percent: float | None = None
+    projected_high_percent: float | None = None
+    """The projection's 90% interval (from the slope's standard error); None with a single evaluation."""
+    extrapolation_capped: bool = False
+    """The run goes more than MAX_EXTRAPOLATION times past the probe's cumulative rate: projected at that cap."""
 
     @property
     def measured_percent(self) -> float | None:
@@ -156,9 +194,11 @@ class MultipleResult:
             "finite": self.finite,
             "points": [p.to_json() for p in self.points],
             "fullRunCumulativeLearningRate": self.full_run_cumulative_lr,
-            "intercept": self.intercept,
             "slope": self.slope,
             "projectedForgettingPercent": self.projected_percent,
+            "projectedLowPercent": self.projected_low_percent,
+            "projectedHighPercent": self.projected_high_percent,
+            "extrapolationCapped": self.extrapolation_capped,
             "measuredForgettingPercent": self.measured_percent,
             "seconds": round(self.seconds, 3),
         }
@@ -175,10 +215,12 @@ class MultipleResult:
             points=tuple(ProbePoint.from_json(p) for p in doc.get("points", [])),
             finite=bool(doc["finite"]),
             full_run_cumulative_lr=float(doc["fullRunCumulativeLearningRate"]),
-            intercept=opt("intercept"),
             slope=opt("slope"),
             projected_percent=opt("projectedForgettingPercent"),
             seconds=float(doc.get("seconds", 0.0)),
+            projected_low_percent=opt("projectedLowPercent"),
+            projected_high_percent=opt("projectedHighPercent"),
+            extrapolation_capped=bool(doc.get("extrapolationCapped", False)),
         )
 
 
@@ -194,9 +236,22 @@ def assess(
     full = full_run_cumulative_lr(training, lr)
     if not finite or not points:
         return MultipleResult(multiplier, lr, tuple(points), False, full, seconds=seconds)
-    intercept, slope = fit_forgetting_slope([(p.cumulative_lr, p.forgetting_percent) for p in points])
+    fit = fit_forgetting_slope([(p.cumulative_lr, p.forgetting_percent) for p in points])
+    reach = MAX_EXTRAPOLATION * max(p.cumulative_lr for p in points)
+    at = min(full, reach)
+    interval = fit.interval()
     return MultipleResult(
-        multiplier, lr, tuple(points), True, full, intercept, slope, intercept + slope * full, seconds
+        multiplier,
+        lr,
+        tuple(points),
+        True,
+        full,
+        fit.slope,
+        fit.slope * at,
+        seconds,
+        None if interval is None else interval[0] * at,
+        None if interval is None else interval[1] * at,
+        full > reach,
     )
 
 
@@ -207,6 +262,21 @@ class Choice:
     multiplier: float
     learning_rate: float
     reason: str
+
+
+def _interval_text(r: MultipleResult) -> str:
+    if r.projected_low_percent is None or r.projected_high_percent is None:
+        return ""
+    return f" (90% interval {r.projected_low_percent:.2f} to {r.projected_high_percent:.2f}%)"
+
+
+def _cap_text(r: MultipleResult) -> str:
+    if not r.extrapolation_capped:
+        return ""
+    return (
+        f"; projected at {MAX_EXTRAPOLATION:g}x the probe's cumulative learning rate, not the whole run's "
+        "(a line fitted that short is not extrapolated further; the guard watches the rest)"
+    )
 
 
 def choose(results: Sequence[MultipleResult], budget_percent: float) -> Choice:
@@ -220,7 +290,8 @@ def choose(results: Sequence[MultipleResult], budget_percent: float) -> Choice:
         best = within[-1]
         reason = (
             f"{best.multiplier:g}x is the highest multiple projected within the forgetting budget: "
-            f"{best.projected_percent:.2f}% <= {budget_percent:g}% at the end of the run"
+            f"{best.projected_percent:.2f}%{_interval_text(best)} <= {budget_percent:g}% at the end of the run"
+            f"{_cap_text(best)}"
         )
         higher = sorted((r for r in results if r.multiplier > best.multiplier), key=lambda r: r.multiplier)
         if not higher:
@@ -299,6 +370,9 @@ class ProbeRecord:
                 "multiplier": r.multiplier,
                 "learningRate": _lr(r.learning_rate),
                 "projectedForgettingPercent": r4(r.projected_percent),
+                "projectedLowPercent": r4(r.projected_low_percent),
+                "projectedHighPercent": r4(r.projected_high_percent),
+                "extrapolationCapped": r.extrapolation_capped or None,
                 "measuredForgettingPercent": r4(r.measured_percent),
             }
             rows.append({k: v for k, v in row.items() if v is not None})
