@@ -1272,7 +1272,7 @@ class ProbeMultiple(StatusModel):
     """Upper end of the projection's 90% interval, in percent."""
 
     extrapolation_capped: bool | None = None
-    """True when the run goes more than 10 times past the probe's cumulative learning rate: the projection stops
+    """True when the run goes more than 30 times past the probe's cumulative learning rate: the projection stops
     there rather than extrapolating a short line further."""
 
     measured_forgetting_percent: float | None = None

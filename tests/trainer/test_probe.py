@@ -107,7 +107,7 @@ def test_probe_runs_are_short_constant_and_scaled() -> None:
 
 def test_assess_projects_to_the_whole_run() -> None:
     # 2 x 1e-3 over 100 constant steps: cumulative 0.2. Points (0.02, 0.5%), (0.04, 1%): slope 25 points per unit
-    # of cumulative rate through the origin -> 25 x 0.2 = 5% at the end of the run (0.2 is within 10 x 0.04).
+    # of cumulative rate through the origin -> 25 x 0.2 = 5% at the end of the run (0.2 is within 30 x 0.04).
     points = [ProbePoint(10, 0.02, 0.5), ProbePoint(20, 0.04, 1.0)]
     result = assess(2.0, training(), points, finite=True)
     assert result.learning_rate == pytest.approx(2e-3)
@@ -120,13 +120,13 @@ def test_assess_projects_to_the_whole_run() -> None:
     assert broken.projected_percent is None and not broken.usable and broken.measured_percent == 0.5
 
 
-def test_the_projection_stops_at_ten_times_the_probed_rate_and_carries_an_interval() -> None:
-    # 1000 steps at 2e-3: cumulative 2.0, fifty times the probe's 0.04. The line is followed to 10 x 0.04 = 0.4 only.
+def test_the_projection_stops_at_thirty_times_the_probed_rate_and_carries_an_interval() -> None:
+    # 1000 steps at 2e-3: cumulative 2.0, fifty times the probe's 0.04. The line is followed to 30 x 0.04 = 1.2 only.
     points = [ProbePoint(10, 0.02, 0.4), ProbePoint(20, 0.04, 1.1)]
     result = assess(2.0, training(maxSteps=1000), points, finite=True)
     slope = (0.02 * 0.4 + 0.04 * 1.1) / (0.02**2 + 0.04**2)
     assert result.slope == pytest.approx(slope) and result.extrapolation_capped
-    assert result.projected_percent == pytest.approx(slope * 0.4)
+    assert result.projected_percent == pytest.approx(slope * 1.2)
     assert result.projected_low_percent is not None and result.projected_high_percent is not None
     assert result.projected_low_percent < result.projected_percent < result.projected_high_percent
     choice = choose([result], budget_percent=50.0)
