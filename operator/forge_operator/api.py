@@ -180,8 +180,10 @@ class DataSpec(ApiModel):
 class EvalSpec(ApiModel):
     """Held-out evaluation sets, fixed for the whole run; forgetting is measured on the general set."""
 
-    every_steps: int = Field(default=100, ge=1, le=1_000_000)
-    """Evaluate every this many optimizer steps (the base model is evaluated once before step 1)."""
+    every_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Evaluate every this many optimizer steps (the base model is evaluated once before step 1). Omitted: maxSteps /
+    20, between 1 and 100, so that a run has at least 20 evaluations (up to 2,000 steps) and the guard's forgetting
+    rule, which needs a few of them past its grace period, can act within the first third of any run."""
 
     domain: list[Source] = Field(default_factory=list, max_length=64)
     """Held-out domain sources. When empty, the training domain sources are used (not held out: domain gain is then

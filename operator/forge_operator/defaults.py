@@ -160,6 +160,17 @@ def domain_factor(domain_percent: int) -> float:
     return clamp(0.5 + (100 - domain_percent) / 50, DOMAIN_FACTOR_BOUNDS)
 
 
+EVALUATIONS_PER_RUN = 20
+MAX_EVAL_INTERVAL = 100
+
+
+def eval_every_steps(spec: ForgeJobSpec) -> int:
+    """eval.everySteps, or its default: maxSteps / 20 rounded, between 1 and 100 steps."""
+    if spec.eval.every_steps is not None:
+        return spec.eval.every_steps
+    return min(MAX_EVAL_INTERVAL, max(1, round(spec.training.max_steps / EVALUATIONS_PER_RUN)))
+
+
 def zero_stage(spec: ForgeJobSpec) -> int:
     """training.zeroStage, or its default by world size: 0 for one process, 2 for more."""
     if spec.training.zero_stage is not None:
@@ -192,6 +203,11 @@ def resolve(spec: ForgeJobSpec) -> Resolved:
         params_note,
         f"warmupSteps {warmup_steps} = {training.warmup_percent}% of maxSteps {training.max_steps}",
     ]
+    if spec.eval.every_steps is None:
+        notes.append(
+            f"eval.everySteps {eval_every_steps(spec)} = maxSteps {training.max_steps} / {EVALUATIONS_PER_RUN}, "
+            f"between 1 and {MAX_EVAL_INTERVAL}: enough evaluations for the guard to act early in the run"
+        )
     if training.zero_stage is None:
         notes.append(f"zeroStage {zero_stage(spec)}: the default for worldSize {world} (0 for one process, 2 for more)")
     if effective != target:

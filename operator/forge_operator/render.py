@@ -23,7 +23,7 @@ from forge_operator.api import (
     Resolved,
     Source,
 )
-from forge_operator.defaults import parse_decimal, zero_stage
+from forge_operator.defaults import eval_every_steps, parse_decimal, zero_stage
 
 TRAINER_CONFIG_VERSION = 1
 CONFIG_KEY = "config.json"
@@ -250,7 +250,7 @@ def build_trainer_config(
             "maxBadLines": spec.data.max_bad_lines,
         },
         "eval": {
-            "everySteps": spec.eval.every_steps,
+            "everySteps": eval_every_steps(spec),
             "domain": _sources(spec.eval.domain or spec.data.domain),
             "general": _sources(spec.eval.general or spec.data.general),
             "maxTokens": spec.eval.max_tokens,

@@ -205,7 +205,7 @@ def check_training(spec: ForgeJobSpec) -> list[FieldError]:
         )
     if parse_decimal(training.weight_decay) > MAX_WEIGHT_DECAY:
         errors.append(FieldError("spec.training.weightDecay", f"{training.weight_decay} exceeds {MAX_WEIGHT_DECAY:g}"))
-    if spec.eval.every_steps > training.max_steps:
+    if spec.eval.every_steps is not None and spec.eval.every_steps > training.max_steps:
         errors.append(
             FieldError(
                 "spec.eval.everySteps",
