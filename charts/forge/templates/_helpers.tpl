@@ -119,10 +119,18 @@ Keep in sync with operator/forge_operator/ (handlers and render): docs/monitorin
 - apiGroups: ["forge.dev"]
   resources: ["forgejobs/finalizers"]
   verbs: ["update"]
-# The PyTorchJob each ForgeJob runs as (created, watched, patched: suspend, its forge.dev/final-status finalizer).
+# The child job each ForgeJob runs as, for each enabled backend (operator.backends): created, watched, patched
+# (suspend, its forge.dev/final-status finalizer).
+{{- if has "pytorchjob" .Values.operator.backends }}
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
   verbs: ["create", "get", "list", "watch", "patch"]
+{{- end }}
+{{- if has "trainjob" .Values.operator.backends }}
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs"]
+  verbs: ["create", "get", "list", "watch", "patch"]
+{{- end }}
 # The trainer config ConfigMap (replaced, with update, when an earlier attempt left another spec's config).
 - apiGroups: [""]
   resources: ["configmaps"]
