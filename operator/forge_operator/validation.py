@@ -670,8 +670,7 @@ def check_env(spec: ForgeJobSpec) -> list[FieldError]:
     return errors
 
 
-# A TrainJob's pods are named '<name>-node-0-<i>' (JobSet), its rendezvous host '<name>-node-0-0.<name>'.
-MAX_TRAINJOB_NAME_LENGTH = 63 - len("-node-0-1023")
+# (A TrainJob's pods are '<name>-node-0-<i>' (JobSet): MAX_NAME_LENGTH already keeps them valid host names.)
 TRAINJOB_REFUSED = "a Kubeflow Trainer v2.3.0 TrainJob cannot carry it"
 
 
@@ -692,14 +691,6 @@ def check_backend(
             return [FieldError("spec.trainingRuntime", "only with backend trainjob (a PyTorchJob has no runtime)")]
         return []
     errors: list[FieldError] = []
-    if NAME_PATTERN.match(name) and len(name) > MAX_TRAINJOB_NAME_LENGTH:
-        errors.append(
-            FieldError(
-                "metadata.name",
-                f"{name!r} is {len(name)} characters; with backend trainjob at most {MAX_TRAINJOB_NAME_LENGTH} so that "
-                "'<name>-node-0-<i>' stays a valid 63-character host name",
-            )
-        )
     unsupported = [
         ("spec.envFrom", bool(spec.env_from), "list the variables in spec.env (valueFrom a Secret or ConfigMap key)"),
         (
