@@ -1,10 +1,11 @@
 """`make demo`: Forge end to end on one machine.
 
 Starts a real local control plane, an S3 server on loopback, the Forge operator and the local training-operator
-stand-in (it also plays Kubeflow Trainer v2: ``FORGE_DEMO_BACKEND=trainjob``, or ``make demo BACKEND=trainjob``, runs
-the ForgeJob as a TrainJob, the operator's default backend); builds (once, cached) a tiny base model pretrained on general text; puts it and the demo datasets in S3;
-applies ``examples/demo-forgejob.yaml``; shows live progress; ends with the selected checkpoint and a PNG plot of
-domain gain and forgetting against step. Everything it started is stopped before it returns.
+stand-in (it also plays Kubeflow Trainer v2: ``FORGE_DEMO_BACKEND=trainjob``, i.e. ``make demo BACKEND=trainjob``,
+makes TrainJob the operator's default backend); builds (once, cached) a tiny base model pretrained on general text;
+puts it and the demo datasets in S3; applies ``examples/demo-forgejob.yaml``; shows live progress; ends with the
+selected checkpoint and a PNG plot of domain gain and forgetting against step. Everything it started is stopped
+before it returns.
 """
 
 from __future__ import annotations
