@@ -146,7 +146,6 @@ TRAINJOB_CONDITIONS: Final = {
     "Failed": "Failed",
 }
 REASON_JOBS_READY = "JobsReady"
-REASON_JOBS_SUSPENDED = "Suspended"
 
 
 @dataclass(frozen=True)
@@ -178,13 +177,9 @@ class TrainJobBackend:
         finished = _is_true(reported, "Complete") or _is_true(reported, "Failed")
         jobs = [j for j in (child.get("status") or {}).get("jobsStatus") or [] if isinstance(j, dict)]
         ready = sum(int(j.get("ready") or 0) for j in jobs)
-        if suspended or _is_true(reported, "Suspended"):
-            conditions["Running"] = {
-                "status": "False",
-                "reason": REASON_JOBS_SUSPENDED,
-                "message": f"TrainJob {name} is suspended",
-            }
-        elif ready and not finished:
+        # Running is reported only while it is True: when it goes (suspended, finished) the mirror turns it False,
+        # and a run suspended before it ever ran never had it (Kueue's hold is then WaitingForAdmission).
+        if ready and not finished and not suspended and not _is_true(reported, "Suspended"):
             conditions["Running"] = {
                 "status": "True",
                 "reason": REASON_JOBS_READY,

@@ -206,7 +206,7 @@ def test_trainjob_conditions_map_to_the_forgejob_vocabulary() -> None:
     running = TRAINJOB.report(trainjob_object([created], ready=1))
     assert running.conditions["Running"]["status"] == "True"
     suspended = TRAINJOB.report(trainjob_object([created, condition("Suspended", "True", "Suspended")], suspend=True))
-    assert suspended.suspended and suspended.conditions["Running"]["status"] == "False"
+    assert suspended.suspended and "Running" not in suspended.conditions
     assert suspended.conditions["Suspended"]["status"] == "True"
     done = trainjob_object([created, condition("Complete", "True", "AllJobsCompleted", "jobset completed")], ready=1)
     assert TRAINJOB.report(done).conditions["Succeeded"]["reason"] == "AllJobsCompleted"
@@ -403,3 +403,31 @@ def test_operator_runs_a_forgejob_as_a_trainjob(trainjob_kube: Kube, namespace: 
     wait_for(lambda: trainjob() is None, what="the TrainJob gone (finalizer released)")
     wait_for(lambda: kube.state(namespace, name) == "Succeeded", what="still Succeeded")
     assert trainjob() is None
+
+
+def test_a_started_run_keeps_its_backend_whatever_the_default_becomes() -> None:
+    from forge_operator.context import OperatorContext
+    from forge_operator.handlers.handle_reconcile_forgejob import backend_of
+
+    def ctx(default: str) -> OperatorContext:
+        settings = Settings(default_backend=default)  # type: ignore[arg-type]
+        return OperatorContext(settings=settings, kube=None)  # type: ignore[arg-type]
+
+    unset = ForgeJobSpec.model_validate(forgejob("x")["spec"])
+    assert backend_of(ctx("pytorchjob"), ForgeJobStatus(), unset) is PYTORCHJOB
+    assert backend_of(ctx("trainjob"), ForgeJobStatus(), unset) is TRAINJOB
+    assert backend_of(ctx("pytorchjob"), ForgeJobStatus(trainJob="x"), unset) is TRAINJOB  # type: ignore[call-arg]
+    assert backend_of(ctx("trainjob"), ForgeJobStatus(pytorchJob="x"), unset) is PYTORCHJOB  # type: ignore[call-arg]
+
+
+def test_kueue_holds_a_queued_trainjob() -> None:
+    spec = spec_of(scheduling={"queueName": "team-a"})
+    status = ForgeJobStatus.model_validate(
+        {"trainJob": "bot", "conditions": [condition("Accepted", "True", "Accepted")]}
+    )
+    held = trainjob_object([condition("Created", "True", "JobsCreationSucceeded")], suspend=True)
+    held["metadata"]["labels"] = {QUEUE_LABEL: "team-a"}
+    change = desired_status(status, spec, generation=1, at="t", child=TRAINJOB.report(held))
+    assert change.state == "Queued"
+    queued = {c["type"]: c for c in change.patch["status"]["conditions"]}["Queued"]
+    assert queued["reason"] == "WaitingForAdmission" and queued["message"].startswith("TrainJob bot is held")
