@@ -659,6 +659,15 @@ class TrainingOperatorStandIn:
         shard of the last checkpoint); after a failure they are stopped at once.
         """
         running = [r for r in runtime.replicas.values() if r.phase is ReplicaPhase.RUNNING]
+        processes = {replica.replica.name: replica.processes for replica in running}
+        for replica in runtime.replicas.values():
+            if replica.phase in (ReplicaPhase.RUNNING, ReplicaPhase.PENDING):
+                replica.processes = []
+                replica.phase = ReplicaPhase.STOPPED
+                replica.restart_pending = False
+                replica.stopped_after_success = after_success
+        # state.json says Stopped before any process is signalled: whoever sees a process gone reads a final state.
+        self._save_state(runtime)
         if after_success and self.settings.drain_s > 0:
             deadline = time.monotonic() + self.settings.drain_s
             for replica in running:
@@ -666,17 +675,14 @@ class TrainingOperatorStandIn:
                 log_line(
                     log, f"the job has ended: {replica.replica.name} may finish within {self.settings.drain_s:g} s"
                 )
-                self._draining.append(Draining(replica.replica.name, log, replica.processes, deadline, runtime.grace_s))
+                draining = Draining(
+                    replica.replica.name, log, processes[replica.replica.name], deadline, runtime.grace_s
+                )
+                self._draining.append(draining)
         else:
-            stop_processes([p for r in running for p in r.processes], runtime.grace_s)
+            stop_processes([p for procs in processes.values() for p in procs], runtime.grace_s)
             for replica in running:
                 log_line(self._log_path(runtime, replica), f"stopped {replica.replica.name}: the job has ended")
-        for replica in runtime.replicas.values():
-            if replica.phase in (ReplicaPhase.RUNNING, ReplicaPhase.PENDING):
-                replica.processes = []
-                replica.phase = ReplicaPhase.STOPPED
-                replica.restart_pending = False
-                replica.stopped_after_success = after_success
 
     def _drain(self) -> None:
         """Reap replicas of finished jobs that exited by themselves; stop those past their drain deadline."""
