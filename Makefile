@@ -10,11 +10,13 @@ export FORGE_CACHE_DIR ?= $(HOME)/.cache/forge
 export TORCH_EXTENSIONS_DIR ?= $(FORGE_CACHE_DIR)/torch_extensions
 export PATH := $(FORGE_CACHE_DIR)/bin:$(FORGE_CACHE_DIR)/k8s-1.20.2/bin:$(PATH)
 PYTEST_ARGS ?=
+# `make demo BACKEND=trainjob` runs the demo ForgeJob as a Kubeflow Trainer v2 TrainJob (default: pytorchjob).
+BACKEND ?= pytorchjob
 
 .PHONY: help venv control-plane tools system-packages setup check format test demo clean
 
 help:
-	@echo "make demo   - run Forge end to end on a local control plane"
+	@echo "make demo   - run Forge end to end on a local control plane (BACKEND=trainjob: as a TrainJob)"
 	@echo "make test   - lint, type-check and run all tests"
 	@echo "make check  - ruff (format + lint) and mypy only"
 	@echo "make format - apply ruff formatting and safe fixes"
@@ -52,7 +54,7 @@ test: setup check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m forge_dev.demo
+	FORGE_DEMO_BACKEND=$(BACKEND) $(PY) -m forge_dev.demo
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

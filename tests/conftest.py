@@ -13,11 +13,12 @@ import pytest
 from kubernetes import client, config
 
 from forge_dev.controlplane import ControlPlane
-from forge_dev.crds import install_crds, minimal_pytorchjob_crd_path
+from forge_dev.crds import install_crds, install_trainer_v2, minimal_pytorchjob_crd_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
 KUBEFLOW_PYTORCHJOB_CRD = SHARED_FIXTURES / "kubeflow.org_pytorchjobs.yaml"
+KUBEFLOW_TRAINER_V2 = SHARED_FIXTURES / "kubeflow-trainer-v2.3.0"
 
 
 def pytorchjob_crd_path() -> Path:
@@ -34,6 +35,19 @@ def pytorchjob_crd_path() -> Path:
 
 def uses_real_kubeflow_crd() -> bool:
     return KUBEFLOW_PYTORCHJOB_CRD.is_file()
+
+
+def trainer_v2_fixtures() -> Path | None:
+    """Kubeflow Trainer v2.3.0's CRDs and torch-distributed runtime from ../shared/fixtures, or None (then Forge's
+    own permissive ones are installed)."""
+    if (KUBEFLOW_TRAINER_V2 / "trainer.kubeflow.org_trainjobs.yaml").is_file():
+        return KUBEFLOW_TRAINER_V2
+    warnings.warn(
+        f"{KUBEFLOW_TRAINER_V2} not found: using Forge's minimal TrainJob CRD, which does not validate TrainJob "
+        "specs against Kubeflow Trainer's schema",
+        stacklevel=1,
+    )
+    return None
 
 
 @dataclass
@@ -67,6 +81,7 @@ def cluster() -> Iterator[LocalCluster]:
         crd_files = [*sorted((REPO_ROOT / "crds").glob("*.yaml")), pytorchjob_crd_path()]
         with local.api_client() as api:
             install_crds(api, crd_files)
+            install_trainer_v2(api, trainer_v2_fixtures())
         yield local
     finally:
         control_plane.stop()

@@ -1,9 +1,11 @@
 """`make demo`: Forge end to end on one machine.
 
 Starts a real local control plane, an S3 server on loopback, the Forge operator and the local training-operator
-stand-in; builds (once, cached) a tiny base model pretrained on general text; puts it and the demo datasets in S3;
-applies ``examples/demo-forgejob.yaml``; shows live progress; ends with the selected checkpoint and a PNG plot of
-domain gain and forgetting against step. Everything it started is stopped before it returns.
+stand-in (it also plays Kubeflow Trainer v2: ``FORGE_DEMO_BACKEND=trainjob``, i.e. ``make demo BACKEND=trainjob``,
+makes TrainJob the operator's default backend); builds (once, cached) a tiny base model pretrained on general text;
+puts it and the demo datasets in S3; applies ``examples/demo-forgejob.yaml``; shows live progress; ends with the
+selected checkpoint and a PNG plot of domain gain and forgetting against step. Everything it started is stopped
+before it returns.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from kubernetes import client, config
 
 from forge_dev.basemodel import build_base_model
 from forge_dev.controlplane import ControlPlane
-from forge_dev.crds import install_crds, minimal_pytorchjob_crd_path
+from forge_dev.crds import install_crds, install_trainer_v2, minimal_pytorchjob_crd_path
 from forge_dev.services import S3Server, operator_process, s3_server
 from forge_dev.standin import StandInSettings, standin_thread
 
@@ -44,6 +46,23 @@ def pytorchjob_crd(repo_root: Path) -> Path:
         return kubeflow
     print(f"note: {kubeflow} not found; using Forge's minimal PyTorchJob CRD", file=sys.stderr)
     return minimal_pytorchjob_crd_path()
+
+
+def trainer_v2_folder(repo_root: Path) -> Path | None:
+    """Kubeflow Trainer v2.3.0's CRDs and runtime when they sit beside the repository, else None (Forge's minimal)."""
+    folder = repo_root.parent / "shared" / "fixtures" / "kubeflow-trainer-v2.3.0"
+    if (folder / "trainer.kubeflow.org_trainjobs.yaml").is_file():
+        return folder
+    print(f"note: {folder} not found; using Forge's minimal TrainJob CRD and torch runtime", file=sys.stderr)
+    return None
+
+
+def demo_backend() -> str:
+    """The child job the demo runs: FORGE_DEMO_BACKEND (pytorchjob or trainjob; `make demo BACKEND=...`)."""
+    backend = os.environ.get("FORGE_DEMO_BACKEND", "").strip() or "pytorchjob"
+    if backend not in ("pytorchjob", "trainjob"):
+        raise SystemExit(f"FORGE_DEMO_BACKEND={backend!r}: expected pytorchjob or trainjob")
+    return backend
 
 
 def s3_client(server: S3Server) -> Any:
@@ -186,6 +205,7 @@ def run_demo(repo_root: Path, out: Path, timeout_s: float) -> int:
     manifest = yaml.safe_load((repo_root / DEMO_MANIFEST).read_text())
     name = manifest["metadata"]["name"]
     budget = float(manifest["spec"]["forgetting"]["budgetPercent"])
+    backend = demo_backend()
     with ExitStack() as stack:
         with step("building the tiny base model (cached after the first run)"):
             base = build_base_model()
@@ -195,6 +215,7 @@ def run_demo(repo_root: Path, out: Path, timeout_s: float) -> int:
             os.environ["KUBECONFIG"] = str(plane.kubeconfig)
             api = stack.enter_context(config.new_client_from_config(config_file=str(plane.kubeconfig)))
             install_crds(api, [*sorted((repo_root / "crds").glob("*.yaml")), pytorchjob_crd(repo_root)])
+            install_trainer_v2(api, trainer_v2_folder(repo_root))
         with step("starting an S3 server on loopback and uploading the base model and datasets"):
             s3_service = stack.enter_context(s3_server(out / "logs" / "s3.log"))
             s3 = s3_client(s3_service)
@@ -204,8 +225,10 @@ def run_demo(repo_root: Path, out: Path, timeout_s: float) -> int:
             files += upload_folder(s3, base.domain, BUCKET, "data/domain")
             print(f"   {files} files in s3://{BUCKET}/ at {s3_service.endpoint}")
             client.CoreV1Api(api).create_namespaced_secret(NAMESPACE, s3_secret(s3_service))
-        with step("starting the Forge operator and the local training-operator stand-in"):
-            stack.enter_context(operator_process(plane.kubeconfig, out / "logs" / "operator.log", [NAMESPACE]))
+        with step(f"starting the Forge operator (default backend {backend}) and the local Kubeflow stand-in"):
+            operator_env = {"FORGE_DEFAULT_BACKEND": backend}
+            log = out / "logs" / "operator.log"
+            stack.enter_context(operator_process(plane.kubeconfig, log, [NAMESPACE], operator_env))
             standin_dir = out / "standin"
             stack.enter_context(standin_thread(api, StandInSettings(workdir=standin_dir, namespace=NAMESPACE)))
         print(f"== kubectl apply -f {DEMO_MANIFEST}", flush=True)

@@ -1,7 +1,8 @@
 """LOCAL STAND-IN for Kubeflow's training-operator + kubelet: development and tests only, never deployed.
 
-Runs each replica of every PyTorchJob in the local control plane as a local process, with the environment,
-volumes and ServiceAccount credentials a pod would get, and writes the PyTorchJob status as Kubeflow does.
+Runs each replica of every PyTorchJob (and each node of every Kubeflow Trainer v2 TrainJob) in the local control
+plane as a local process, with the environment, volumes and ServiceAccount credentials a pod would get, and writes
+the job's status as Kubeflow does.
 See docs/standin.md.
 
     python -m forge_dev.training_operator_standin run --kubeconfig K --workdir D [--namespace N]
@@ -67,19 +68,22 @@ def run_command(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message="Unverified HTTPS request")  # loopback control plane
     api_client = config.new_client_from_config(config_file=str(args.kubeconfig) if args.kubeconfig else None)
     settings = StandInSettings(workdir=(args.workdir or default_workdir()).resolve(), namespace=args.namespace)
-    standin = TrainingOperatorStandIn(api_client, settings)
+    standins = [TrainingOperatorStandIn(api_client, settings, kind) for kind in ("PyTorchJob", "TrainJob")]
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
         logging.getLogger("forge_dev.standin").info("received %s: stopping", signal.Signals(signum).name)
-        standin.stop()
+        for standin in standins:
+            standin.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, request_stop)
-    # The loop runs in a thread so that signal handlers never interrupt it while it holds a lock.
-    worker = threading.Thread(target=standin.run, name="forge-standin")
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.5)
+    # The loops run in threads so that signal handlers never interrupt them while they hold a lock.
+    workers = [threading.Thread(target=standin.run, name="forge-standin") for standin in standins]
+    for worker in workers:
+        worker.start()
+    while any(worker.is_alive() for worker in workers):
+        for worker in workers:
+            worker.join(0.5)
     api_client.close()
     return 0
 
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Local stand-in for Kubeflow's training-operator + kubelet (development only).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    add_run_arguments(commands.add_parser("run", help="watch PyTorchJobs and run their replicas locally"))
+    add_run_arguments(commands.add_parser("run", help="watch PyTorchJobs and TrainJobs and run their pods locally"))
     add_logs_arguments(commands.add_parser("logs", help="print a replica's log"))
     args = parser.parse_args(argv)
     return run_command(args) if args.command == "run" else logs_command(args)

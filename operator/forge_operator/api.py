@@ -32,6 +32,8 @@ OutputRetention = Literal["dropOptimizerState", "keepAll"]
 StallAction = Literal["restart", "fail", "warn"]
 TrainerPhase = Literal["setup", "compile", "train", "evaluate", "candidates"]
 ConditionStatus = Literal["True", "False", "Unknown"]
+BackendName = Literal["pytorchjob", "trainjob"]
+BACKENDS: tuple[BackendName, ...] = ("pytorchjob", "trainjob")
 State = Literal[
     "Pending", "Invalid", "Queued", "Running", "Restarting", "Suspended", "Succeeded", "EarlyStopped", "Failed"
 ]
@@ -927,6 +929,15 @@ class ForgeJobSpec(ApiModel):
     monitoring: MonitoringSpec = section()
     """When a run counts as hung or stalled, and what a stall does."""
 
+    backend: BackendName | None = None
+    """Which Kubeflow job runs the trainer: pytorchjob (the training-operator's PyTorchJob, kubeflow.org/v1) or
+    trainjob (Kubeflow Trainer v2's TrainJob, trainer.kubeflow.org/v1alpha1). Omitted: the operator's default
+    (FORGE_DEFAULT_BACKEND, pytorchjob). Fixed once the run started (docs/user-guide.md, "Choosing a backend")."""
+
+    training_runtime: str | None = Field(default=None, min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """backend trainjob only: the ClusterTrainingRuntime the TrainJob references (a torch runtime, e.g.
+    torch-distributed). Omitted: the operator's default (FORGE_TRAINJOB_RUNTIME, torch-distributed)."""
+
     suspend: bool = False
     """Pause (true) or resume (false) the run. With checkpoints.selection, the only fields that may change once the
     PyTorchJob exists. The operator writes the PyTorchJob's runPolicy.suspend only when this field changes; with
@@ -1363,7 +1374,10 @@ class ForgeJobStatus(StatusModel):
     """Conditions keyed by type."""
 
     pytorch_job: str | None = Field(default=None, max_length=253)
-    """Name of the PyTorchJob running this ForgeJob."""
+    """Name of the PyTorchJob running this ForgeJob (backend pytorchjob)."""
+
+    train_job: str | None = Field(default=None, max_length=253)
+    """Name of the TrainJob running this ForgeJob (backend trainjob)."""
 
     resolved: Resolved | None = None
     """Resolved training values."""

@@ -3,8 +3,9 @@ labels its pods, restarts them and is stopped.
 
 PyTorchJob (Kubeflow training-operator v1): pods carry ``training.kubeflow.org/job-name=<name>``; the training
 operator re-creates a deleted pod, so deleting the pods restarts every rank (which resumes from the latest complete
-checkpoint). TrainJob (Kubeflow Trainer v2) runs a JobSet whose pods carry ``jobset.sigs.k8s.io/jobset-name=<name>``
-(not implemented yet: the backend that creates TrainJobs adds it here).
+checkpoint). TrainJob (Kubeflow Trainer v2) runs a JobSet whose pods carry ``jobset.sigs.k8s.io/jobset-name=<name>``;
+each pod's Job re-creates it, and the deletion counts against that Job's backoffLimit (the runtime's). The local
+stand-in models PyTorchJob pods only, so the TrainJob restart is not exercised by the local tests.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ POD_NAME_LABELS: dict[str, str] = {
     "TrainJob": "jobset.sigs.k8s.io/jobset-name",
 }
 # The child kinds whose pods the operator may restart and which it may stop (implemented backends).
-RESTARTABLE_KINDS = frozenset({"PyTorchJob"})
+RESTARTABLE_KINDS = frozenset({"PyTorchJob", "TrainJob"})
 
 
 class UnsupportedChildError(ValueError):

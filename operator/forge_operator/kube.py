@@ -15,6 +15,7 @@ from kubernetes.client.exceptions import ApiException
 
 from forge_operator import metrics
 from forge_operator.api import GROUP, PLURAL, VERSION
+from forge_operator.backends import BY_NAME, install_hint
 from forge_operator.permissions import api_resource
 from forge_operator.status import StatusChange
 
@@ -26,9 +27,11 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "ServiceAccount": ("/api/v1", "serviceaccounts"),
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
-    "PyTorchJob": ("/apis/kubeflow.org/v1", "pytorchjobs"),
     "ForgeJob": (f"/apis/{GROUP}/{VERSION}", PLURAL),
+    # A stall restart deletes the child job's pods (forge_operator.child_pods).
     "Pod": ("/api/v1", "pods"),
+    # The child jobs: PyTorchJob, TrainJob (forge_operator.backends).
+    **{backend.kind: (backend.api_path, backend.plural) for backend in BY_NAME.values()},
 }
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -83,11 +86,11 @@ def refusal(error: BaseException) -> Refusal | None:
     if not isinstance(error, ApiException):
         return None
     if error.status == 404 and not object_missing(error):
-        return Refusal(
-            "MissingAPI",
-            f"{what}: the API server does not serve this resource. Install the Kubeflow training-operator "
-            "(its PyTorchJob CRD, kubeflow.org/v1: `kubectl get crd pytorchjobs.kubeflow.org`) or Forge's CRDs",
+        hint = install_hint(what.split(" ", 1)[-1]) or (
+            "Install Forge's CRDs (crds/, or the Helm chart), and the Kubeflow training-operator (its PyTorchJob "
+            "CRD, kubeflow.org/v1: `kubectl get crd pytorchjobs.kubeflow.org`)"
         )
+        return Refusal("MissingAPI", f"{what}: the API server does not serve this resource. {hint}")
     if error.status == 403 and not namespace_terminating(error):
         detail = (_status_body(error) or {}).get("message") or "forbidden"
         return Refusal(

@@ -248,7 +248,7 @@ def liveness_change(
                 transitions.append(Transition("Recovered", f"the run progresses again: {message}"))
     if conditions != status.conditions:
         patch["conditions"] = [c.to_api() for c in conditions]
-    state = derive_state(conditions, started=status.pytorch_job is not None)
+    state = derive_state(conditions, started=status.pytorch_job is not None or status.train_job is not None)
     if state != status.state:
         patch["state"] = state
         transitions.append(Transition(state, f"{status.state} -> {state}", warning=state == "Failed"))

@@ -12,12 +12,13 @@ from typing import Any
 import kopf
 
 from forge_operator.api import GROUP, PLURAL, VERSION
+from forge_operator.backends import BY_NAME, Backend
 from forge_operator.context import OperatorContext
 from forge_operator.handlers import (
     handle_liveness,
     handle_reconcile_forgejob,
     handle_startup,
-    handle_sync_pytorchjob,
+    handle_sync_child,
     handle_sync_status,
 )
 from forge_operator.handlers.common import guard
@@ -73,12 +74,21 @@ def forgejob_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> No
         handle_sync_status.sync_status(_ctx(memo), type, body)
 
 
-@kopf.on.event(
-    "kubeflow.org", "v1", "pytorchjobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY, JOB_LABEL: kopf.PRESENT}
-)
-def pytorchjob_event(type: str | None, body: kopf.Body, memo: Any, logger: Logger, **_: Any) -> None:
-    with guard(handle_sync_pytorchjob.HANDLER, body):
-        handle_sync_pytorchjob.sync_pytorchjob(_ctx(memo), type, body, logger)
+def _watch_child_jobs(backend: Backend) -> None:
+    """One event handler per enabled backend (FORGE_BACKENDS, read at import like the resync interval): the
+    operator watches only the child kinds it may create, so the chart grants RBAC only for those."""
+    group, version = backend.api_path.removeprefix("/apis/").split("/")
+
+    def child_event(type: str | None, body: kopf.Body, memo: Any, logger: Logger, **_: Any) -> None:
+        with guard(handle_sync_child.handler_name(backend), body):
+            handle_sync_child.sync_child(_ctx(memo), backend, type, body, logger)
+
+    labels = {"app.kubernetes.io/managed-by": MANAGED_BY, JOB_LABEL: kopf.PRESENT}
+    kopf.on.event(group, version, backend.plural, labels=labels, id=f"{backend.name}_event")(child_event)
+
+
+for _name in Settings().backends:
+    _watch_child_jobs(BY_NAME[_name])
 
 
 def run() -> None:

@@ -8,27 +8,36 @@ operator creates grants: Kubernetes lets a subject create a Role only with permi
 
 from __future__ import annotations
 
-from forge_operator.api import GROUP, PLURAL
+from forge_operator.api import GROUP, PLURAL, BackendName
 
 Permissions = dict[tuple[str, str], frozenset[str]]
 
-CODE: Permissions = {
+# The child job of each backend (forge_operator.backends): what the code and kopf do with it. The chart grants the
+# rules of the backends it enables (operator.backends).
+BACKEND_CODE: dict[BackendName, Permissions] = {
+    # delete: spec.monitoring.onStall fail stops the run (forge_operator.child_pods)
+    "pytorchjob": {("kubeflow.org", "pytorchjobs"): frozenset({"get", "create", "patch", "delete"})},
+    "trainjob": {("trainer.kubeflow.org", "trainjobs"): frozenset({"get", "create", "patch", "delete"})},
+}
+BACKEND_KOPF: dict[BackendName, Permissions] = {
+    "pytorchjob": {("kubeflow.org", "pytorchjobs"): frozenset({"list", "watch"})},
+    "trainjob": {("trainer.kubeflow.org", "trainjobs"): frozenset({"list", "watch"})},
+}
+
+BASE_CODE: Permissions = {
     (GROUP, PLURAL): frozenset({"get"}),
     (GROUP, f"{PLURAL}/status"): frozenset({"patch"}),
     # ownerReferences with blockOwnerDeletion: clusters that enforce OwnerReferencesPermissionEnforcement check it.
     (GROUP, f"{PLURAL}/finalizers"): frozenset({"update"}),
-    # delete: spec.monitoring.onStall fail stops the run (forge_operator.child_pods)
-    ("kubeflow.org", "pytorchjobs"): frozenset({"get", "create", "patch", "delete"}),
-    # a stall restart deletes the child job's pods, which the training operator re-creates
+    # a stall restart deletes the child job's pods, which the child's controller re-creates (forge_operator.child_pods)
     ("", "pods"): frozenset({"list", "delete"}),
     ("", "configmaps"): frozenset({"get", "create", "update"}),
     ("", "serviceaccounts"): frozenset({"get", "create"}),
     ("rbac.authorization.k8s.io", "roles"): frozenset({"get", "create"}),
     ("rbac.authorization.k8s.io", "rolebindings"): frozenset({"get", "create"}),
 }
-KOPF: Permissions = {
+BASE_KOPF: Permissions = {
     (GROUP, PLURAL): frozenset({"list", "watch", "patch"}),
-    ("kubeflow.org", "pytorchjobs"): frozenset({"list", "watch"}),
     ("", "events"): frozenset({"create"}),
 }
 ESCALATION: Permissions = {
@@ -47,7 +56,20 @@ def merged(*tables: Permissions) -> Permissions:
     return result
 
 
-NAMESPACED: Permissions = merged(CODE, KOPF, ESCALATION)
+def namespaced(backends: tuple[BackendName, ...] = ("pytorchjob", "trainjob")) -> Permissions:
+    """Every namespaced rule of an operator that may create the child jobs of ``backends``."""
+    return merged(
+        BASE_CODE,
+        BASE_KOPF,
+        ESCALATION,
+        *(BACKEND_CODE[name] for name in backends),
+        *(BACKEND_KOPF[name] for name in backends),
+    )
+
+
+CODE: Permissions = merged(BASE_CODE, *BACKEND_CODE.values())
+KOPF: Permissions = merged(BASE_KOPF, *BACKEND_KOPF.values())
+NAMESPACED: Permissions = namespaced()
 
 
 def api_resource(path: str) -> tuple[str, str]:

@@ -38,6 +38,19 @@ PYTORCH_PORT = 23456
 GPU_RESOURCE = "nvidia.com/gpu"
 PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
 PYTORCHJOB_KIND = "PyTorchJob"
+# Kubeflow Trainer v2 (trainer.kubeflow.org): a TrainJob runs on a (Cluster)TrainingRuntime, a JobSet template whose
+# trainer container (torch runtimes: replicated job and container "node") gets the image, command, env and
+# resources of the TrainJob, and its pod-template overrides through spec.runtimePatches.
+TRAINJOB_API_VERSION = "trainer.kubeflow.org/v1alpha1"
+TRAINJOB_KIND = "TrainJob"
+TRAINER_GROUP = "trainer.kubeflow.org"
+DEFAULT_TRAINING_RUNTIME = "torch-distributed"
+TRAINJOB_NODE = "node"
+"""The replicated job and the trainer container of Kubeflow's torch runtimes."""
+RUNTIME_PATCH_MANAGER = "forge.dev/forge-operator"
+# The torch runtimes give every node PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and
+# PET_MASTER_PORT, which torchrun reads; torchrun starts the local ranks with RANK, LOCAL_RANK, WORLD_SIZE, ...
+TORCHRUN = "torchrun"
 MANAGED_BY = "forge-operator"
 JOB_LABEL = "forge.dev/forgejob"
 SPEC_DIGEST_ANNOTATION = "forge.dev/spec-digest"
@@ -81,6 +94,8 @@ class RenderOptions:
     """Default {limits, requests} of the trainer container, for ForgeJobs that set no spec.resources.resources."""
     trainer_image_pull_policy: str | None = None
     """Default imagePullPolicy of the trainer container, for ForgeJobs that set no spec.resources.imagePullPolicy."""
+    training_runtime: str = DEFAULT_TRAINING_RUNTIME
+    """Default ClusterTrainingRuntime of TrainJobs, for ForgeJobs that set no spec.trainingRuntime."""
     restricted: bool = True
     """Trainer pods meet Pod Security "restricted" (non-root, RuntimeDefault seccomp, no privilege escalation, no
     capabilities, read-only root filesystem with /tmp and the scratch folder writable)."""
@@ -566,14 +581,95 @@ def build_pytorchjob(owner: Owner, spec: ForgeJobSpec, options: RenderOptions) -
     }
 
 
-def build_children(
-    owner: Owner, spec: ForgeJobSpec, resolved: Resolved, options: RenderOptions
-) -> list[dict[str, Any]]:
-    """Every child in creation order: the PyTorchJob last, once what its pods need exists."""
+def trainjob_name(job: str) -> str:
+    return job
+
+
+def trainjob_command() -> list[str]:
+    """torchrun (its arguments from the runtime's PET_* variables) starting forge-trainer once per local rank."""
+    return [TORCHRUN, "--no-python", TRAINER_COMMAND, "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"]
+
+
+# Pod spec fields a v2.3.0 runtime patch may carry (the rest of Forge's pod template: see build_trainjob).
+_PATCHABLE_POD_FIELDS = (
+    "serviceAccountName",
+    "volumes",
+    "securityContext",
+    "nodeSelector",
+    "tolerations",
+    "affinity",
+    "imagePullSecrets",
+)
+
+
+def build_trainjob(owner: Owner, spec: ForgeJobSpec, options: RenderOptions) -> dict[str, Any]:
+    """The Kubeflow Trainer v2 TrainJob: ``nodes`` nodes of the referenced torch runtime, one trainer container each.
+
+    The pod template is the PyTorchJob's (one source): image, env and resources go to ``spec.trainer``; labels,
+    annotations, the ServiceAccount, volumes and mounts, security contexts, node selection and pull secrets go to a
+    runtime patch owned by Forge. What a v2.3.0 TrainJob cannot carry (container ports, imagePullPolicy, envFrom,
+    priorityClassName, schedulerName, a gang, a restart policy and TTL) is refused by validation when set.
+    """
+    image = spec.resources.image or options.trainer_image
+    if not image:
+        raise ValueError("no trainer image: set spec.resources.image or FORGE_TRAINER_IMAGE")
+    template = _pod_template(owner, spec, options, image)
+    pod_spec = template["spec"]
+    container = pod_spec["containers"][0]
+    container_patch: dict[str, Any] = {"name": TRAINJOB_NODE, "volumeMounts": container["volumeMounts"]}
+    if "securityContext" in container:
+        container_patch["securityContext"] = container["securityContext"]
+    pod_patch: dict[str, Any] = {key: pod_spec[key] for key in _PATCHABLE_POD_FIELDS if key in pod_spec}
+    pod_patch["containers"] = [container_patch]
+    replicated_job = {
+        "name": TRAINJOB_NODE,
+        "template": {"spec": {"template": {"metadata": template["metadata"], "spec": pod_patch}}},
+    }
+    trainer: dict[str, Any] = {
+        "image": image,
+        "command": trainjob_command(),
+        "env": container["env"],
+        "numNodes": spec.resources.nodes,
+        "numProcPerNode": processes_per_pod(spec),
+    }
+    if container["resources"]:
+        trainer["resourcesPerNode"] = container["resources"]
+    annotations = {SPEC_DIGEST_ANNOTATION: spec_digest(spec), SUSPEND_ANNOTATION: suspend_value(spec.suspend)}
+    metadata = _metadata(owner, trainjob_name(owner.name), annotations)
+    metadata["labels"].update(queue_labels(spec))
+    metadata["finalizers"] = [FINAL_STATUS_FINALIZER]
+    job_spec: dict[str, Any] = {
+        "runtimeRef": {
+            "apiGroup": TRAINER_GROUP,
+            "kind": "ClusterTrainingRuntime",
+            "name": spec.training_runtime or options.training_runtime,
+        },
+        "suspend": created_suspended(spec),
+        "trainer": trainer,
+        "runtimePatches": [
+            {
+                "manager": RUNTIME_PATCH_MANAGER,
+                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [replicated_job]}}},
+            }
+        ],
+    }
+    if spec.run_policy.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    return {"apiVersion": TRAINJOB_API_VERSION, "kind": TRAINJOB_KIND, "metadata": metadata, "spec": job_spec}
+
+
+def build_support(owner: Owner, spec: ForgeJobSpec, resolved: Resolved, options: RenderOptions) -> list[dict[str, Any]]:
+    """What the trainer pods need before the child job exists: config, ServiceAccount, Role, RoleBinding."""
     return [
         build_config_map(owner, spec, resolved, options),
         build_service_account(owner, spec),
         build_role(owner),
         build_role_binding(owner),
-        build_pytorchjob(owner, spec, options),
     ]
+
+
+def build_children(
+    owner: Owner, spec: ForgeJobSpec, resolved: Resolved, options: RenderOptions
+) -> list[dict[str, Any]]:
+    """Every child of a PyTorchJob run in creation order: the PyTorchJob last, once what its pods need exists."""
+    return [*build_support(owner, spec, resolved, options), build_pytorchjob(owner, spec, options)]

@@ -9,8 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from forge_operator.api import LABEL_KEY_PATTERN, QUANTITY_PATTERN
-from forge_operator.render import GPU_RESOURCE, PYTORCH_PORT, RenderOptions
+from forge_operator.api import BACKENDS, DNS_SUBDOMAIN_PATTERN, LABEL_KEY_PATTERN, QUANTITY_PATTERN, BackendName
+from forge_operator.render import DEFAULT_TRAINING_RUNTIME, GPU_RESOURCE, PYTORCH_PORT, RenderOptions
 from forge_operator.validation import (
     DEFAULT_POD_METADATA_ALLOWED_KEYS,
     check_image,
@@ -62,6 +62,20 @@ class Settings(BaseSettings):
 
     trainer_image: str | None = None
     """Trainer image used when a ForgeJob does not set spec.resources.image."""
+
+    default_backend: BackendName = "pytorchjob"
+    """The child job of ForgeJobs that set no spec.backend: pytorchjob (Kubeflow training-operator PyTorchJob) or
+    trainjob (Kubeflow Trainer v2 TrainJob). Its API is checked at start-up."""
+
+    backends: Annotated[list[BackendName], NoDecode] = Field(default_factory=lambda: list(BACKENDS))
+    """Backends ForgeJobs may use, comma-separated (FORGE_BACKENDS=pytorchjob,trainjob); the operator watches only
+    these kinds (and the chart grants RBAC only for these). Must include the default backend."""
+
+    trainjob_runtime: str = Field(
+        default=DEFAULT_TRAINING_RUNTIME, min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN
+    )
+    """ClusterTrainingRuntime of TrainJobs whose ForgeJob sets no spec.trainingRuntime (a Kubeflow Trainer v2 torch
+    runtime)."""
 
     trainer_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     """imagePullPolicy of the trainer container when a ForgeJob does not set spec.resources.imagePullPolicy; unset
@@ -124,7 +138,7 @@ class Settings(BaseSettings):
     one exact key; empty allows none. Keys of Forge, Kubernetes' app.kubernetes.io, the training operator, Kueue and
     the gang schedulers are refused whatever this says."""
 
-    @field_validator("namespaces", "pod_metadata_allowed_keys", mode="before")
+    @field_validator("namespaces", "pod_metadata_allowed_keys", "backends", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
@@ -169,6 +183,14 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _default_backend_enabled(self) -> Settings:
+        if self.default_backend not in self.backends:
+            raise ValueError(
+                f"default_backend: {self.default_backend} is not in backends ({','.join(self.backends) or 'none'})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _metrics_ports_clear_of_rendezvous(self) -> Settings:
         last = self.trainer_metrics_port + MAX_LOCAL_RANKS - 1
         if self.trainer_metrics_port <= PYTORCH_PORT <= last:
@@ -186,4 +208,5 @@ class Settings(BaseSettings):
             trainer_resources=self.trainer_resources.to_api() if self.trainer_resources else {},
             trainer_image_pull_policy=self.trainer_image_pull_policy,
             restricted=self.trainer_pod_security == "restricted",
+            training_runtime=self.trainjob_runtime,
         )

@@ -1,7 +1,8 @@
 """The operator's part of a ForgeJob's status, computed purely from what is observed.
 
-Three inputs feed it: the reconcile outcome (Accepted, resolved values, observedGeneration), the PyTorchJob's
-conditions (mirrored as the training operator writes them), and the trainer's reports in the status itself
+Three inputs feed it: the reconcile outcome (Accepted, resolved values, observedGeneration), the child job's
+conditions (a PyTorchJob's or a TrainJob's, read through its backend's mapping as a ``ChildReport``), and the
+trainer's reports in the status itself
 (checkpoints -> selected, latest -> ForgettingWithinBudget, earlyStop -> EarlyStopped or GuardWarning,
 rebalance -> Rebalanced). The result is a merge patch holding only the fields that change, plus the transitions
 worth an Event.
@@ -31,6 +32,7 @@ from forge_operator.api import (
     Selected,
     State,
 )
+from forge_operator.backends import PYTORCHJOB, ChildReport
 from forge_operator.selection import select
 
 ACCEPTED = "Accepted"
@@ -39,7 +41,7 @@ EARLY_STOPPED = "EarlyStopped"
 GUARD_WARNING = "GuardWarning"
 REBALANCED = "Rebalanced"
 QUEUED = "Queued"
-# Kueue's label on a job it manages (render.QUEUE_LABEL; status.py does not import the builders).
+# Kueue's label on a job it manages (render.QUEUE_LABEL).
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 REASON_WAITING_FOR_ADMISSION = "WaitingForAdmission"
 REASON_PREEMPTED = "Preempted"
@@ -70,6 +72,8 @@ class Acceptance:
     message: str
     resolved: Resolved | None = None
     pytorch_job: str | None = None
+    train_job: str | None = None
+    """The child job's name in status.pytorchJob or status.trainJob, by backend."""
     unknown: bool = False
     """Accepted=Unknown: the cluster refused what the decision needs (a missing CRD, RBAC, an outage)."""
 
@@ -102,11 +106,6 @@ class StatusChange:
         return not self.patch
 
 
-def _pytorchjob_conditions(pytorchjob: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    status = pytorchjob.get("status") or {}
-    return {c["type"]: c for c in status.get("conditions") or [] if isinstance(c, dict) and "type" in c}
-
-
 def _stopped_on_purpose(conditions: Sequence[Condition]) -> bool:
     """The PyTorchJob failed, and the failure is the trainer's early stop (recorded as Failed=False)."""
     failed = cond.find(conditions, "Failed")
@@ -123,14 +122,21 @@ def _terminal(conditions: Sequence[Condition]) -> bool:
 def mirror_pytorchjob(
     conditions: Sequence[Condition], pytorchjob: Mapping[str, Any], *, at: str, generation: int | None
 ) -> list[Condition]:
-    """The training operator's conditions copied onto the ForgeJob.
+    """The training operator's conditions copied onto the ForgeJob (``mirror_child`` of a PyTorchJob)."""
+    return mirror_child(conditions, PYTORCHJOB.report(pytorchjob), at=at, generation=generation)
 
-    A type the PyTorchJob no longer lists (the training operator drops Running when it sets Restarting and the
+
+def mirror_child(
+    conditions: Sequence[Condition], child: ChildReport, *, at: str, generation: int | None
+) -> list[Condition]:
+    """The child job's conditions (in the ForgeJob's vocabulary, by its backend) copied onto the ForgeJob.
+
+    A type the child no longer reports (the training operator drops Running when it sets Restarting and the
     other way round) turns False. Once Succeeded or Failed is True the ForgeJob's conditions are final.
     """
     if _terminal(conditions):
         return list(conditions)
-    source = _pytorchjob_conditions(pytorchjob)
+    source = child.conditions
     result = list(conditions)
     for condition_type in MIRRORED_TYPES:
         reported = source.get(condition_type)
@@ -142,7 +148,7 @@ def mirror_pytorchjob(
                 result,
                 condition_type,
                 status,
-                reported.get("reason") or f"PyTorchJob{condition_type}",
+                reported.get("reason") or f"{child.kind}{condition_type}",
                 reported.get("message") or "",
                 at=reported.get("lastTransitionTime") or at,
                 observed_generation=generation,
@@ -153,7 +159,7 @@ def mirror_pytorchjob(
                 condition_type,
                 "False",
                 "NotReported",
-                f"the PyTorchJob no longer reports {condition_type}",
+                f"the {child.kind} no longer reports {condition_type}",
                 at=at,
                 observed_generation=generation,
             )
@@ -168,17 +174,28 @@ def queued_condition(
     at: str,
     generation: int | None,
 ) -> list[Condition]:
-    """Queued=True while Kueue holds the run: the PyTorchJob carries a queue label and is suspended, and the user did
+    """``queued_child`` of a PyTorchJob."""
+    return queued_child(conditions, PYTORCHJOB.report(pytorchjob), suspend_requested, at=at, generation=generation)
+
+
+def queued_child(
+    conditions: Sequence[Condition],
+    child: ChildReport,
+    suspend_requested: bool,
+    *,
+    at: str,
+    generation: int | None,
+) -> list[Condition]:
+    """Queued=True while Kueue holds the run: the child job carries a queue label and is suspended, and the user did
     not ask for it. Reason WaitingForAdmission before the run ever ran, Preempted after (Kueue suspended it again);
     Queued=False, reason Admitted, once Kueue un-suspends it."""
     if _terminal(conditions):
         return list(conditions)
-    metadata = pytorchjob.get("metadata") or {}
-    queue = (metadata.get("labels") or {}).get(QUEUE_LABEL)
+    queue = child.queue
     if not queue:
         return list(conditions)
-    suspended = bool(((pytorchjob.get("spec") or {}).get("runPolicy") or {}).get("suspend", False))
-    name, namespace = metadata.get("name", ""), metadata.get("namespace", "")
+    suspended = child.suspended
+    name, namespace, kind = child.name, child.namespace, child.kind
     if suspended and not suspend_requested:
         if cond.find(conditions, "Running") is not None:
             reason = REASON_PREEMPTED
@@ -189,8 +206,8 @@ def queued_condition(
             reason = REASON_WAITING_FOR_ADMISSION
             why = "waiting for Kueue to admit it (quota in the ClusterQueue behind the LocalQueue)"
         message = (
-            f"PyTorchJob {name} is held in LocalQueue {queue}: {why}; see `kubectl get workloads -n {namespace}` "
-            "(no Workload: is Kueue installed, with the PyTorchJob integration?)"
+            f"{kind} {name} is held in LocalQueue {queue}: {why}; see `kubectl get workloads -n {namespace}` "
+            f"(no Workload: is Kueue installed, with the {kind} integration?)"
         )
         return cond.upsert(conditions, QUEUED, "True", reason, message, at=at, observed_generation=generation)
     if cond.find(conditions, QUEUED) is None:
@@ -297,7 +314,12 @@ def guard_message(stop: EarlyStop, verb: str) -> str:
 
 
 def early_stop_condition(
-    conditions: Sequence[Condition], status: ForgeJobStatus, *, at: str, generation: int | None
+    conditions: Sequence[Condition],
+    status: ForgeJobStatus,
+    *,
+    at: str,
+    generation: int | None,
+    kind: str = "PyTorchJob",
 ) -> list[Condition]:
     """EarlyStopped=True once the guard reports a stop; GuardWarning=True for a rule that only warned.
 
@@ -330,7 +352,7 @@ def early_stop_condition(
             "Failed",
             "False",
             REASON_EARLY_STOPPED,
-            f"the trainer stopped the run on purpose ({stop.reason}); the PyTorchJob reported: {failed.message}",
+            f"the trainer stopped the run on purpose ({stop.reason}); the {kind} reported: {failed.message}",
             at=at,
             observed_generation=generation,
         )
@@ -351,7 +373,12 @@ def trainer_error_message(status: ForgeJobStatus) -> str | None:
 
 
 def failure_condition(
-    conditions: Sequence[Condition], status: ForgeJobStatus, *, at: str, generation: int | None
+    conditions: Sequence[Condition],
+    status: ForgeJobStatus,
+    *,
+    at: str,
+    generation: int | None,
+    kind: str = "PyTorchJob",
 ) -> list[Condition]:
     """A Failed=True condition carries the trainer's reported error, so the cause is in the status, not only in a
     pod log: reason TrainerError and the trainer's message before what the PyTorchJob said."""
@@ -359,7 +386,7 @@ def failure_condition(
     account = trainer_error_message(status)
     if failed is None or failed.status != "True" or account is None or failed.message.startswith(account):
         return list(conditions)
-    reported = f"; the PyTorchJob reported: {failed.message}" if failed.message else ""
+    reported = f"; the {kind} reported: {failed.message}" if failed.message else ""
     return cond.upsert(
         conditions,
         "Failed",
@@ -482,17 +509,20 @@ def desired_status(
     at: str,
     acceptance: Acceptance | None = None,
     pytorchjob: Mapping[str, Any] | None = None,
+    child: ChildReport | None = None,
 ) -> StatusChange:
     """The operator-owned status fields for the observed inputs, as a minimal merge patch.
 
-    ``acceptance`` is given by the reconcile handler, ``pytorchjob`` by the PyTorchJob watcher; the trainer's
-    fields in ``status`` are read, never written.
+    ``acceptance`` is given by the reconcile handler, ``child`` (or a ``pytorchjob`` object) by the child job's
+    watcher; the trainer's fields in ``status`` are read, never written.
     """
+    if child is None and pytorchjob is not None:
+        child = PYTORCHJOB.report(pytorchjob)
     conditions: list[Condition] = list(status.conditions)
-    if acceptance is None and pytorchjob is None and cond.find(conditions, ACCEPTED) is None:
+    if acceptance is None and child is None and cond.find(conditions, ACCEPTED) is None:
         return StatusChange({}, [], status.state or "Pending")  # not reconciled yet: nothing to derive
     patch: dict[str, Any] = {}
-    pytorch_job_name = status.pytorch_job
+    pytorch_job_name = status.pytorch_job or status.train_job
     if acceptance is not None:
         conditions = cond.upsert(
             conditions,
@@ -510,10 +540,15 @@ def desired_status(
         if acceptance.pytorch_job is not None and acceptance.pytorch_job != status.pytorch_job:
             patch["pytorchJob"] = acceptance.pytorch_job
             pytorch_job_name = acceptance.pytorch_job
-    if pytorchjob is not None:
-        conditions = mirror_pytorchjob(conditions, pytorchjob, at=at, generation=generation)
+        if acceptance.train_job is not None and acceptance.train_job != status.train_job:
+            patch["trainJob"] = acceptance.train_job
+            pytorch_job_name = acceptance.train_job
+    kind = "TrainJob" if status.train_job or (acceptance is not None and acceptance.train_job) else "PyTorchJob"
+    if child is not None:
+        kind = child.kind
+        conditions = mirror_child(conditions, child, at=at, generation=generation)
         suspend_requested = spec.suspend if spec is not None else False
-        conditions = queued_condition(conditions, pytorchjob, suspend_requested, at=at, generation=generation)
+        conditions = queued_child(conditions, child, suspend_requested, at=at, generation=generation)
     selected_changed = False
     new_selected = status.selected
     resolved = acceptance.resolved if acceptance is not None and acceptance.resolved else status.resolved
@@ -522,9 +557,9 @@ def desired_status(
         accepted_budget = resolved.forgetting_budget_percent if resolved else None
         budget = accepted_budget if accepted_budget is not None else spec.forgetting.budget_percent
         conditions = forgetting_condition(conditions, spec, status, budget, at=at, generation=generation)
-        conditions = early_stop_condition(conditions, status, at=at, generation=generation)
+        conditions = early_stop_condition(conditions, status, at=at, generation=generation, kind=kind)
         conditions = rebalance_condition(conditions, spec, status, at=at, generation=generation)
-        conditions = failure_condition(conditions, status, at=at, generation=generation)
+        conditions = failure_condition(conditions, status, at=at, generation=generation, kind=kind)
         selection = select(
             status.checkpoints,
             status.baseline,
@@ -550,5 +585,5 @@ def desired_status(
 
 
 def is_terminal(status: ForgeJobStatus) -> bool:
-    """Whether the run finished (Succeeded/EarlyStopped/Failed): its PyTorchJob is never re-created."""
+    """Whether the run finished (Succeeded/EarlyStopped/Failed): its child job is never re-created."""
     return status.state in TERMINAL_STATES or _terminal(status.conditions)

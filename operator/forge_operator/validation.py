@@ -16,7 +16,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from forge_operator.api import (
+    BACKENDS,
     Affinity,
+    BackendName,
     EnvVar,
     ForgeJobSpec,
     LabelSelector,
@@ -65,6 +67,7 @@ RESERVED_METADATA_PREFIXES = (
     "scheduling.x-k8s.io",
     "scheduling.k8s.io",
     "volcano.sh",
+    "jobset.sigs.k8s.io",
 )
 # The operator's default allow-list of pod label and annotation keys (FORGE_POD_METADATA_ALLOWED_KEYS): "*" is any
 # key without a prefix (team, cost-center), "prefix/*" any key under a prefix, anything else one exact key.
@@ -667,14 +670,81 @@ def check_env(spec: ForgeJobSpec) -> list[FieldError]:
     return errors
 
 
+# (A TrainJob's pods are '<name>-node-0-<i>' (JobSet): MAX_NAME_LENGTH already keeps them valid host names.)
+TRAINJOB_REFUSED = "a Kubeflow Trainer v2.3.0 TrainJob cannot carry it"
+
+
+def check_backend(
+    name: str, spec: ForgeJobSpec, default_backend: BackendName, backends: Sequence[BackendName]
+) -> list[FieldError]:
+    """The chosen backend is enabled, and the spec uses only what that backend's child job can carry."""
+    backend = spec.backend or default_backend
+    if backend not in backends:
+        return [
+            FieldError(
+                "spec.backend",
+                f"{backend} is not enabled in this operator (FORGE_BACKENDS={','.join(backends)})",
+            )
+        ]
+    if backend == "pytorchjob":
+        if spec.training_runtime is not None:
+            return [FieldError("spec.trainingRuntime", "only with backend trainjob (a PyTorchJob has no runtime)")]
+        return []
+    errors: list[FieldError] = []
+    unsupported = [
+        ("spec.envFrom", bool(spec.env_from), "list the variables in spec.env (valueFrom a Secret or ConfigMap key)"),
+        (
+            "spec.resources.imagePullPolicy",
+            spec.resources.image_pull_policy is not None,
+            "the node's default applies (Always for :latest, else IfNotPresent)",
+        ),
+        (
+            "spec.scheduling.priorityClassName",
+            spec.scheduling.priority_class_name is not None,
+            "set it in the ClusterTrainingRuntime, or use scheduling.workloadPriorityClass with Kueue",
+        ),
+        (
+            "spec.scheduling.schedulerName",
+            spec.scheduling.scheduler_name is not None,
+            "set it in the ClusterTrainingRuntime",
+        ),
+        ("spec.scheduling.gang", spec.scheduling.gang is not None, "use the runtime's podGroupPolicy"),
+        (
+            "spec.runPolicy.ttlSecondsAfterFinished",
+            spec.run_policy.ttl_seconds_after_finished is not None,
+            "set the JobSet's ttlSecondsAfterFinished in the ClusterTrainingRuntime",
+        ),
+        (
+            "spec.runPolicy.restartPolicy",
+            spec.run_policy.restart_policy != "ExitCode",
+            "restarts come from the ClusterTrainingRuntime (the JobSet's failurePolicy)",
+        ),
+        (
+            "spec.runPolicy.backoffLimit",
+            spec.run_policy.backoff_limit != 3,
+            "restarts come from the ClusterTrainingRuntime (the JobSet's failurePolicy.maxRestarts)",
+        ),
+    ]
+    errors += [
+        FieldError(path, f"not supported with backend trainjob: {TRAINJOB_REFUSED}; {instead}")
+        for path, used, instead in unsupported
+        if used
+    ]
+    return errors
+
+
 def validate(
     name: str,
     spec: ForgeJobSpec,
     default_image: str | None,
     pod_metadata_allowed_keys: Sequence[str] = DEFAULT_POD_METADATA_ALLOWED_KEYS,
+    *,
+    default_backend: BackendName = "pytorchjob",
+    backends: Sequence[BackendName] = BACKENDS,
 ) -> list[FieldError]:
     """Every semantic problem of a ForgeJob; empty when it can run."""
     return [
+        *check_backend(name, spec, default_backend, backends),
         *check_name(name),
         *check_technique(spec),
         *check_uris(spec),

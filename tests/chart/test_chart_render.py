@@ -155,6 +155,28 @@ def test_cluster_wide_rbac_is_exactly_what_the_code_uses(tmp_path: Path) -> None
     assert ("forge.dev", "forgejobs/finalizers", "update") in got
 
 
+def test_rbac_covers_only_the_enabled_backends(tmp_path: Path) -> None:
+    """operator.backends [pytorchjob]: no rule on trainjobs, and the operator is told so (FORGE_BACKENDS)."""
+    from forge_operator.permissions import CLUSTER, namespaced
+
+    values = {"operator": {"backends": ["pytorchjob"], "defaultBackend": "pytorchjob"}}
+    objects = template(tmp_path, values)
+    got = rules_of(one(objects, "ClusterRole"))
+    expected = {
+        (group, resource, verb)
+        for (group, resource), verbs in {**namespaced(("pytorchjob",)), **CLUSTER}.items()
+        for verb in verbs
+    }
+    assert got == expected, f"extra: {sorted(got - expected)}; missing: {sorted(expected - got)}"
+    assert not {rule for rule in got if rule[0] == "trainer.kubeflow.org"}
+    env = env_of(one(objects, "Deployment"))
+    assert env["FORGE_BACKENDS"] == "pytorchjob" and env["FORGE_DEFAULT_BACKEND"] == "pytorchjob"
+    trainjob_only = {"operator": {"backends": ["trainjob"], "defaultBackend": "trainjob"}}
+    got = rules_of(one(template(tmp_path, trainjob_only), "ClusterRole"))
+    assert ("trainer.kubeflow.org", "trainjobs", "create") in got
+    assert not {rule for rule in got if rule[0] == "kubeflow.org"}
+
+
 def test_trainer_pods_of_a_default_install_pass_pod_security_restricted(tmp_path: Path) -> None:
     """The operator configured as the default chart configures it renders trainer pods that meet "restricted"; so
     does the operator's own pod."""

@@ -95,9 +95,30 @@ def test_operator_reconciles_with_rendered_rbac(
         problems = [line for line in install.log().splitlines() if PERMISSION_PROBLEM.search(line)]
         assert not problems, "the operator hit RBAC limits:\n" + "\n".join(problems[:20])
 
+        # The other backend with the same RBAC: a ForgeJob run as a Kubeflow Trainer v2 TrainJob.
+        create_forgejob(admin, forgejob("rbac-trainjob", namespace, backend="trainjob"))
+
+        def trainjob() -> dict[str, object] | None:
+            try:
+                got: dict[str, object] = custom.get_namespaced_custom_object(
+                    "trainer.kubeflow.org", "v1alpha1", namespace, "trainjobs", "rbac-trainjob"
+                )
+                return got
+            except ApiException as err:
+                if err.status == 404:
+                    return None
+                raise
+
+        try:
+            wait_for(f"TrainJob {namespace}/rbac-trainjob created by the operator", trainjob, timeout=45)
+        except AssertionError:
+            status = get_forgejob(admin, namespace, "rbac-trainjob").get("status")
+            raise AssertionError(f"{dump(status)}\noperator log:\n{install.log()[-6000:]}") from None
+
         # Every request the operator's code made is in forge_operator.permissions.CODE (which the chart grants).
         used = requests_made(values["operator"]["metricsPort"])
         assert ("create", "kubeflow.org", "pytorchjobs") in used, used
+        assert ("create", "trainer.kubeflow.org", "trainjobs") in used, used
         outside = {
             (verb, group, resource)
             for verb, group, resource in used

@@ -1,9 +1,9 @@
 """The whole path on one machine, with real parts only.
 
-kubectl-style apply of a ForgeJob -> the real operator -> PyTorchJob -> the local training-operator stand-in -> two
-real forge-trainer ranks (DeepSpeed over gloo) reading data from and writing checkpoints to an S3 server on
-loopback -> status.checkpoints -> status.selected -> Succeeded, while a real Prometheus scrapes the operator and
-both ranks.
+kubectl-style apply of a ForgeJob -> the real operator -> PyTorchJob (or, backend trainjob, a Kubeflow Trainer v2
+TrainJob whose nodes run torchrun) -> the local training-operator stand-in -> two real forge-trainer ranks
+(DeepSpeed over gloo) reading data from and writing checkpoints to an S3 server on loopback -> status.checkpoints
+-> status.selected -> Succeeded, while a real Prometheus scrapes the operator and both ranks.
 """
 
 from __future__ import annotations
@@ -141,7 +141,9 @@ def _upload_inputs(s3: Any, folder: Path) -> None:
     upload_folder(s3, folder / "data", BUCKET, "data")
 
 
-def forgejob(name: str, learning_rate: str, max_steps: int, budget_percent: int = 50) -> dict[str, Any]:
+def forgejob(
+    name: str, learning_rate: str, max_steps: int, budget_percent: int = 50, backend: str = "pytorchjob"
+) -> dict[str, Any]:
     env = [
         {"name": "AWS_ENDPOINT_URL", "valueFrom": {"secretKeyRef": {"name": "forge-demo-s3", "key": "endpoint"}}},
         {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "forge-demo-s3", "key": "accessKeyId"}}},
@@ -184,16 +186,22 @@ def forgejob(name: str, learning_rate: str, max_steps: int, budget_percent: int 
             "checkpoints": {"everySteps": 10, "output": f"s3://{BUCKET}/checkpoints/{name}/", "keep": 2},
             "resources": {"nodes": 2, "gpusPerNode": 0},
             "env": env,
+            "backend": backend,
         },
     }
 
 
+# The two scenarios that run on both backends (the others, slow too, on the default one).
+BACKENDS = pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_apply_to_selected_checkpoint_with_prometheus(stack: Stack) -> None:
+@BACKENDS
+def test_apply_to_selected_checkpoint_with_prometheus(stack: Stack, backend: str) -> None:
     name = "e2e"
     client.CustomObjectsApi(stack.api).create_namespaced_custom_object(
-        GROUP, VERSION, stack.namespace, PLURAL, forgejob(name, "3e-3", 30)
+        GROUP, VERSION, stack.namespace, PLURAL, forgejob(name, "3e-3", 30, backend=backend)
     )
     wait_for(lambda: stack.scrape_trainers(name), "both trainer ranks to start", 120, stack.logs)
     wait_for(
@@ -210,6 +218,15 @@ def test_apply_to_selected_checkpoint_with_prometheus(stack: Stack) -> None:
         return status if status.get("state") == "Succeeded" and status.get("selected") else None
 
     status = wait_for(finished, "the ForgeJob to succeed with a selected checkpoint", 300, stack.logs)
+    # The run was the backend's child job, and only that one.
+    field, other = ("trainJob", "pytorchJob") if backend == "trainjob" else ("pytorchJob", "trainJob")
+    assert status[field] == name and other not in status, status
+    group, version, plural, done = {
+        "pytorchjob": ("kubeflow.org", "v1", "pytorchjobs", "Succeeded"),
+        "trainjob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs", "Complete"),
+    }[backend]
+    job = client.CustomObjectsApi(stack.api).get_namespaced_custom_object(group, version, stack.namespace, plural, name)
+    assert {c["type"]: c["status"] for c in job["status"]["conditions"]}[done] == "True", job["status"]
 
     # Both ranks trained: the PyTorchJob had a master and a worker, and both reported tokens/s to Prometheus. The
     # ranks have exited by now, so their series are stale: look back over the run instead of at the last instant.
@@ -265,7 +282,8 @@ def test_apply_to_selected_checkpoint_with_prometheus(stack: Stack) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_an_aggressive_learning_rate_is_stopped_early_with_its_reason(stack: Stack) -> None:
+@BACKENDS
+def test_an_aggressive_learning_rate_is_stopped_early_with_its_reason(stack: Stack, backend: str) -> None:
     from forge_dev.basemodel import build_base_model
 
     # A base model with a general ability to lose (pretrained on general prose, cached), fine-tuned on support chats
@@ -276,7 +294,7 @@ def test_an_aggressive_learning_rate_is_stopped_early_with_its_reason(stack: Sta
     upload_folder(stack.s3, base.domain, BUCKET, "corpora/domain")
     name = "too-hot"
     max_steps = 60
-    manifest = forgejob(name, "1e-2", max_steps, budget_percent=5)
+    manifest = forgejob(name, "1e-2", max_steps, budget_percent=5, backend=backend)
     spec = manifest["spec"]
     spec["model"]["base"] = f"s3://{BUCKET}/pretrained/"
     spec["data"]["domain"] = [{"uri": f"s3://{BUCKET}/corpora/domain/train.jsonl"}]

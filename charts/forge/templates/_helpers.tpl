@@ -119,12 +119,19 @@ Keep in sync with operator/forge_operator/ (handlers and render): docs/monitorin
 - apiGroups: ["forge.dev"]
   resources: ["forgejobs/finalizers"]
   verbs: ["update"]
-# The PyTorchJob each ForgeJob runs as (created, watched, patched: suspend, its forge.dev/final-status finalizer;
-# deleted when a stalled run fails: spec.monitoring.onStall fail).
+# The child job each ForgeJob runs as, for each enabled backend (operator.backends): created, watched, patched
+# (suspend, its forge.dev/final-status finalizer), deleted when a stalled run fails (spec.monitoring.onStall fail).
+{{- if has "pytorchjob" .Values.operator.backends }}
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
   verbs: ["create", "get", "list", "watch", "patch", "delete"]
-# The PyTorchJob's pods, listed and deleted to restart a stalled run (spec.monitoring.onStall restart).
+{{- end }}
+{{- if has "trainjob" .Values.operator.backends }}
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs"]
+  verbs: ["create", "get", "list", "watch", "patch", "delete"]
+{{- end }}
+# The child job's pods, listed and deleted to restart a stalled run (spec.monitoring.onStall restart).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "delete"]

@@ -26,7 +26,7 @@ from kubernetes.client.rest import ApiException
 
 from forge_dev.controlplane import free_port, port_is_free
 from forge_dev.kubeconfig import ClusterAccess, kubeconfig_text, write_kubeconfig
-from forge_dev.standin import logs
+from forge_dev.standin import logs, trainjob
 from forge_dev.standin.credentials import request_token
 from forge_dev.standin.environment import (
     PodFields,
@@ -244,10 +244,25 @@ def _elapsed_since(timestamp: str | None) -> float:
     return (datetime.now(UTC) - started).total_seconds()
 
 
-class TrainingOperatorStandIn:
-    """The local stand-in for Kubeflow's training-operator + kubelet. See docs/standin.md."""
+@dataclass(frozen=True)
+class JobKind:
+    """The kind of job one stand-in runs: Kubeflow's PyTorchJob (training-operator) or TrainJob (Trainer v2)."""
 
-    def __init__(self, api_client: client.ApiClient, settings: StandInSettings) -> None:
+    kind: str
+    group: str
+    version: str
+    plural: str
+
+
+PYTORCHJOB_KIND = JobKind("PyTorchJob", GROUP, VERSION, PLURAL)
+TRAINJOB_KIND = JobKind(trainjob.KIND, trainjob.GROUP, trainjob.VERSION, trainjob.PLURAL)
+KINDS = {kind.kind: kind for kind in (PYTORCHJOB_KIND, TRAINJOB_KIND)}
+
+
+class TrainingOperatorStandIn:
+    """The local stand-in for Kubeflow's training-operator (or Trainer v2) + kubelet. See docs/standin.md."""
+
+    def __init__(self, api_client: client.ApiClient, settings: StandInSettings, kind: str = "PyTorchJob") -> None:
         # Absolute, because every process runs in its own working directory and is given paths under it.
         self.settings = replace(settings, workdir=settings.workdir.resolve())
         self._api_client = api_client
@@ -261,6 +276,12 @@ class TrainingOperatorStandIn:
         self._draining: list[Draining] = []
         self._pods: dict[Key, tuple[str, bool]] = {}  # (namespace, pod name) -> (uid, being deleted)
         self._pods_listed_at = float("-inf")
+        self._kind = KINDS[kind]
+        self._trainer_v2 = self._kind is TRAINJOB_KIND
+        self._nproc_env: dict[Key, int] = {}  # TrainJobs: PET_NPROC_PER_NODE (torchrun starts the local ranks)
+        # Pod objects stand for PyTorchJob replicas only (their labels and owner are the training-operator's); a
+        # TrainJob's pods would belong to JobSet's Jobs, which the stand-in does not model.
+        self._creates_pods = self.settings.create_pods and not self._trainer_v2
         self._wake = threading.Event()
         self._stopping = threading.Event()
 
@@ -276,7 +297,8 @@ class TrainingOperatorStandIn:
         settings = self.settings
         settings.workdir.mkdir(parents=True, exist_ok=True)
         LOG.info(
-            "stand-in watching PyTorchJobs in %s; files under %s",
+            "stand-in watching %ss in %s; files under %s",
+            self._kind.kind,
             settings.namespace or "all namespaces",
             settings.workdir,
         )
@@ -311,10 +333,12 @@ class TrainingOperatorStandIn:
     def _list(self, **kwargs: Any) -> dict[str, Any]:
         if self.settings.namespace:
             result = self._objects.list_namespaced_custom_object(
-                GROUP, VERSION, self.settings.namespace, PLURAL, **kwargs
+                self._kind.group, self._kind.version, self.settings.namespace, self._kind.plural, **kwargs
             )
         else:
-            result = self._objects.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
+            result = self._objects.list_cluster_custom_object(
+                self._kind.group, self._kind.version, self._kind.plural, **kwargs
+            )
         return dict(result)
 
     def _watch(self) -> None:
@@ -325,15 +349,19 @@ class TrainingOperatorStandIn:
                 if self.settings.namespace:
                     events = stream.stream(
                         self._objects.list_namespaced_custom_object,
-                        GROUP,
-                        VERSION,
+                        self._kind.group,
+                        self._kind.version,
                         self.settings.namespace,
-                        PLURAL,
+                        self._kind.plural,
                         timeout_seconds=10,
                     )
                 else:
                     events = stream.stream(
-                        self._objects.list_cluster_custom_object, GROUP, VERSION, PLURAL, timeout_seconds=10
+                        self._objects.list_cluster_custom_object,
+                        self._kind.group,
+                        self._kind.version,
+                        self._kind.plural,
+                        timeout_seconds=10,
                     )
                 for _event in events:
                     self._wake.set()
@@ -346,13 +374,19 @@ class TrainingOperatorStandIn:
     def _refresh(self) -> None:
         try:
             listing = self._list()
+        except ApiException as error:
+            if error.status == 404:  # the CRD is not installed: nothing of this kind to run
+                LOG.debug("%ss are not served: %s", self._kind.kind, error.reason)
+            else:
+                LOG.warning("cannot list %ss (keeping the last known list): %s", self._kind.kind, error)
+            return
         except Exception as error:
-            LOG.warning("cannot list PyTorchJobs (keeping the last known list): %s", error)
+            LOG.warning("cannot list %ss (keeping the last known list): %s", self._kind.kind, error)
             return
         self._jobs = {
             (item["metadata"]["namespace"], item["metadata"]["name"]): item for item in listing.get("items", [])
         }
-        if self.settings.create_pods:
+        if self._creates_pods:
             self._refresh_pods()
 
     def _refresh_pods(self) -> None:
@@ -378,7 +412,7 @@ class TrainingOperatorStandIn:
         body = {**obj, "status": status}
         try:
             updated = self._objects.replace_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, body
+                self._kind.group, self._kind.version, namespace, self._kind.plural, name, body
             )
         except ApiException as error:
             if error.status in (404, 409):  # gone, or changed since listed: re-list and decide again
@@ -411,12 +445,13 @@ class TrainingOperatorStandIn:
             if runtime is not None:
                 self._forget(key, "the PyTorchJob is being deleted")
             return
-        if is_finished(status.get("conditions") or []):
+        finished = trainjob.is_finished if self._trainer_v2 else is_finished
+        if finished(status.get("conditions") or []):
             if runtime is not None:
-                self._forget(key, "the PyTorchJob has finished")
+                self._forget(key, f"the {self._kind.kind} has finished")
             return
         try:
-            job = parse_job(obj)
+            job = self._parse(key, obj)
         except JobSpecError as error:
             self._write_invalid(key, obj, status, str(error))
             return
@@ -429,13 +464,34 @@ class TrainingOperatorStandIn:
             runtime = runtime or self._new_runtime(job)
             self._advance(job, runtime, status)
         observation = observe(job, runtime, suspended)
-        new_status = next_status(status, observation, utc_now())
+        new_status = self._next_status(status, observation)
         written = new_status == status or self._write_status(key, obj, new_status)
         if runtime is not None:
             self._save_state(runtime)
             if written and runtime.outcome is not None:
                 LOG.info("PyTorchJob %s/%s: %s", *key, runtime.outcome.message)
                 del self._runtimes[key]
+
+    def _parse(self, key: Key, obj: dict[str, Any]) -> PyTorchJob:
+        """The job in the stand-in's model; a TrainJob with its ClusterTrainingRuntime read from the API."""
+        if not self._trainer_v2:
+            return parse_job(obj)
+        name = trainjob.runtime_name(obj)
+        try:
+            runtime = self._objects.get_cluster_custom_object(
+                trainjob.GROUP, trainjob.VERSION, trainjob.RUNTIME_PLURAL, name
+            )
+        except ApiException as error:
+            if error.status == 404:
+                raise JobSpecError(f"ClusterTrainingRuntime {name!r} not found") from None
+            raise
+        self._nproc_env[key] = trainjob.num_proc_per_node(obj, runtime)
+        return trainjob.as_pytorchjob(obj, runtime)
+
+    def _next_status(self, status: dict[str, Any], observation: Observation) -> dict[str, Any]:
+        if self._trainer_v2:
+            return trainjob.next_status(status, observation, utc_now())
+        return next_status(status, observation, utc_now())
 
     def _advance(self, job: PyTorchJob, runtime: JobRuntime, status: dict[str, Any]) -> None:
         """One step of the job's processes: collect exits, apply the policies, start what is due."""
@@ -610,7 +666,7 @@ class TrainingOperatorStandIn:
         replica.phase = ReplicaPhase.RUNNING
         replica.restart_pending = False
         replica.exit_code = None
-        if self.settings.create_pods:
+        if self._creates_pods:
             self._create_pod(job, runtime, replica)
         if not any(r.restart_pending for r in runtime.replicas.values()):
             runtime.restart_message = None
@@ -643,9 +699,12 @@ class TrainingOperatorStandIn:
             kubeconfig, kubeconfig_text(self._access, token, namespace, f"system:serviceaccount:{namespace}:{account}")
         )
         nproc = nproc_per_node(job.spec)
-        wants_port = self.settings.remap_metrics_ports and any(p.name == METRICS_PORT_NAME for p in container.ports)
+        # A TrainJob's trainer container declares no metrics port (v2.3.0 cannot carry one); its ranks listen anyway.
+        local_ranks = self._nproc_env.get(runtime.key, 1) if self._trainer_v2 else nproc
+        declared = any(p.name == METRICS_PORT_NAME for p in container.ports) or self._trainer_v2
+        wants_port = self.settings.remap_metrics_ports and declared
         if replica.metrics_port is None and wants_port:
-            replica.metrics_port = free_port_block(nproc)
+            replica.metrics_port = free_port_block(local_ranks)
         ranks: list[tuple[list[str], dict[str, str]]] = []
         for local_rank in range(nproc):
             rendezvous = Rendezvous(
@@ -656,7 +715,11 @@ class TrainingOperatorStandIn:
                 nproc_per_node=nproc,
                 local_rank=local_rank,
             )
-            injected = kubeflow_environment(rendezvous)
+            injected = (
+                trainjob.torch_environment(len(runtime.replicas), local_ranks, rid.node_rank, runtime.master_port)
+                if self._trainer_v2
+                else kubeflow_environment(rendezvous)
+            )
             argv = command_line(container, {**container_env, **dict(injected)}, rewrite)
             env = process_environment(self._base_env, container_env, injected, rewrite, str(kubeconfig))
             if replica.metrics_port is not None:
@@ -672,6 +735,15 @@ class TrainingOperatorStandIn:
         shard of the last checkpoint); after a failure they are stopped at once.
         """
         running = [r for r in runtime.replicas.values() if r.phase is ReplicaPhase.RUNNING]
+        processes = {replica.replica.name: replica.processes for replica in running}
+        for replica in runtime.replicas.values():
+            if replica.phase in (ReplicaPhase.RUNNING, ReplicaPhase.PENDING):
+                replica.processes = []
+                replica.phase = ReplicaPhase.STOPPED
+                replica.restart_pending = False
+                replica.stopped_after_success = after_success
+        # state.json says Stopped before any process is signalled: whoever sees a process gone reads a final state.
+        self._save_state(runtime)
         if after_success and self.settings.drain_s > 0:
             deadline = time.monotonic() + self.settings.drain_s
             for replica in running:
@@ -679,17 +751,14 @@ class TrainingOperatorStandIn:
                 log_line(
                     log, f"the job has ended: {replica.replica.name} may finish within {self.settings.drain_s:g} s"
                 )
-                self._draining.append(Draining(replica.replica.name, log, replica.processes, deadline, runtime.grace_s))
+                draining = Draining(
+                    replica.replica.name, log, processes[replica.replica.name], deadline, runtime.grace_s
+                )
+                self._draining.append(draining)
         else:
-            stop_processes([p for r in running for p in r.processes], runtime.grace_s)
+            stop_processes([p for procs in processes.values() for p in procs], runtime.grace_s)
             for replica in running:
                 log_line(self._log_path(runtime, replica), f"stopped {replica.replica.name}: the job has ended")
-        for replica in runtime.replicas.values():
-            if replica.phase in (ReplicaPhase.RUNNING, ReplicaPhase.PENDING):
-                replica.processes = []
-                replica.phase = ReplicaPhase.STOPPED
-                replica.restart_pending = False
-                replica.stopped_after_success = after_success
 
     def _drain(self) -> None:
         """Reap replicas of finished jobs that exited by themselves; stop those past their drain deadline."""
@@ -729,10 +798,10 @@ class TrainingOperatorStandIn:
     def _write_invalid(self, key: Key, obj: dict[str, Any], status: dict[str, Any], message: str) -> None:
         """A job the stand-in cannot run fails validation, as Kubeflow's controller marks it."""
         name = key[1]
-        outcome = Outcome(FAILED, f"PyTorchJob {name} is not valid: {message}", why=reason("FailedValidation"))
-        new_status = next_status(status, Observation(name, outcome=outcome), utc_now())
+        outcome = Outcome(FAILED, f"{self._kind.kind} {name} is not valid: {message}", why=reason("FailedValidation"))
+        new_status = self._next_status(status, Observation(name, outcome=outcome))
         if new_status != status:
-            LOG.warning("PyTorchJob %s/%s is not valid: %s", *key, message)
+            LOG.warning("%s %s/%s is not valid: %s", self._kind.kind, *key, message)
             self._write_status(key, obj, new_status)
 
     # ----- local files ------------------------------------------------------------------------------------------
@@ -766,15 +835,24 @@ class TrainingOperatorStandIn:
 
 
 @contextmanager
-def standin_thread(api_client: client.ApiClient, settings: StandInSettings) -> Iterator[TrainingOperatorStandIn]:
-    """Run a stand-in in a background thread for the duration of the ``with`` block (tests, demos)."""
-    standin = TrainingOperatorStandIn(api_client, settings)
-    thread = threading.Thread(target=standin.run, name="forge-standin", daemon=True)
-    thread.start()
+def standin_thread(
+    api_client: client.ApiClient, settings: StandInSettings, kinds: tuple[str, ...] = ("PyTorchJob", "TrainJob")
+) -> Iterator[TrainingOperatorStandIn]:
+    """Run a stand-in per kind (PyTorchJobs and TrainJobs) in background threads for the duration of the ``with``
+    block (tests, demos); yields the first one."""
+    standins = [TrainingOperatorStandIn(api_client, settings, kind) for kind in kinds]
+    threads = [
+        threading.Thread(target=standin.run, name=f"forge-standin-{kind.lower()}", daemon=True)
+        for standin, kind in zip(standins, kinds, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
     try:
-        yield standin
+        yield standins[0]
     finally:
-        standin.stop()
-        thread.join(timeout=settings.stop_grace_cap_s + 30)
-        if thread.is_alive():
+        for standin in standins:
+            standin.stop()
+        for thread in threads:
+            thread.join(timeout=settings.stop_grace_cap_s + 30)
+        if any(thread.is_alive() for thread in threads):
             raise RuntimeError("the stand-in thread did not stop")

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from forge_operator import conditions, metrics
 from forge_operator.api import ForgeJobSpec, ForgeJobStatus
+from forge_operator.backends import Backend, ChildReport
 from forge_operator.context import OperatorContext
 from forge_operator.render import FINAL_STATUS_FINALIZER
 from forge_operator.status import Acceptance, StatusChange, Transition, desired_status
@@ -40,7 +41,7 @@ def post_events(body: Mapping[str, Any], transitions: Sequence[Transition]) -> N
 
 
 def compute_change(
-    body: Mapping[str, Any], *, acceptance: Acceptance | None = None, pytorchjob: Mapping[str, Any] | None = None
+    body: Mapping[str, Any], *, acceptance: Acceptance | None = None, child: ChildReport | None = None
 ) -> StatusChange:
     metadata = body.get("metadata") or {}
     return desired_status(
@@ -49,7 +50,7 @@ def compute_change(
         generation=metadata.get("generation"),
         at=conditions.now(),
         acceptance=acceptance,
-        pytorchjob=pytorchjob,
+        child=child,
     )
 
 
@@ -61,7 +62,7 @@ def write_status(
     *,
     uid: str | None = None,
     acceptance: Acceptance | None = None,
-    pytorchjob: Mapping[str, Any] | None = None,
+    child: ChildReport | None = None,
 ) -> StatusChange | None:
     """Recompute and write the operator's status fields from a fresh read; post the transitions as Events.
 
@@ -71,7 +72,7 @@ def write_status(
     def compute(body: dict[str, Any]) -> StatusChange:
         if uid is not None and body["metadata"].get("uid") != uid:
             return StatusChange({})
-        return compute_change(body, acceptance=acceptance, pytorchjob=pytorchjob)
+        return compute_change(body, acceptance=acceptance, child=child)
 
     written, change = ctx.kube.update_status(namespace, name, compute, ctx.settings.status_conflict_retries)
     if written is None or change is None:
@@ -101,8 +102,8 @@ def guard(handler: str, body: Mapping[str, Any]) -> Iterator[None]:
             raise
 
 
-def pytorchjob_deleting(pytorchjob: Mapping[str, Any]) -> bool:
-    return bool((pytorchjob.get("metadata") or {}).get("deletionTimestamp"))
+def child_deleting(job: Mapping[str, Any]) -> bool:
+    return bool((job.get("metadata") or {}).get("deletionTimestamp"))
 
 
 def owned_by(forgejob: Mapping[str, Any] | None, uid: str) -> bool:
@@ -113,23 +114,23 @@ def owned_by(forgejob: Mapping[str, Any] | None, uid: str) -> bool:
     return metadata.get("uid") == uid and not metadata.get("deletionTimestamp")
 
 
-def settle_deleted_pytorchjob(
-    ctx: OperatorContext, pytorchjob: Mapping[str, Any], owner_uid: str, handler: str
+def settle_deleted_child(
+    ctx: OperatorContext, backend: Backend, job: Mapping[str, Any], owner_uid: str, handler: str
 ) -> bool:
-    """A PyTorchJob being deleted (or just deleted): mirror the conditions it carries into its ForgeJob first (the
+    """A child job being deleted (or just deleted): mirror the conditions it carries into its ForgeJob first (the
     final Succeeded/Failed of a run that TTL clean-up removes), then release the operator's finalizer.
 
     Returns whether the ForgeJob is still there to reconcile. The finalizer is released only after the mirror was
-    written, so a failed write keeps the PyTorchJob (and its final conditions) for the next attempt.
+    written, so a failed write keeps the child job (and its final conditions) for the next attempt.
     """
-    metadata = pytorchjob["metadata"]
+    metadata = job["metadata"]
     namespace, name = metadata["namespace"], metadata["name"]
     controller = next((r for r in metadata.get("ownerReferences") or [] if r.get("controller")), None)
     forgejob_name = (controller or {}).get("name", name)
     forgejob = ctx.kube.get("ForgeJob", namespace, forgejob_name)
     mine = owned_by(forgejob, owner_uid)
-    if mine and (pytorchjob.get("status") or {}).get("conditions"):
-        write_status(ctx, namespace, forgejob_name, handler, uid=owner_uid, pytorchjob=pytorchjob)
+    if mine and (job.get("status") or {}).get("conditions"):
+        write_status(ctx, namespace, forgejob_name, handler, uid=owner_uid, child=backend.report(job))
     if FINAL_STATUS_FINALIZER in (metadata.get("finalizers") or []):
-        ctx.kube.set_finalizer("PyTorchJob", namespace, name, FINAL_STATUS_FINALIZER, present=False)
+        ctx.kube.set_finalizer(backend.kind, namespace, name, FINAL_STATUS_FINALIZER, present=False)
     return mine

@@ -19,10 +19,10 @@ from forge_operator.api import ForgeJobSpec, PodRef
 from forge_operator.child_pods import child_pods, lead_pod, pod_selector, restart_pods, stop_child
 from forge_operator.context import OperatorContext
 from forge_operator.handlers.common import parse_spec_or_none, parse_status, post_events
+from forge_operator.handlers.handle_reconcile_forgejob import backend_of
 from forge_operator.status import StatusChange
 
 HANDLER = "liveness"
-CHILD_KIND = "PyTorchJob"
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
@@ -35,10 +35,9 @@ def _change(
 ) -> liveness.LivenessChange:
     metadata = body.get("metadata") or {}
     status = parse_status(body.get("status"))
-    child = status.pytorch_job or metadata.get("name", "")
-    hint = liveness.logs_hint(
-        metadata.get("namespace", ""), pod_selector(CHILD_KIND, child), lead_pod(CHILD_KIND, child)
-    )
+    kind = backend_of(ctx, status, spec).kind
+    child = status.pytorch_job or status.train_job or metadata.get("name", "")
+    hint = liveness.logs_hint(metadata.get("namespace", ""), pod_selector(kind, child), lead_pod(kind, child))
     return liveness.liveness_change(
         status,
         spec.monitoring,
@@ -59,8 +58,10 @@ def check(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger) -> None
     first = _change(ctx, body, spec, [])
     if first.change.empty and first.verdict.action == "none":
         return  # moving (or not judged), and the status already says so: nothing to read or write
-    child = parse_status(body.get("status")).pytorch_job or name
-    pods = child_pods(ctx.kube, CHILD_KIND, namespace, child) if first.verdict.action != "none" else []
+    status = parse_status(body.get("status"))
+    kind = backend_of(ctx, status, spec).kind
+    child = status.pytorch_job or status.train_job or name
+    pods = child_pods(ctx.kube, kind, namespace, child) if first.verdict.action != "none" else []
     decided: list[liveness.LivenessChange] = []
 
     def compute(fresh: dict[str, Any]) -> StatusChange:
@@ -80,7 +81,7 @@ def check(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger) -> None
         post_events(written, change.transitions)
         metrics.record_status(namespace, name, parse_status(written.get("status")))
     if outcome.delete_pods:
-        deleted = restart_pods(ctx.kube, CHILD_KIND, namespace, outcome.delete_pods)
+        deleted = restart_pods(ctx.kube, kind, namespace, outcome.delete_pods)
         if deleted:
             logger.warning(
                 "%s/%s stalled (%s): deleted %d pod(s) of %s %s to restart it",
@@ -88,8 +89,8 @@ def check(ctx: OperatorContext, body: Mapping[str, Any], logger: Logger) -> None
                 name,
                 outcome.verdict.why,
                 deleted,
-                CHILD_KIND,
+                kind,
                 child,
             )
-    if outcome.stop_child and stop_child(ctx.kube, CHILD_KIND, namespace, child):
-        logger.warning("%s/%s stalled and failed: deleted %s %s", namespace, name, CHILD_KIND, child)
+    if outcome.stop_child and stop_child(ctx.kube, kind, namespace, child):
+        logger.warning("%s/%s stalled and failed: deleted %s %s", namespace, name, kind, child)

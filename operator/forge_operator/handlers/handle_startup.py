@@ -11,6 +11,7 @@ from kubernetes.client.exceptions import ApiException
 
 from forge_operator import metrics
 from forge_operator.api import GROUP, PLURAL, VERSION
+from forge_operator.backends import BY_NAME, Backend
 from forge_operator.context import OperatorContext
 from forge_operator.kube import Kube, api_client, refusal
 from forge_operator.persistence import RedactedDiffBaseStorage
@@ -35,6 +36,21 @@ REQUIRED_ACCESS = (
     ("create", "rbac.authorization.k8s.io", "rolebindings"),
     ("create", "", "events"),
 )
+
+
+def required_apis(backend: Backend) -> tuple[tuple[str, str, str], ...]:
+    """Forge's API and the default backend's child job API (``REQUIRED_APIS`` for pytorchjob)."""
+    hint = backend.install_hint.removeprefix("Install ").split(", or set", 1)[0]
+    return ((backend.api_path, backend.plural, hint), REQUIRED_APIS[1])
+
+
+def required_access(backend: Backend) -> tuple[tuple[str, str, str], ...]:
+    """``REQUIRED_ACCESS`` with the default backend's child job kind."""
+    group = backend.api_path.removeprefix("/apis/").split("/")[0]
+    return tuple(
+        (verb, group, backend.plural) if resource == "pytorchjobs" else (verb, g, resource)
+        for verb, g, resource in REQUIRED_ACCESS
+    )
 
 
 def check_cluster(
@@ -116,5 +132,12 @@ def configure(settings: kopf.OperatorSettings, memo: Any, logger: logging.Logger
         forge.metrics_port,
         forge.trainer_image,
     )
-    level, line = startup_line(check_cluster(kube, forge.namespaces[0] if forge.namespaces else ""), forge.namespaces)
+    backend = BY_NAME[forge.default_backend]
+    problems = check_cluster(
+        kube,
+        forge.namespaces[0] if forge.namespaces else "",
+        apis=REQUIRED_APIS if backend is BY_NAME["pytorchjob"] else required_apis(backend),
+        access=required_access(backend),
+    )
+    level, line = startup_line(problems, forge.namespaces)
     logger.log(level, line)
