@@ -58,7 +58,11 @@ def run(base: dict[str, Any], tmp: Path, fault: str | None) -> Watched:
         base,
         training={"maxSteps": STEPS, "logEverySteps": 2},
         eval={"everySteps": 1000},
-        checkpoints={"everySteps": 1000, "exportHf": False, "candidates": {"averageLast": 0, "interpolationAlphas": []}},
+        checkpoints={
+            "everySteps": 1000,
+            "exportHf": False,
+            "candidates": {"averageLast": 0, "interpolationAlphas": []},
+        },
     )
     ports = {0: free_port(), 1: free_port()}
     env_of_pod: dict[int, dict[str, str]] = {
@@ -95,9 +99,7 @@ def test_a_rank_sleeping_in_each_step_is_named_a_straggler(base_config: dict[str
     assert any(g.get("1") == 1.0 for g in gauges(watched.scrapes, GAUGE)), watched.scrapes[-1:]
     assert any(g.get("1", 0) >= 0.5 for g in gauges(watched.scrapes, OWN)), watched.scrapes[-1:]
     # detection latency: from the read-back before the first slow step to the pace event
-    before = next(
-        i for i, e in enumerate(watched.events) if e["event"] == "step" and e["step"] == FAULT_FROM - 1
-    )
+    before = next(i for i, e in enumerate(watched.events) if e["event"] == "step" and e["step"] == FAULT_FROM - 1)
     steps = event["step"] - FAULT_FROM + 1
     seconds = watched.seen[index] - watched.seen[before]
     print(f"straggler detection latency: {steps} steps, {seconds:.1f} s (named at step {event['step']})")
