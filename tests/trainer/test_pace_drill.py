@@ -103,7 +103,9 @@ def test_a_rank_sleeping_in_each_step_is_named_a_straggler(base_config: dict[str
     steps = event["step"] - FAULT_FROM + 1
     seconds = watched.seen[index] - watched.seen[before]
     print(f"straggler detection latency: {steps} steps, {seconds:.1f} s (named at step {event['step']})")
-    assert 0 < seconds
+    assert seconds > 0
+    # the slow steps dominate the 20-step median within 10 steps, then 5 read-backs of 2 steps each
+    assert steps <= 10 + 5 * 2, event
 
 
 def test_the_same_run_without_the_fault_names_no_one(base_config: dict[str, Any], tmp_path: Path) -> None:
