@@ -881,6 +881,23 @@ class MonitoringSpec(ApiModel):
     max_stall_restarts: int = Field(default=2, ge=0, le=100)
     """Restarts onStall restart may make over the whole run; a stall after the last one fails the ForgeJob."""
 
+    straggler_percent: int = Field(default=130, ge=110, le=1000)
+    """A rank whose own compute time per step (the forward passes, before the gradient all-reduce where every rank
+    waits for the slowest) stays above this percentage of the other ranks' median for slowReadBacks read-backs in a
+    row is a straggler: condition ThroughputDegraded=True, reason Straggler, naming its rank, pod and node. 130: a
+    healthy rank's median step varies by a few percent; a throttled GPU, a noisy neighbour or a slow host shows as
+    tens of percent. Reported only: Forge changes nothing."""
+
+    throughput_drop_percent: int = Field(default=50, ge=1, le=99)
+    """The job's tokens/s below this percentage of its own running median (over the last 20 read-backs, evaluations,
+    checkpoints and the compile step left out) for slowReadBacks read-backs in a row is a throughput drop:
+    ThroughputDegraded=True, reason ThroughputDrop. 50: halving is well beyond the noise of a healthy run."""
+
+    slow_read_backs: int = Field(default=5, ge=1, le=1000)
+    """How many read-backs in a row (one every spec.training.logEverySteps steps) a straggler or a drop must hold
+    before it is reported, and stay away before the condition clears (reason Recovered). 5: a single slow stretch
+    (a checkpoint upload, a garbage collection) is not reported."""
+
 
 class ForgeJobSpec(ApiModel):
     """What to fine-tune, on which data, how, and within which forgetting budget."""
@@ -1357,6 +1374,61 @@ class StallRestart(StatusModel):
     """The pods deleted to restart the run."""
 
 
+class StragglerReport(StatusModel):
+    """The rank the trainer names a straggler (written by the trainer)."""
+
+    rank: int = Field(ge=0)
+    """The slow rank."""
+
+    pod: str | None = Field(default=None, max_length=253)
+    """Its pod."""
+
+    node: str | None = Field(default=None, max_length=253)
+    """Its node."""
+
+    step_seconds: float | None = None
+    """Its median own compute seconds per step."""
+
+    median_seconds: float | None = None
+    """The other ranks' median of the same figure."""
+
+    read_backs: int | None = Field(default=None, ge=0)
+    """Read-backs in a row it was slow for."""
+
+
+class ThroughputDropReport(StatusModel):
+    """A drop of the job's tokens/s below spec.monitoring.throughputDropPercent of its running median."""
+
+    tokens_per_second: float | None = None
+    """The job's tokens/s at the latest read-back."""
+
+    median_tokens_per_second: float | None = None
+    """Its running median before the drop."""
+
+    read_backs: int | None = Field(default=None, ge=0)
+    """Read-backs in a row it was low for."""
+
+
+class PaceReport(StatusModel):
+    """Stragglers and throughput drops, as the trainer judges them at its read-backs (written by rank 0 when they
+    change; the operator turns them into the ThroughputDegraded condition)."""
+
+    ranks: int | None = Field(default=None, ge=0)
+    """Ranks compared."""
+
+    step: int | None = Field(default=None, ge=0)
+    """The step of this report."""
+
+    time: str | None = Field(default=None, max_length=64, json_schema_extra={"format": "date-time"})
+    """When it was made (RFC 3339, the trainer's clock)."""
+
+    straggler: StragglerReport | None = None
+    """The straggler (omitted: none)."""
+
+    throughput_drop: ThroughputDropReport | None = None
+    """The throughput drop (omitted: none)."""
+
+
 class ForgeJobStatus(StatusModel):
     """Observed state; the operator and the trainer (progress, latest, checkpoints, baseline) write it."""
 
@@ -1423,6 +1495,9 @@ class ForgeJobStatus(StatusModel):
     last_stall_restart: StallRestart | None = None
     """The operator's latest stall restart: recorded before its pods are deleted, so that an operator restart
     finishes it instead of counting another."""
+
+    pace: PaceReport | None = None
+    """Set by the trainer: the straggler rank and the throughput drop it finds (condition ThroughputDegraded)."""
 
     @field_validator("pareto_front", mode="before")
     @classmethod

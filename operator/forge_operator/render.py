@@ -318,6 +318,11 @@ def build_trainer_config(
             "multiple": float(spec.monitoring.hang_multiple),
             "floorSeconds": float(spec.monitoring.hang_floor_seconds),
         },
+        "pace": {
+            "stragglerPercent": spec.monitoring.straggler_percent,
+            "dropPercent": spec.monitoring.throughput_drop_percent,
+            "readBacks": spec.monitoring.slow_read_backs,
+        },
     }
     probe = _probe(spec)
     if probe is not None:
@@ -403,8 +408,19 @@ def _container_resources(spec: ForgeJobSpec, options: RenderOptions) -> dict[str
     return resources
 
 
+def _field_env(name: str, field_path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": field_path}}}
+
+
 def _env(spec: ForgeJobSpec) -> list[dict[str, Any]]:
-    return [{"name": "PYTHONUNBUFFERED", "value": "1"}, *(var.to_api() for var in spec.env)]
+    """The trainer's variables: its pod and node from the downward API (a straggler is named with them), then the
+    ForgeJob's own."""
+    return [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        _field_env("FORGE_POD_NAME", "metadata.name"),
+        _field_env("FORGE_NODE_NAME", "spec.nodeName"),
+        *(var.to_api() for var in spec.env),
+    ]
 
 
 def processes_per_pod(spec: ForgeJobSpec) -> int:

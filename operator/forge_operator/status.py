@@ -28,9 +28,12 @@ from forge_operator.api import (
     EarlyStop,
     ForgeJobSpec,
     ForgeJobStatus,
+    MonitoringSpec,
     Resolved,
     Selected,
     State,
+    StragglerReport,
+    ThroughputDropReport,
 )
 from forge_operator.backends import PYTORCHJOB, ChildReport
 from forge_operator.selection import select
@@ -40,6 +43,11 @@ FORGETTING = "ForgettingWithinBudget"
 EARLY_STOPPED = "EarlyStopped"
 GUARD_WARNING = "GuardWarning"
 REBALANCED = "Rebalanced"
+THROUGHPUT_DEGRADED = "ThroughputDegraded"
+REASON_STRAGGLER = "Straggler"
+REASON_THROUGHPUT_DROP = "ThroughputDrop"
+REASON_RECOVERED = "Recovered"
+REASON_NORMAL = "Normal"
 QUEUED = "Queued"
 # Kueue's label on a job it manages (render.QUEUE_LABEL).
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -415,6 +423,81 @@ def rebalance_condition(
     return cond.upsert(conditions, REBALANCED, "True", "Rebalanced", message, at=at, observed_generation=generation)
 
 
+def straggler_message(report: StragglerReport, monitoring: MonitoringSpec) -> str:
+    """'rank 1 (pod p, node n) takes 0.51 s per step of its own compute, 4100% of the other ranks' median 0.0124 s
+    (over 130%), for 5 read-backs in a row: every rank waits for it'."""
+    where = ", ".join(
+        part
+        for part in (f"pod {report.pod}" if report.pod else "", f"node {report.node}" if report.node else "")
+        if part
+    )
+    message = f"rank {report.rank}" + (f" ({where})" if where else "")
+    if report.step_seconds is not None and report.median_seconds:
+        percent = 100 * report.step_seconds / report.median_seconds
+        message += (
+            f" takes {report.step_seconds:.3g} s per step of its own compute, {percent:.0f}% of the other ranks' "
+            f"median {report.median_seconds:.3g} s (over {monitoring.straggler_percent}%)"
+        )
+    else:
+        message += " is slower than the other ranks"
+    if report.read_backs:
+        message += f", for {report.read_backs} read-backs in a row"
+    return message + ": every rank waits for it, the job runs at its pace"
+
+
+def drop_message(report: ThroughputDropReport, monitoring: MonitoringSpec) -> str:
+    """'1.2e+03 tokens/s, 40% of the job's running median 3e+03 tokens/s (under 50%), for 5 read-backs in a row'."""
+    now, median = report.tokens_per_second, report.median_tokens_per_second
+    if now is None or not median:
+        message = f"tokens/s under {monitoring.throughput_drop_percent}% of the job's running median"
+    else:
+        message = (
+            f"{now:.4g} tokens/s, {100 * now / median:.0f}% of the job's running median {median:.4g} tokens/s "
+            f"(under {monitoring.throughput_drop_percent}%)"
+        )
+    if report.read_backs:
+        message += f", for {report.read_backs} read-backs in a row"
+    return message
+
+
+def throughput_condition(
+    conditions: Sequence[Condition], spec: ForgeJobSpec, status: ForgeJobStatus, *, at: str, generation: int | None
+) -> list[Condition]:
+    """ThroughputDegraded from the trainer's status.pace: True with reason Straggler (first) or ThroughputDrop;
+    False with reason Recovered once neither holds after one did, Normal before. Absent until the trainer reports."""
+    pace = status.pace
+    if pace is None:
+        return list(conditions)
+    monitoring = spec.monitoring
+    if pace.straggler is not None:
+        message = straggler_message(pace.straggler, monitoring)
+        if pace.throughput_drop is not None:
+            message += f"; throughput dropped too: {drop_message(pace.throughput_drop, monitoring)}"
+        return cond.upsert(
+            conditions, THROUGHPUT_DEGRADED, "True", REASON_STRAGGLER, message, at=at, observed_generation=generation
+        )
+    if pace.throughput_drop is not None:
+        message = drop_message(pace.throughput_drop, monitoring)
+        return cond.upsert(
+            conditions,
+            THROUGHPUT_DEGRADED,
+            "True",
+            REASON_THROUGHPUT_DROP,
+            message,
+            at=at,
+            observed_generation=generation,
+        )
+    old = cond.find(conditions, THROUGHPUT_DEGRADED)
+    recovered = old is not None and (old.status == "True" or old.reason == REASON_RECOVERED)
+    reason = REASON_RECOVERED if recovered else REASON_NORMAL
+    message = (
+        f"every rank within {monitoring.straggler_percent}% of the others' median step time and tokens/s above "
+        f"{monitoring.throughput_drop_percent}% of the running median"
+        + (f" (checked over {pace.ranks} ranks)" if pace.ranks else "")
+    )
+    return cond.upsert(conditions, THROUGHPUT_DEGRADED, "False", reason, message, at=at, observed_generation=generation)
+
+
 def derive_state(conditions: Sequence[Condition], started: bool) -> State:
     """The summary state. Terminal conditions are read by type and status, never by their position."""
     accepted = cond.find(conditions, ACCEPTED)
@@ -496,6 +579,14 @@ def _transitions(
             old is None or (old.status, old.reason, old.message) != (new.status, new.reason, new.message)
         ):
             events.append(Transition(new.reason, new.message, warning=condition_type == GUARD_WARNING))
+    old_pace = cond.find(before.conditions, THROUGHPUT_DEGRADED)
+    new_pace = cond.find(after_conditions, THROUGHPUT_DEGRADED)
+    was_degraded = old_pace is not None and old_pace.status == "True"
+    if new_pace is not None and (
+        (new_pace.status == "True" and (not was_degraded or old_pace is None or old_pace.message != new_pace.message))
+        or (new_pace.status != "True" and was_degraded)
+    ):  # degraded (the trainer reports only a new rank or a new drop), or recovered: each an Event
+        events.append(Transition(new_pace.reason, new_pace.message, warning=new_pace.status == "True"))
     if selected_changed and after is not None:
         events.append(Transition("CheckpointSelected", f"{after.uri}: {after.reason}"))
     return events
@@ -560,6 +651,7 @@ def desired_status(
         conditions = early_stop_condition(conditions, status, at=at, generation=generation, kind=kind)
         conditions = rebalance_condition(conditions, spec, status, at=at, generation=generation)
         conditions = failure_condition(conditions, status, at=at, generation=generation, kind=kind)
+        conditions = throughput_condition(conditions, spec, status, at=at, generation=generation)
         selection = select(
             status.checkpoints,
             status.baseline,

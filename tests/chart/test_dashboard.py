@@ -21,7 +21,7 @@ from kubernetes import client
 from forge_dev.controlplane import free_port
 from tests.chart.helm import CHART, REPO_ROOT, wait_for
 from tests.chart.install import create_forgejob, dump, forgejob, get_forgejob, installed
-from tests.chart.prometheus import prometheus, served
+from tests.chart.prometheus import prometheus
 from tests.conftest import LocalCluster
 
 DASHBOARD = CHART / "dashboards" / "forge.json"
@@ -29,14 +29,7 @@ RATE_INTERVAL = "10s"
 # Metrics the dashboard uses that the trainer/operator do not export yet (requested in docs/monitoring.md). While a
 # name is missing from both metrics.py registries, its panels may be empty; once exported, its queries must return
 # data like every other one. Remove a name from here when it is exported.
-PENDING_METRICS: dict[str, str] = {
-    # Issue 14, added in parallel (stall and straggler detection); tests/chart/test_alerts.py serves them from a test
-    # registry meanwhile, for the alerts and for these panels.
-    "forge_forgejob_stalled": "operator: 1 while the ForgeJob is Progressing=False, reason Stalled",
-    "forge_trainer_rank_step_seconds": "trainer: recent median step compute time of each rank",
-    "forge_trainer_straggler_rank": "trainer: 1 for a rank named as straggler",
-    "forge_trainer_data_wait_ratio": "trainer: share of step time spent waiting for the next batch",
-}
+PENDING_METRICS: dict[str, str] = {}
 LABEL_VALUES = re.compile(r"^label_values\((?:(.+),\s*)?([A-Za-z_][A-Za-z0-9_]*)\)$")
 
 
@@ -335,55 +328,3 @@ def test_every_dashboard_query_returns_data_from_a_training_run(
         client.CustomObjectsApi(admin).delete_namespaced_custom_object(
             "forge.dev", "v1alpha1", namespace, "forgejobs", name
         )
-
-
-def test_queries_of_pending_metrics_return_data_from_a_test_registry(tmp_path: Path) -> None:
-    """The panels on metrics not exported yet (PENDING_METRICS) against a real Prometheus scraping the real trainer
-    registry and a test registry that serves the pending names with their contracted labels. Once the trainer and
-    operator export them, the training-run test above covers these panels too."""
-    from prometheus_client import CollectorRegistry, Gauge
-
-    from forge_trainer.metrics import create_metrics
-
-    ns, job = "ml", "dash"
-    trainer = create_metrics(job, ns, 0)
-    step = trainer.step.labels(**trainer.labels)
-    step.set(1)
-    pending = CollectorRegistry()
-    gauges = {
-        name: Gauge(name, "test", ["namespace", "forge_job"] if name == "forge_forgejob_stalled" else
-                    ["forge_job", "namespace", "rank"], registry=pending)
-        for name in PENDING_METRICS
-    }  # fmt: skip
-    gauges["forge_forgejob_stalled"].labels(namespace=ns, forge_job=job).set(0)
-    for rank, seconds in enumerate([1.0, 1.1, 1.6]):
-        labels = {"forge_job": job, "namespace": ns, "rank": str(rank)}
-        gauges["forge_trainer_rank_step_seconds"].labels(**labels).set(seconds)
-        gauges["forge_trainer_straggler_rank"].labels(**labels).set(1 if rank == 2 else 0)
-        gauges["forge_trainer_data_wait_ratio"].labels(**labels).set(0.05 * (rank + 1))
-    exprs = [(where, expr) for where, expr in expressions(load()) if any(m in expr for m in PENDING_METRICS)]
-    assert exprs, "no panel uses the pending metrics"
-    values_ = {"namespace": ns, "forgejob": job}
-    with (
-        served(trainer.registry) as trainer_target,
-        served(pending) as pending_target,
-        prometheus(tmp_path / "prometheus", {"forge-trainer": trainer_target, "forge-pending": pending_target}) as prom,
-    ):
-        start = time.time() - 5
-        wait_for("both targets scraped", lambda: prom.targets_up() == {"forge-trainer": 1.0, "forge-pending": 1.0}, 60)
-        wait_for("a scrape of step 1", lambda: prom.query("forge_trainer_step == 1"), timeout=30)
-        step.set(2)
-        wait_for("a scrape of step 2", lambda: prom.query("forge_trainer_step == 2"), timeout=30)
-        empty = []
-        for where, expr in exprs:
-            query = substitute(expr, values_)
-
-            def has_data(query: str = query) -> bool:
-                result = prom.query_range(query, start, time.time())
-                return any(math.isfinite(float(v)) for series in result for _, v in series["values"])
-
-            try:
-                wait_for(f"data for {where}", has_data, timeout=20)
-            except AssertionError:
-                empty.append(f"{where}: {query}")
-        assert not empty, "dashboard queries without data:\n" + "\n".join(empty)

@@ -217,3 +217,29 @@ def test_the_learning_rate_probe_report_round_trips_through_the_crd(cluster: Loc
     )
     assert (probe.multiplier, probe.learning_rate) == (chosen, pytest.approx(2e-5 * chosen))
     assert "highest multiple projected within the forgetting budget" in probe.reason
+
+
+def test_the_pace_report_round_trips_through_the_crd_and_clears_with_null(
+    cluster: LocalCluster, namespace: str
+) -> None:
+    from forge_trainer.pace import Degraded, Findings, Peer, pace_status
+
+    straggler = Degraded("Straggler", "slow", rank=1, value=0.5123, median=0.0121, read_backs=5)
+    drop = Degraded("ThroughputDrop", "low", value=1200.04, median=3000.0, read_backs=5)
+    peers = [Peer("bot-master-0", "gpu-1"), Peer("bot-worker-0", "gpu-7")]
+    named = status_patch(pace=pace_status(Findings(straggler, drop), 2, peers, 40, "2026-01-01T00:00:00Z"))
+    cleared = status_patch(pace=pace_status(Findings(), 2, peers, 60, "2026-01-01T00:01:00Z"))
+    with cluster.api_client() as api:
+        custom = client.CustomObjectsApi(api)
+        custom.create_namespaced_custom_object("forge.dev", "v1alpha1", namespace, "forgejobs", FORGEJOB)
+        written = custom.patch_namespaced_custom_object_status(
+            "forge.dev", "v1alpha1", namespace, "forgejobs", "reported", named
+        )
+        assert written["status"] == named["status"], "the CRD pruned or changed part of the pace report"
+        pace = ForgeJobStatus.model_validate(written["status"]).pace
+        assert pace is not None and pace.straggler is not None and pace.throughput_drop is not None
+        assert (pace.straggler.rank, pace.straggler.pod, pace.straggler.node) == (1, "bot-worker-0", "gpu-7")
+        written = custom.patch_namespaced_custom_object_status(
+            "forge.dev", "v1alpha1", namespace, "forgejobs", "reported", cleared
+        )
+    assert written["status"]["pace"] == {"ranks": 2, "step": 60, "time": "2026-01-01T00:01:00Z"}

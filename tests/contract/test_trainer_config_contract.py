@@ -158,6 +158,9 @@ def test_rendered_config_parses_in_the_trainer(name: str, tmp_path: Path) -> Non
     assert config.checkpoints.output_retention == spec.checkpoints.output_retention
     assert config.watchdog.floor_seconds == spec.monitoring.hang_floor_seconds
     assert config.watchdog.multiple == spec.monitoring.hang_multiple
+    assert config.pace.straggler_percent == spec.monitoring.straggler_percent
+    assert config.pace.drop_percent == spec.monitoring.throughput_drop_percent
+    assert config.pace.read_backs == spec.monitoring.slow_read_backs
     assert config.report.forge_job is not None
     assert (config.report.forge_job.namespace, config.report.forge_job.name) == ("team", name)
     # Every value the operator rendered is read back unchanged (no coercion, nothing ignored).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 import urllib.parse
 import urllib.request
@@ -276,8 +277,11 @@ def test_apply_to_selected_checkpoint_with_prometheus(stack: Stack, backend: str
     assert not status.get("stallRestarts") and not status.get("lastStallRestart")
     assert not stack.query(f'max_over_time(forge_forgejob_stalled{{forge_job="{name}"}}[10m]) > 0')
     assert stack.query(f'forge_forgejob_stalled{{forge_job="{name}"}} == 0'), "the stall gauge is not exported"
+    # The pace of the two ranks was judged (status.pace, ThroughputDegraded=False) and no one was named.
+    assert status["pace"]["ranks"] == 2 and not status["pace"].get("straggler"), status["pace"]
+    assert kinds["ThroughputDegraded"]["reason"] == "Normal", kinds["ThroughputDegraded"]
     events = client.CoreV1Api(stack.api).list_namespaced_event(stack.namespace).items
-    assert not [e.message for e in events if e.reason == "Stalled"]
+    assert not [e.message for e in events if e.reason in ("Stalled", "Straggler", "ThroughputDrop")]
 
 
 @pytest.mark.slow
@@ -444,3 +448,44 @@ def test_a_frozen_rank_is_stalled_restarted_and_the_run_resumes_to_success(drill
     events = client.CoreV1Api(stack.api).list_namespaced_event(stack.namespace).items
     assert [e for e in events if e.reason == "Stalled"], "no Stalled Event"
     print(f"stall drill: fault -> Stalled {detected_s:.1f} s, fault -> Progressing again {recovered_s:.1f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_slow_rank_is_named_a_straggler_with_its_pod_and_node(stack: Stack) -> None:
+    name = "slow"
+    job = forgejob(name, "1e-4", 40)
+    spec = job["spec"]
+    spec["eval"]["everySteps"] = 40
+    spec["checkpoints"]["everySteps"] = 40
+    spec["training"]["logEverySteps"] = 2
+    spec["monitoring"] = {"slowReadBacks": 3}
+    spec["env"].append({"name": "FORGE_FAULT_SLEEP_PER_STEP", "value": "1:0.5"})  # test-only: rank 1 sleeps each step
+    client.CustomObjectsApi(stack.api).create_namespaced_custom_object(GROUP, VERSION, stack.namespace, PLURAL, job)
+    wait_for(lambda: stack.scrape_trainers(name), "both trainer ranks to start", 120, stack.logs)
+    started = time.monotonic()
+
+    def degraded() -> dict[str, Any] | None:
+        status: dict[str, Any] = stack.forgejob(name).get("status") or {}
+        if status.get("state") in ("Failed", "EarlyStopped", "Invalid"):
+            raise AssertionError(f"the run ended {status.get('state')}: {json.dumps(status, indent=1)}\n{stack.logs()}")
+        condition = condition_of(status, "ThroughputDegraded")
+        return status if (condition.get("status"), condition.get("reason")) == ("True", "Straggler") else None
+
+    status = wait_for(degraded, "ThroughputDegraded=True, reason Straggler", 240, stack.logs)
+    detected_s = time.monotonic() - started
+    message = condition_of(status, "ThroughputDegraded")["message"]
+    node = socket.gethostname()  # the stand-in's spec.nodeName
+    assert message.startswith(f"rank 1 (pod {name}-worker-0, node {node}) takes "), message
+    straggler = status["pace"]["straggler"]
+    assert (straggler["rank"], straggler["pod"], straggler["node"]) == (1, f"{name}-worker-0", node), straggler
+    assert straggler["stepSeconds"] >= 0.5 > straggler["medianSeconds"], straggler
+    wait_for(
+        lambda: stack.query(f'max_over_time(forge_trainer_straggler_rank{{forge_job="{name}", rank="1"}}[5m]) == 1'),
+        "forge_trainer_straggler_rank = 1 for rank 1 in Prometheus",
+        60,
+        stack.logs,
+    )
+    events = client.CoreV1Api(stack.api).list_namespaced_event(stack.namespace).items
+    assert [e for e in events if e.reason == "Straggler" and e.type == "Warning"], "no Straggler Event"
+    print(f"straggler drill (end to end): ranks scraped -> ThroughputDegraded=True {detected_s:.1f} s")

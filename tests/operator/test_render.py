@@ -499,3 +499,18 @@ def test_zero_stage_defaults_by_world_size_and_the_spec_wins() -> None:
     assert many == 2 and notes == ["zeroStage 2: the default for worldSize 8 (0 for one process, 2 for more)"]
     assert stage(spec(training={"zeroStage": 1}, resources={"nodes": 1, "gpusPerNode": 1})) == (1, [])
     assert stage(spec(training={"zeroStage": 3})) == (3, [])
+
+
+def test_pace_settings_reach_the_trainer_and_the_pods_know_their_pod_and_node() -> None:
+    job_spec = spec(monitoring={"stragglerPercent": 150, "throughputDropPercent": 40, "slowReadBacks": 3})
+    config = build_trainer_config(OWNER, job_spec, resolve(job_spec), OPTIONS)
+    assert config["pace"] == {"stragglerPercent": 150, "dropPercent": 40, "readBacks": 3}
+    defaults = build_trainer_config(OWNER, spec(), resolve(spec()), OPTIONS)
+    assert defaults["pace"] == {"stragglerPercent": 130, "dropPercent": 50, "readBacks": 5}
+    job = build_pytorchjob(OWNER, spec(env=[{"name": "A", "value": "1"}]), OPTIONS)
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        (container,) = replica["template"]["spec"]["containers"]
+        env = {var["name"]: var for var in container["env"]}
+        assert env["FORGE_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+        assert env["FORGE_POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        assert env["A"] == {"name": "A", "value": "1"}  # the ForgeJob's own come after (they may override)

@@ -491,3 +491,48 @@ def test_final_conditions_carried_by_a_deleted_pytorchjob_make_the_run_terminal(
     assert not is_terminal(running)
     ended, _ = step(running, pytorchjob=pytorchjob(("Created", "True"), ("Running", "False"), ("Failed", "True")))
     assert ended.state == "Failed" and is_terminal(ended)
+
+
+PACE_OK = {"ranks": 4, "step": 20, "time": "2026-01-01T00:01:00Z"}
+STRAGGLER = {"rank": 2, "pod": "job-worker-1", "node": "gpu-node-7", "stepSeconds": 0.52, "medianSeconds": 0.4,
+             "readBacks": 5}  # fmt: skip
+
+
+def test_a_straggler_degrades_throughput_naming_rank_pod_and_node_and_recovers() -> None:
+    status = step(accepted(), pytorchjob=RUNNING)[0]
+    assert "ThroughputDegraded" not in by_type(status)  # nothing reported yet: no condition
+    normal, change = step(with_report(status, pace=PACE_OK))
+    condition = by_type(normal)["ThroughputDegraded"]
+    assert (condition.status, condition.reason) == ("False", "Normal") and "130%" in condition.message
+    assert not [t for t in change.transitions if t.reason == "Normal"]  # no Event for the normal start
+    slow, change = step(with_report(normal, pace={**PACE_OK, "straggler": STRAGGLER}))
+    condition = by_type(slow)["ThroughputDegraded"]
+    assert (condition.status, condition.reason) == ("True", "Straggler")
+    assert condition.message == (
+        "rank 2 (pod job-worker-1, node gpu-node-7) takes 0.52 s per step of its own compute, 130% of the other "
+        "ranks' median 0.4 s (over 130%), for 5 read-backs in a row: every rank waits for it, the job runs at its pace"
+    )
+    assert [(t.reason, t.warning) for t in change.transitions] == [("Straggler", True)]
+    assert slow.state == "Running"  # reported, nothing else changes
+    again, change = step(slow)
+    assert change.empty
+    recovered, change = step(with_report(again, pace=PACE_OK))
+    condition = by_type(recovered)["ThroughputDegraded"]
+    assert (condition.status, condition.reason) == ("False", "Recovered")
+    assert [(t.reason, t.warning) for t in change.transitions] == [("Recovered", False)]
+    assert step(recovered)[1].empty
+
+
+def test_a_throughput_drop_degrades_throughput_with_its_figures() -> None:
+    status = step(accepted(), pytorchjob=RUNNING)[0]
+    drop = {"tokensPerSecond": 1200.0, "medianTokensPerSecond": 3000.0, "readBacks": 5}
+    dropped, change = step(with_report(status, pace={**PACE_OK, "throughputDrop": drop}))
+    condition = by_type(dropped)["ThroughputDegraded"]
+    assert (condition.status, condition.reason) == ("True", "ThroughputDrop")
+    assert condition.message == (
+        "1200 tokens/s, 40% of the job's running median 3000 tokens/s (under 50%), for 5 read-backs in a row"
+    )
+    assert [(t.reason, t.warning) for t in change.transitions] == [("ThroughputDrop", True)]
+    both, _ = step(with_report(dropped, pace={**PACE_OK, "throughputDrop": drop, "straggler": STRAGGLER}))
+    condition = by_type(both)["ThroughputDegraded"]
+    assert condition.reason == "Straggler" and "throughput dropped too: 1200 tokens/s" in condition.message

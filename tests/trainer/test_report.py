@@ -354,7 +354,7 @@ def test_significant_patches_are_evaluations_checkpoints_and_events() -> None:
     assert not is_significant(progress, None)
     assert is_significant(evaluated, None)
     assert not is_significant(evaluated, eval_fingerprint(evaluated)), "the same figures again are not news"
-    for key in ("checkpoints", "baseline", "earlyStop", "rebalance", "lrProbe", "trainerError"):
+    for key in ("checkpoints", "baseline", "earlyStop", "rebalance", "lrProbe", "trainerError", "pace"):
         assert is_significant(status_patch(**{key: {"x": 1}}), None), key
     # A phase other than train begins: the operator's stall limit changes with it, so it goes out at once.
     assert is_significant(status_patch(progress=phase_status("evaluate")), None)

@@ -525,6 +525,30 @@ class WatchdogConfig(_Model):
     )
 
 
+class PaceConfig(_Model):
+    """Stragglers and throughput drops (forge_trainer/pace.py): reported, never acted on."""
+
+    straggler_percent: int = Field(
+        default=130,
+        ge=101,
+        le=1000,
+        description="A rank whose own step time is above this percentage of the other ranks' median is slow.",
+    )
+    drop_percent: int = Field(
+        default=50,
+        ge=1,
+        le=99,
+        description="The job's tokens/s below this percentage of its running median is a throughput drop.",
+    )
+    read_backs: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="A slow rank or a drop is reported once it held this many read-backs in a row (and cleared "
+        "once it has not for as many).",
+    )
+
+
 class TrainerConfig(_Model):
     """The whole trainer config (JSON, camelCase)."""
 
@@ -539,6 +563,7 @@ class TrainerConfig(_Model):
     checkpoints: CheckpointSettings = Field(description="Checkpoint cadence and destination.")
     report: ReportSettings = Field(default_factory=ReportSettings, description="Status reports and metrics.")
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig, description="When a training step is hung.")
+    pace: PaceConfig = Field(default_factory=PaceConfig, description="Stragglers and throughput drops.")
 
     @model_validator(mode="after")
     def _probe_measures_forgetting(self) -> TrainerConfig:

@@ -7,6 +7,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch.nn.functional as nnf
 from forge_trainer.config import TrainerConfig, TrainingSettings
 from forge_trainer.data.loader import IGNORE_INDEX
 from forge_trainer.errors import DistributedError
+from forge_trainer.pace import OwnTime
 
 
 @dataclass(frozen=True)
@@ -259,8 +261,11 @@ def train_step(
     global_loss_tokens: int,
     world_size: int,
     chunk_tokens: int = 0,
+    own: OwnTime | None = None,
 ) -> torch.Tensor:
     """One optimizer step; returns this rank's part of the step's token-mean loss (sum over ranks = the loss).
+
+    ``own`` times the forward passes and losses: the rank's own compute, before any collective (pace.OwnTime).
 
     Each micro-batch loss is its cross-entropy sum divided by the labelled tokens of the whole global step, times
     world*accumulation to cancel DeepSpeed's averaging over micro-batches and ranks: the gradient is exactly the
@@ -272,7 +277,8 @@ def train_step(
     local = torch.zeros((), device=device, dtype=torch.float32)
     for ids, labels in micro:
         ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        total, _ = token_loss_sum(engine, ids, labels, chunk_tokens)
+        with nullcontext() if own is None else own.forward():
+            total, _ = token_loss_sum(engine, ids, labels, chunk_tokens)
         loss = total * scale
         engine.backward(loss)
         engine.step()

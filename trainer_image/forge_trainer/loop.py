@@ -78,7 +78,17 @@ from forge_trainer.model import (
     pad_token_id,
     save_hf,
 )
-from forge_trainer.pace import StepClock
+from forge_trainer.pace import (
+    FAULT_ENV,
+    OwnTime,
+    PaceSettings,
+    PaceWatch,
+    Peer,
+    StepClock,
+    local_peer,
+    pace_status,
+    parse_fault,
+)
 from forge_trainer.report import (
     StatusReporter,
     baseline_status,
@@ -91,6 +101,7 @@ from forge_trainer.report import (
     phase_status,
     progress_status,
     report_exit_error,
+    rfc3339,
     status_patch,
 )
 from forge_trainer.watchdog import HangWatchdog, WatchdogSettings
@@ -185,18 +196,21 @@ class Throughput:
 
     started: float = field(default_factory=time.perf_counter)
     steps: int = 0
+    restarted: bool = True
+    """The window began at the start or a restart: its figure is not judged for throughput drops (pace.py)."""
 
     def update(self, step_tokens: int) -> float | None:
         """Close a window of ``steps`` steps of ``step_tokens`` global tokens each: tokens/s (None: no step)."""
         now = time.perf_counter()
         elapsed = max(1e-9, now - self.started)
-        steps, self.started, self.steps = self.steps, now, 0
+        steps, self.started, self.steps, self.restarted = self.steps, now, 0, False
         return step_tokens * steps / elapsed if steps else None
 
     def restart(self) -> None:
         """Start a new window now (evaluation and checkpoints are not training time)."""
         self.started = time.perf_counter()
         self.steps = 0
+        self.restarted = True
 
 
 class Run:
@@ -226,6 +240,12 @@ class Run:
         self.peak = device_peak_flops()
         self.tps: float | None = None
         self.clock = StepClock()
+        pace = cfg.pace
+        self.pace = PaceWatch(
+            PaceSettings(pace.straggler_percent, pace.read_backs, pace.drop_percent), denv.rank, denv.world_size
+        )
+        self.own = OwnTime(parse_fault(os.environ.get(FAULT_ENV), denv.rank))
+        self.peers: list[Peer] | None = None
         self.last_data_state: dict[str, Any] | None = None
         self.encoder: DocEncoder | None = None
         self.prefetch: Prefetcher | None = None
@@ -502,8 +522,14 @@ class Run:
                 batch = self.prefetch.next()
                 lr = float(self.engine.lr_scheduler.get_last_lr()[0])  # a Python float: no device read
                 started = time.perf_counter()
+                self.own.begin(self.progress.step + 1)
                 part = train_step(
-                    self.engine, batch.micro, batch.global_loss_tokens, self.denv.world_size, t.loss_chunk_tokens
+                    self.engine,
+                    batch.micro,
+                    batch.global_loss_tokens,
+                    self.denv.world_size,
+                    t.loss_chunk_tokens,
+                    self.own,
                 )
                 window.steps += 1
                 if compiling:
@@ -511,7 +537,7 @@ class Run:
                     self._compile_phase(time.perf_counter() - started)
                     window.restart()
                 else:
-                    self.clock.add(started - waiting, time.perf_counter() - started)
+                    self.clock.add(started - waiting, time.perf_counter() - started, self.own.seconds)
                 self.progress.step += 1
                 self.progress.tokens += step_tokens
                 self.last_data_state = batch.state
@@ -635,10 +661,13 @@ class Run:
         return plan_report(self.plan, self.last_data_state)
 
     def _flush(self, pending: list[StepFigures], window: Throughput) -> Verdict | None:
-        """Read back the pending steps' figures (one all-reduce, one device sync); export, log and guard each step."""
-        n = len(pending)
-        losses = torch.stack([p.loss for p in pending])
-        if self.denv.world_size > 1:
+        """Read back the pending steps' figures (one all-reduce, one device sync); export, log and guard each step.
+
+        The all-reduce also carries each rank's pace (its median own step time, at its place among zeros)."""
+        n, world = len(pending), self.denv.world_size
+        pace = torch.tensor(self.pace.slots(self.clock.median_own()), dtype=torch.float32)
+        losses = torch.cat([torch.stack([p.loss for p in pending]), pace.to(pending[0].loss.device)])
+        if world > 1:
             dist.all_reduce(losses)  # each rank holds its part of every step's token mean
         on_device = [i for i, p in enumerate(pending) if isinstance(p.grad_norm, torch.Tensor)]
         if on_device:
@@ -647,9 +676,11 @@ class Run:
         values: list[float] = losses.tolist()
         norms = [None if isinstance(p.grad_norm, torch.Tensor) else p.grad_norm for p in pending]
         for j, i in enumerate(on_device):
-            norms[i] = values[n + j]
+            norms[i] = values[n + world + j]
         step_tokens = self.layout.step_sequences * self.cfg.data.seq_length
-        self.tps = window.update(step_tokens) or self.tps
+        settled = not window.restarted
+        rate = window.update(step_tokens)
+        self.tps = rate or self.tps
         m = self.metrics
         m.set(m.step, self.progress.step)
         m.inc(m.tokens, step_tokens * n / self.denv.world_size)
@@ -665,6 +696,7 @@ class Run:
         mix = self.mix_report()
         for row in mix["sources"] if mix else []:
             m.set(m.data_tokens, row["tokens"], group=row["group"], source=row["uri"])
+        self._observe_pace(values[n : n + world], rate, settled)
         verdict: Verdict | None = None
         for p, loss, norm in zip(pending, values[:n], norms, strict=True):
             if self.denv.is_main:
@@ -674,6 +706,35 @@ class Run:
             found = self.guard.observe_step(p.step, loss, p.lr, norm)
             verdict = verdict or found
         return verdict
+
+    def _observe_pace(self, times: list[float], rate: float | None, settled: bool) -> None:
+        """Every rank: export its pace and judge the gathered figures; rank 0 reports what changed (pace.py)."""
+        m = self.metrics
+        own, wait = self.clock.median_own(), self.clock.data_wait_ratio()
+        if own is not None:
+            m.set(m.rank_step_seconds, own)
+        if wait is not None:
+            m.set(m.data_wait, wait)
+        if self.peers is None:  # once per process, at the first read-back (every rank is there)
+            mine: list[Any] = [local_peer()]
+            if self.denv.world_size > 1:
+                mine = [None] * self.denv.world_size
+                dist.all_gather_object(mine, local_peer())
+            self.peers = mine
+        before, reported = self.pace.findings, self.pace.reported
+        found = self.pace.observe(times, rate, settled)
+        named = found.straggler.rank if found.straggler is not None else None
+        m.set(m.straggler, 1 if named == self.denv.rank else 0)
+        if not self.denv.is_main or (reported and before.key == found.key):
+            return
+        self.pace.reported = True
+        doc = pace_status(found, self.denv.world_size, self.peers, self.progress.step, rfc3339())
+        emit("pace", **doc)
+        for finding in (found.straggler, found.drop):
+            if finding is not None:
+                log.warning("%s: %s", finding.reason, finding.message)
+        if self.reporter is not None:
+            self.reporter.submit(status_patch(pace=doc))
 
     def mfu(self) -> float | None:
         """Model FLOPs utilisation of this rank's device, or None on CPU."""

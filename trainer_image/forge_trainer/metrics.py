@@ -72,6 +72,9 @@ class TrainerMetrics:
     data_tokens: Gauge
     forgetting_budget: Gauge
     guard_verdicts: Counter
+    rank_step_seconds: Gauge
+    straggler: Gauge
+    data_wait: Gauge
     port: int | None = None
 
     def set(self, gauge: Gauge, value: float, **extra: str) -> None:
@@ -135,6 +138,16 @@ def create_metrics(forge_job: str, namespace: str, rank: int) -> TrainerMetrics:
             "Guard rules that fired, by reason (LearningRateTooHigh, LossDiverged, ...).",
             [*base, "reason"],
             registry=reg,
+        ),
+        rank_step_seconds=g(
+            "forge_trainer_rank_step_seconds",
+            "Median own compute seconds of this rank's recent steps (forward passes and losses, before the gradient "
+            "all-reduce where every rank waits for the slowest).",
+        ),
+        straggler=g("forge_trainer_straggler_rank", "1 while the trainer names this rank a straggler, else 0."),
+        data_wait=g(
+            "forge_trainer_data_wait_ratio",
+            "Share of this rank's recent step wall time spent waiting for the next batch (0-1).",
         ),
     )
 

@@ -393,7 +393,7 @@ def chosen_uris(status: dict[str, Any]) -> list[str]:
 # A significant patch waits at most this long after the previous send (or minIntervalSeconds, when shorter).
 URGENT_INTERVAL_SECONDS = 1.0
 # status fields whose every report is news; status.latest is news when its held-out figures changed.
-SIGNIFICANT_FIELDS = ("checkpoints", "baseline", "earlyStop", "rebalance", "lrProbe", "trainerError")
+SIGNIFICANT_FIELDS = ("checkpoints", "baseline", "earlyStop", "rebalance", "lrProbe", "trainerError", "pace")
 EVAL_FIELDS = ("domainLoss", "generalLoss", "forgettingPercent", "domainGainPercent")
 
 
