@@ -13,7 +13,6 @@ WORKDIR /src
 COPY constraints.txt ./constraints.txt
 COPY operator/pyproject.toml ./operator/pyproject.toml
 COPY operator/forge_operator/ ./operator/forge_operator/
-COPY operator/forge_dev/ ./operator/forge_dev/
 # constraints.txt pins the whole development environment; only the operator's own dependencies get installed.
 RUN pip install --no-cache-dir -c constraints.txt ./operator \
     && pip uninstall --yes pip setuptools wheel
