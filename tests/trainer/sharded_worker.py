@@ -1,0 +1,41 @@
+"""One rank that builds the model partitioned and records what it holds (``python -m tests.trainer.sharded_worker
+CONFIG OUT``, with the Kubeflow rank environment). Rank r writes OUT.r (JSON): for every parameter its full size
+(ds_numel), this rank's local partition size and data size, right after the build and before any engine exists; and
+whether each parameter, gathered, equals the tensor in the base model's safetensors file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(config_path: str, out: str) -> None:
+    import deepspeed
+
+    from forge_trainer.config import load_config
+    from forge_trainer.engine import deepspeed_config, dist_env, init_distributed
+    from forge_trainer.sharded import TensorSource, build_partitioned, is_partitioned
+
+    cfg = load_config(Path(config_path))
+    denv = dist_env()
+    init_distributed(denv, 120)
+    base = Path(cfg.model.base)
+    model = build_partitioned(base, cfg.model, deepspeed_config(cfg, denv.world_size))
+    params = {
+        name: {"dsNumel": int(p.ds_numel), "partition": int(p.ds_tensor.numel()), "data": int(p.data.numel())}
+        for name, p in model.named_parameters()
+    }
+    source = TensorSource(base)
+    equal: dict[str, bool] = {}
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            equal[name] = bool(torch.equal(p.data.float(), source.get(name).float()))
+    record = {"partitioned": is_partitioned(model, denv.world_size), "params": params, "equal": equal}
+    Path(f"{out}.{denv.rank}").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
