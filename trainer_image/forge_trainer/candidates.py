@@ -3,7 +3,8 @@
 Both often beat any single checkpoint on the forgetting/domain-gain trade-off: averaging smooths the last stretch of
 the trajectory, and ``(1 - alpha) * base + alpha * fine-tuned`` walks back towards the base model, buying back
 general ability for part of the domain gain. They are built from Hugging Face safetensors folders (the checkpoints'
-``hf/`` exports and the base model), one tensor at a time, so peak memory is one output model plus a few tensors.
+``hf/`` exports and the base model), one tensor at a time, and written into safetensors shards as they fill, so peak
+memory is one shard plus a few tensors.
 
 Each candidate is written to ``<checkpoints.output>/candidates/<name>/`` (a loadable Hugging Face folder) with a
 manifest written last, as checkpoints are; a rerun finds a finished candidate by its manifest and does not build it
@@ -15,19 +16,19 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from forge_trainer import storage
 from forge_trainer.checkpoint import read_json_object
 from forge_trainer.config import CandidateSettings
 from forge_trainer.errors import ModelError
+from forge_trainer.sharded import shard_bytes_setting, stream_folder
 
 CANDIDATES_DIR = "candidates"
 MANIFEST = "forge-manifest.json"
@@ -122,39 +123,51 @@ def _same_keys(folders: Sequence[WeightFolder]) -> list[str]:
     return keys
 
 
-def average_weights(folders: Sequence[WeightFolder]) -> dict[str, torch.Tensor]:
-    """Uniform average of the floating-point tensors (summed in fp32, stored in each tensor's own dtype); other
-    tensors are taken from the last folder."""
+def iter_average(folders: Sequence[WeightFolder]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Uniform average of the floating-point tensors (summed in fp32, stored in each tensor's own dtype), one tensor
+    at a time; other tensors are taken from the last folder."""
     keys = _same_keys(folders)
-    out: dict[str, torch.Tensor] = {}
     for key in keys:
         last = folders[-1].get(key)
         if not last.is_floating_point():
-            out[key] = last.clone()
+            yield key, last.clone()
             continue
         total = last.float()
         for folder in folders[:-1]:
             total = total + folder.get(key).float()
-        out[key] = (total / len(folders)).to(last.dtype).contiguous()
-    return out
+        yield key, (total / len(folders)).to(last.dtype).contiguous()
 
 
-def interpolate_weights(base: WeightFolder, tuned: WeightFolder, alpha: float) -> dict[str, torch.Tensor]:
-    """``(1 - alpha) * base + alpha * tuned`` for floating-point tensors (fp32 arithmetic, the tuned dtype)."""
+def iter_interpolate(base: WeightFolder, tuned: WeightFolder, alpha: float) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(1 - alpha) * base + alpha * tuned`` for floating-point tensors (fp32 arithmetic, the tuned dtype), one
+    tensor at a time."""
     keys = _same_keys([base, tuned])
-    out: dict[str, torch.Tensor] = {}
     for key in keys:
         t = tuned.get(key)
         if not t.is_floating_point():
-            out[key] = t.clone()
+            yield key, t.clone()
             continue
-        mixed = torch.lerp(base.get(key).float(), t.float(), alpha)
-        out[key] = mixed.to(t.dtype).contiguous()
-    return out
+        yield key, torch.lerp(base.get(key).float(), t.float(), alpha).to(t.dtype).contiguous()
 
 
-def write_folder(weights: dict[str, torch.Tensor], like: Path, out_dir: Path) -> None:
-    """A loadable Hugging Face folder: ``weights`` in one safetensors file, every other file (config, tokenizer,
+def average_weights(folders: Sequence[WeightFolder]) -> dict[str, torch.Tensor]:
+    """:func:`iter_average` as one state dict."""
+    return dict(iter_average(folders))
+
+
+def interpolate_weights(base: WeightFolder, tuned: WeightFolder, alpha: float) -> dict[str, torch.Tensor]:
+    """:func:`iter_interpolate` as one state dict."""
+    return dict(iter_interpolate(base, tuned, alpha))
+
+
+def write_folder(
+    weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    like: Path,
+    out_dir: Path,
+    shard_bytes: int | None = None,
+) -> None:
+    """A loadable Hugging Face folder: ``weights`` (a state dict, or (name, tensor) pairs written as they come into
+    safetensors shards of at most ``shard_bytes``: peak memory one shard), every other file (config, tokenizer,
     generation config) copied from the folder ``like``."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -162,7 +175,8 @@ def write_folder(weights: dict[str, torch.Tensor], like: Path, out_dir: Path) ->
     for item in sorted(like.iterdir()):
         if item.is_file() and not item.name.endswith(".safetensors") and item.name != _INDEX_FILE:
             shutil.copyfile(item, out_dir / item.name)
-    save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    pairs = weights.items() if isinstance(weights, Mapping) else weights
+    stream_folder(pairs, out_dir, shard_bytes or shard_bytes_setting())
 
 
 def candidate_uri(output: str, plan: CandidatePlan) -> str:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from forge_trainer import candidates as cand
 from forge_trainer import checkpoint as ckpt
-from forge_trainer import probe, retention, storage
+from forge_trainer import probe, retention, sharded, storage
 from forge_trainer.config import TrainerConfig
 from forge_trainer.data.encode import DocEncoder
 from forge_trainer.data.loader import (
@@ -42,6 +42,7 @@ from forge_trainer.data.mixer import Mixer
 from forge_trainer.engine import (
     DistEnv,
     build_engine,
+    deepspeed_config,
     dist_env,
     init_distributed,
     lr_factor,
@@ -73,6 +74,7 @@ from forge_trainer.model import (
     export_hf,
     fetch_model,
     file_lock,
+    full_numel,
     load_model,
     load_tokenizer,
     pad_token_id,
@@ -305,7 +307,7 @@ class Run:
         if cfg.training.probe is not None:
             self._settle_learning_rate(resumed=manifest is not None)
             cfg = self.cfg
-        model = load_model(self.model_dir, cfg.model, cfg.training.activation_checkpointing)
+        model = self._build_model(cfg)
         self._set_flops(model)
         self.engine = build_engine(model, cfg, denv.world_size)
         self._measure_base(resumed=manifest is not None)
@@ -398,7 +400,7 @@ class Run:
             run_cfg = cfg.model_copy(update={"training": probe.probe_training(cfg.training, multiplier)})
             started = time.perf_counter()
             seed_everything(cfg.training.seed, denv.rank)  # every multiple starts from the same state
-            model = load_model(self.model_dir, cfg.model, cfg.training.activation_checkpointing)
+            model = self._build_model(run_cfg)
             engine = build_engine(model, run_cfg, denv.world_size)
             try:
                 if baseline is None:
@@ -458,6 +460,14 @@ class Run:
             prefetch.close()
         return points, True
 
+    def _build_model(self, cfg: TrainerConfig) -> torch.nn.Module:
+        """The model to hand the engine: under ZeRO-3 built partitioned (no rank ever holds all of it), else whole."""
+        t = cfg.training
+        if t.zero_stage == 3:
+            ds_config = deepspeed_config(cfg, self.denv.world_size)
+            return sharded.build_partitioned(self.model_dir, cfg.model, ds_config, t.activation_checkpointing)
+        return load_model(self.model_dir, cfg.model, t.activation_checkpointing)
+
     def _find_resume(self) -> dict[str, Any] | None:
         """The newest complete checkpoint in the output (rank 0 reads, every rank gets it, or the read error)."""
         found = self._on_main(lambda: ckpt.latest_resumable(self.cfg.checkpoints.output))
@@ -487,7 +497,7 @@ class Run:
         get_emb: Any = getattr(model, "get_input_embeddings", None)
         emb: Any = get_emb() if get_emb is not None else None
         tied = bool(getattr(mcfg, "tie_word_embeddings", False))
-        emb_params = int(emb.weight.numel()) if emb is not None and not tied else 0
+        emb_params = full_numel(emb.weight) if emb is not None and not tied else 0
         self.flops_token = flops_per_token(total - emb_params, layers, hidden, self.cfg.data.seq_length)
         if self.denv.is_main:
             log.info("model: %d parameters, %d trainable", total, trainable)
@@ -985,11 +995,13 @@ class Run:
     def _export_live(self, out_dir: Path) -> None:
         cfg = self.cfg
         if cfg.training.zero_stage == 3:
-            sd = self.engine._zero3_consolidated_16bit_state_dict()
-        else:
-            sd = self.engine.module.state_dict() if self.denv.is_main else None
+            # one parameter gathered at a time, written by rank 0 into shards as they fill
+            lora = cfg.model.technique == "lora"
+            sharded.export_partitioned(self.engine.module, out_dir, self.tokenizer, self.denv.is_main, lora=lora)
+            return
         if not self.denv.is_main:
             return
+        sd = self.engine.module.state_dict()
         if cfg.model.technique == "lora":
             export_hf(sd, self.model_dir, cfg.model, out_dir, self.tokenizer)
         else:
@@ -1078,13 +1090,12 @@ class Run:
     def _build(self, plan: cand.CandidatePlan, local_dir: Path, uri: str) -> list[tuple[str, int]]:
         tuned = [self._hf_folder(step) for step in (plan.average_of or (plan.step,))]
         if plan.kind == "average":
-            weights = cand.average_weights([cand.WeightFolder(f) for f in tuned])
+            weights = cand.iter_average([cand.WeightFolder(f) for f in tuned])
         else:
             assert plan.alpha is not None
             base = cand.WeightFolder(self.model_dir)
-            weights = cand.interpolate_weights(base, cand.WeightFolder(tuned[-1]), plan.alpha)
-        cand.write_folder(weights, tuned[-1], local_dir)
-        del weights
+            weights = cand.iter_interpolate(base, cand.WeightFolder(tuned[-1]), plan.alpha)
+        cand.write_folder(weights, tuned[-1], local_dir)  # tensor by tensor, into shards as they fill
         return cand.upload_files(local_dir, uri)
 
     def _hf_folder(self, step: int) -> Path:
@@ -1109,6 +1120,12 @@ class Run:
         return self.places.local_dir / cand.CANDIDATES_DIR / ".inputs"
 
     def _load_candidate(self, folder: Path) -> Any:
+        """The module that evaluates a candidate. Under ZeRO-3 the engine's own partitioned module, each rank reading
+        its own rows of the candidate into its partitions (training is over: no second model is built); otherwise
+        the candidate loaded whole."""
+        if self.cfg.training.zero_stage == 3:
+            sharded.load_partitions(self.engine.module, folder, rename=self.cfg.model.technique == "lora")
+            return self.engine.module
         from transformers import AutoModelForCausalLM
 
         dtype = torch.bfloat16 if self.cfg.training.precision == "bf16" else torch.float32

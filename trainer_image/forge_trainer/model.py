@@ -117,10 +117,15 @@ def wrap_lora(model: torch.nn.Module, settings: ModelSettings) -> torch.nn.Modul
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(all parameters, trainable parameters)."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(all parameters, trainable parameters); a ZeRO-3 partitioned parameter counts its full size (ds_numel)."""
+    total = sum(full_numel(p) for p in model.parameters())
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of a parameter, also when ZeRO-3 holds only a partition of it on this rank."""
+    return int(getattr(param, "ds_numel", param.numel()))
 
 
 def export_hf(

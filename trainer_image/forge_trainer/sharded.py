@@ -229,9 +229,12 @@ def load_partitions(module: torch.nn.Module, folder: Path, rename: bool = False)
         with torch.no_grad():
             for name, param in module.named_parameters():
                 key = lora_export_name(name) if rename else name
+                full = param.data.numel() == int(param.ds_numel)  # type: ignore[attr-defined]
                 if key is None:
                     if ".lora_B." in name:
                         param.ds_tensor.zero_()  # type: ignore[attr-defined]
+                        if full:
+                            param.data.zero_()
                     continue
                 if key not in source.file_of:
                     raise ModelError(f"{folder}: no tensor {key} for the model's parameter {name}")
@@ -242,6 +245,9 @@ def load_partitions(module: torch.nn.Module, folder: Path, rename: bool = False)
                 if part.numel() > count:
                     part.narrow(0, count, part.numel() - count).zero_()
                 read += count
+                if full:
+                    # a parameter the engine keeps gathered (ZeRO-3 persists small ones): its full copy too
+                    param.data.copy_(source.get(key).reshape(param.data.shape))
     finally:
         source.close()
     return read
