@@ -24,6 +24,7 @@ SHORT_NAME = "fj"
 Technique = Literal["cpt", "sft", "lora"]
 Schedule = Literal["cosine", "constant", "wsd"]
 Precision = Literal["bf16", "fp32"]
+MixBy = Literal["tokens", "lossTokens"]
 ForgettingAction = Literal["stop", "warn", "rebalance"]
 SelectionPolicy = Literal["best-within-budget", "pareto", "last"]
 CandidateKind = Literal["checkpoint", "average", "interpolation"]
@@ -177,6 +178,12 @@ class DataSpec(ApiModel):
 
     max_bad_lines: int = Field(default=100, ge=0, le=1_000_000)
     """Malformed records skipped per source before the run fails naming the file and line."""
+
+    mix_by: MixBy = "tokens"
+    """What domainPercent counts: `tokens` (every input token) or `lossTokens` (only the tokens that carry loss, so
+    the shares of the gradient: with sft and lora a chat's prompt tokens carry none, and mixing chats with plain text
+    by input tokens gives the text a larger share of the gradient than domainPercent says). The same for cpt, whose
+    every token carries loss. Either way status.latest.realisedDomainGradientPercent reports the realised share."""
 
 
 class EvalSpec(ApiModel):
@@ -1127,6 +1134,10 @@ class Latest(StatusModel):
 
     realised_domain_percent: float | None = None
     """Share of domain tokens actually consumed so far, in percent."""
+
+    realised_domain_gradient_percent: float | None = None
+    """Share of the tokens that carried loss (so of the gradient: every such token weighs the same) that came from
+    domain sources so far, in percent. Equals realisedDomainPercent for cpt; see spec.data.mixBy."""
 
     forgetting_stderr_percent: float | None = None
     """Standard error of forgettingPercent, in points (paired per-sequence differences to the base model)."""

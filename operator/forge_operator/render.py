@@ -263,6 +263,7 @@ def build_trainer_config(
             "seqLength": spec.data.seq_length,
             "maxRepetition": float(spec.data.max_repetition),
             "maxBadLines": spec.data.max_bad_lines,
+            "mixBy": spec.data.mix_by,
         },
         "eval": {
             "everySteps": eval_every_steps(spec),

@@ -215,6 +215,15 @@ def test_a_spec_without_the_guard_settings_gets_the_trainers_defaults(max_steps:
     assert config.checkpoints.candidates == CandidateSettings()
 
 
+@pytest.mark.parametrize("mix_by", ["tokens", "lossTokens"])
+def test_the_mix_unit_reaches_the_trainer(mix_by: str) -> None:
+    spec = {"technique": "sft", "data": {**BASE["data"], "mixBy": mix_by}}
+    _, config_map, _ = render("sft-mix", spec)
+    assert TrainerConfig.model_validate_json(config_map["data"][CONFIG_KEY]).data.mix_by == mix_by
+    _, default_map, _ = render("sft-default-mix", {"technique": "sft"})
+    assert TrainerConfig.model_validate_json(default_map["data"][CONFIG_KEY]).data.mix_by == "tokens"
+
+
 def test_learning_rate_probe_settings_reach_the_trainer() -> None:
     _, config_map, _ = render("learning-rate-probe", FORGEJOBS["learning-rate-probe"])
     config = TrainerConfig.model_validate_json(config_map["data"][CONFIG_KEY])

@@ -140,6 +140,13 @@ class DataSettings(_Model):
             "is a bad record (counted against maxBadLines, named by file and line), skipped in bounded chunks."
         ),
     )
+    mix_by: Literal["tokens", "lossTokens"] = Field(
+        default="tokens",
+        description=(
+            "What domainPercent counts: every input token, or only the tokens that carry loss (the gradient's "
+            "shares; differs from tokens for sft and lora, whose prompt tokens carry none)."
+        ),
+    )
     token_cache: Uri | None = Field(
         default=None,
         description=(

@@ -1177,6 +1177,7 @@ class Run:
                     lr,
                     mix["realisedDomainPercent"] if mix else None,
                     [s.uri for s in self.cfg.eval.general],
+                    mix["realisedDomainGradientPercent"] if mix else None,
                 ),
             )
         )

@@ -48,11 +48,15 @@ class MixPlan:
     shares: list[int]
     files: list[SourceFiles]
     shards: ShardIndex | None = None
+    mix_by: str = "tokens"
 
     def fingerprint(self, seed: int, seq_len: int) -> str:
         """Identifies the stream: a data state only resumes the stream it came from."""
         desc = [(s.uri, s.weight, g, sh) for s, g, sh in zip(self.sources, self.groups, self.shares, strict=True)]
-        raw = json.dumps({"sources": desc, "seed": seed, "seqLength": seq_len}, sort_keys=True)
+        stream: dict[str, Any] = {"sources": desc, "seed": seed, "seqLength": seq_len}
+        if self.mix_by != "tokens":  # absent for the default, so that earlier data states still resume
+            stream["mixBy"] = self.mix_by
+        raw = json.dumps(stream, sort_keys=True)
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
     def source_id(self, i: int) -> str:
@@ -72,7 +76,7 @@ def plan_mix(data: DataSettings, shards: ShardIndex | None = None) -> MixPlan:
     groups = [DOMAIN] * len(data.domain) + [GENERAL] * len(general)
     shares = integer_shares([s.weight for s in data.domain], [s.weight for s in general], data.domain_percent)
     files = [resolve_source(s.uri) for s in sources]
-    return MixPlan(sources, groups, shares, files, shards)
+    return MixPlan(sources, groups, shares, files, shards, data.mix_by)
 
 
 def needed_sequences(plan: MixPlan, total_sequences: int) -> list[int]:
@@ -185,8 +189,8 @@ def build_mixer(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, state: d
         expect = plan.fingerprint(cfg.training.seed, cfg.data.seq_length)
         if state.get("fingerprint") != expect:
             raise DataError(
-                "data.domain/data.general/data.seqLength/training.seed changed since the checkpoint: its data "
-                "state cannot resume this stream (use a new output location to start over)"
+                "data.domain/data.general/data.seqLength/data.mixBy/training.seed changed since the checkpoint: its "
+                "data state cannot resume this stream (use a new output location to start over)"
             )
     states: list[SourceState | None] = source_states(state, len(plan.sources))
     packed = [
@@ -202,7 +206,7 @@ def build_mixer(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, state: d
         )
         for i, st in enumerate(states)
     ]
-    return Mixer(packed, plan.groups, plan.shares, state)
+    return Mixer(packed, plan.groups, plan.shares, state, by_loss_tokens=plan.mix_by == "lossTokens")
 
 
 def plan_report(plan: MixPlan, state: dict[str, Any]) -> dict[str, Any]:
