@@ -25,6 +25,7 @@ Technique = Literal["cpt", "sft", "lora"]
 Schedule = Literal["cosine", "constant", "wsd"]
 Precision = Literal["bf16", "fp32"]
 MixBy = Literal["tokens", "lossTokens"]
+AttentionImplementation = Literal["sdpa", "flash_attention_2", "eager"]
 ForgettingAction = Literal["stop", "warn", "rebalance"]
 SelectionPolicy = Literal["best-within-budget", "pareto", "last"]
 CandidateKind = Literal["checkpoint", "average", "interpolation"]
@@ -124,6 +125,11 @@ class ModelSpec(ApiModel):
     operator reads a size token such as '1b', '0.5B' or '350m' from the last segment of 'base', and falls back to
     the reference size of the defaults table (recorded in status.resolved.notes)."""
 
+    attention_implementation: AttentionImplementation = "sdpa"
+    """The attention kernel: `sdpa` (PyTorch's scaled_dot_product_attention, on any device), `flash_attention_2`
+    (the flash-attn package in the trainer image, CUDA GPUs only: variable-length kernels, so per-document attention
+    costs no mask) or `eager` (the reference implementation)."""
+
 
 class Source(ApiModel):
     """One data source with its weight inside its group (domain or general)."""
@@ -178,6 +184,12 @@ class DataSpec(ApiModel):
 
     max_bad_lines: int = Field(default=100, ge=0, le=1_000_000)
     """Malformed records skipped per source before the run fails naming the file and line."""
+
+    cross_document_attention: bool = False
+    """Let tokens attend to the earlier documents packed into the same sequence (plain causal attention over the
+    sequence). By default attention stays inside each document: position ids restart at every document, as the
+    model saw in pretraining, and no document is conditioned on an unrelated one (which sft needs: a chat must not
+    see the one before it)."""
 
     mix_by: MixBy = "tokens"
     """What domainPercent counts: `tokens` (every input token) or `lossTokens` (only the tokens that carry loss, so

@@ -222,8 +222,8 @@ def test_rank_slices_are_disjoint_and_their_union_is_the_single_rank_stream(
     for _ in range(6):
         one = next(single)
         parts = [next(it) for it in ranks]
-        single_rows = [tuple(row.tolist()) for ids, _ in one.micro for row in ids]
-        rank_rows = [[tuple(row.tolist()) for ids, _ in p.micro for row in ids] for p in parts]
+        single_rows = [tuple(row.tolist()) for mb in one.micro for row in mb.ids]
+        rank_rows = [[tuple(row.tolist()) for mb in p.micro for row in mb.ids] for p in parts]
         assert len(rank_rows[0]) == len(rank_rows[1]) == 4
         assert sorted(rank_rows[0] + rank_rows[1]) == sorted(single_rows)
         # Disjoint by position: micro-batch m of rank r is block (m * world + r) of the step.

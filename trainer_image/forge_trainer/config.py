@@ -92,6 +92,14 @@ class ModelSettings(_Model):
     lora: LoraSettings | None = Field(
         default=None, description="LoRA settings; required when technique is 'lora', forbidden otherwise."
     )
+    attention_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        default="sdpa",
+        description=(
+            "The attention kernel (transformers' attn_implementation): sdpa (PyTorch's scaled_dot_product_attention, "
+            "everywhere), flash_attention_2 (the flash-attn package on CUDA GPUs: variable-length kernels for "
+            "per-document attention, no mask materialised) or eager (reference)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _lora_matches_technique(self) -> ModelSettings:
@@ -138,6 +146,13 @@ class DataSettings(_Model):
         description=(
             "Largest record read into memory: a jsonl line (newline excluded) or a whole .txt file longer than this "
             "is a bad record (counted against maxBadLines, named by file and line), skipped in bounded chunks."
+        ),
+    )
+    cross_document_attention: bool = Field(
+        default=False,
+        description=(
+            "Tokens attend to the earlier documents packed into the same sequence (plain causal attention over the "
+            "sequence). False: position ids restart at every document and attention stays inside it."
         ),
     )
     mix_by: Literal["tokens", "lossTokens"] = Field(

@@ -18,7 +18,7 @@ import torch.nn.functional as nnf
 
 from forge_trainer.config import Source, TrainerConfig
 from forge_trainer.data.encode import DocEncoder, IdArray, MaskArray
-from forge_trainer.data.loader import IGNORE_INDEX, limits, to_tensors
+from forge_trainer.data.loader import IGNORE_INDEX, limits, positions, to_micro_batch
 from forge_trainer.data.pack import PackedSource, SourceExhaustedError
 from forge_trainer.data.sources import resolve_source
 
@@ -34,6 +34,8 @@ class EvalSeq:
     ids: IdArray
     mask: MaskArray | None
     source: int
+    positions: IdArray | None = None
+    """Position ids restarting at each document (None: attention over the whole sequence), as in training."""
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,10 @@ def eval_sequences(
         )
         for _ in range(n):
             try:
-                ids, mask = packed.next_sequence(pad_id)
+                seq = packed.next_sequence(pad_id)
             except SourceExhaustedError:
                 break
-            out.append(EvalSeq(ids, mask, i))
+            out.append(EvalSeq(seq.ids, seq.mask, i, positions(seq.positions, cfg)))
     return out
 
 
@@ -132,16 +134,17 @@ def evaluate_set(
     # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively); a rank with no
     # sequences left runs one whose labels are all ignored.
     per_rank = math.ceil(len(seqs) / world_size)
-    dummy = (seqs[0].ids, np.zeros_like(seqs[0].ids, dtype=np.bool_))
+    dummy = (seqs[0].ids, np.zeros_like(seqs[0].ids, dtype=np.bool_), seqs[0].positions)
     built: KLCache | None = {} if build_top_k else None
     sequences: SequenceLosses = {}
     # (sum of differences to the base, sum of their squares, sequences), per-sequence means
     paired = torch.zeros(3, device=device, dtype=torch.float64)
     for start in range(0, per_rank, micro_batch):
         chunk = mine[start : start + micro_batch]
-        batch = [(seqs[i].ids, seqs[i].mask) for i in chunk] or [dummy]
-        ids, labels = to_tensors(batch)
-        logits = module(input_ids=ids.to(device)).logits[:, :-1, :].float()
+        batch = [(seqs[i].ids, seqs[i].mask, seqs[i].positions) for i in chunk] or [dummy]
+        ids, labels, position_ids = to_micro_batch(batch)
+        position_ids = None if position_ids is None else position_ids.to(device)
+        logits = module(input_ids=ids.to(device), position_ids=position_ids).logits[:, :-1, :].float()
         target = labels[:, 1:].to(device)
         token_loss = nnf.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"

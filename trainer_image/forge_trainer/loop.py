@@ -1112,7 +1112,9 @@ class Run:
         from transformers import AutoModelForCausalLM
 
         dtype = torch.bfloat16 if self.cfg.training.precision == "bf16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=dtype, attn_implementation=self.cfg.model.attention_implementation
+        )
         return model.to(self.engine.device)
 
     def _add_candidate_entry(self, entry: dict[str, Any]) -> None:

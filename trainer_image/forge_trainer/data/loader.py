@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -241,12 +241,22 @@ class Layout:
         return block % self.world_size, block // self.world_size
 
 
+class MicroBatch(NamedTuple):
+    """Model inputs of one micro-batch."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor | None
+    """Position ids restarting at every document (attention stays inside documents); None: plain causal attention
+    over the whole sequence."""
+
+
 @dataclass
 class StepBatch:
     """One optimizer step for one rank: its micro-batches, and the data state after the whole step."""
 
     step: int
-    micro: list[tuple[torch.Tensor, torch.Tensor]]
+    micro: list[MicroBatch]
     state: dict[str, Any]
     global_loss_tokens: int
 
@@ -263,9 +273,24 @@ def to_tensors(seqs: list[tuple[IdArray, MaskArray | None]], pin: bool = False) 
     return ids, labels
 
 
+def to_micro_batch(seqs: list[tuple[IdArray, MaskArray | None, IdArray | None]], pin: bool = False) -> MicroBatch:
+    """A micro-batch's tensors; position ids only when every sequence has them."""
+    ids, labels = to_tensors([(s[0], s[1]) for s in seqs], pin)
+    rows = [s[2] for s in seqs if s[2] is not None]
+    if len(rows) < len(seqs):
+        return MicroBatch(ids, labels, None)
+    positions = torch.from_numpy(np.stack(rows).astype(np.int64))
+    return MicroBatch(ids, labels, positions.pin_memory() if pin else positions)
+
+
 def labelled_positions(mask: MaskArray | None, seq_len: int) -> int:
     """Next-token positions of a sequence that carry loss (position 0 predicts nothing)."""
     return seq_len - 1 if mask is None else int(mask[1:].sum())
+
+
+def positions(fragment_positions: IdArray, cfg: TrainerConfig) -> IdArray | None:
+    """The position ids a sequence trains with: per document, unless data.crossDocumentAttention."""
+    return None if cfg.data.cross_document_attention else fragment_positions
 
 
 def step_batches(
@@ -275,15 +300,15 @@ def step_batches(
     step = first_step
     pin = torch.cuda.is_available()
     while True:
-        mine: list[list[tuple[IdArray, MaskArray | None]]] = [[] for _ in range(layout.accumulation)]
+        mine: list[list[tuple[IdArray, MaskArray | None, IdArray | None]]] = [[] for _ in range(layout.accumulation)]
         loss_tokens = 0
         for j in range(layout.step_sequences):
             seq = mixer.next()
             loss_tokens += labelled_positions(seq.mask, cfg.data.seq_length)
             rank, micro = layout.owner(j)
             if rank == layout.rank:
-                mine[micro].append((seq.ids, seq.mask))
-        tensors = [to_tensors(m, pin=pin) for m in mine]
+                mine[micro].append((seq.ids, seq.mask, positions(seq.positions, cfg)))
+        tensors = [to_micro_batch(m, pin=pin) for m in mine]
         yield StepBatch(step, tensors, data_state(mixer, plan, cfg), loss_tokens)
         step += 1
 

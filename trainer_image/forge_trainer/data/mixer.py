@@ -43,6 +43,7 @@ class MixedSequence:
     source: int
     ids: Any
     mask: Any
+    positions: Any
 
 
 class Mixer:
@@ -101,8 +102,8 @@ class Mixer:
     def next(self) -> MixedSequence:
         """The next sequence of the global stream."""
         i = self.pick()
-        ids, mask = self.sources[i].next_sequence()
-        return MixedSequence(i, ids, mask)
+        seq = self.sources[i].next_sequence()
+        return MixedSequence(i, seq.ids, seq.mask, seq.positions)
 
     def state(self) -> dict[str, Any]:
         """JSON-friendly state: round-robin counters and every source's state."""

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -22,7 +22,22 @@ from forge_trainer.data.shards import ShardItem, ShardReader, iter_shards
 from forge_trainer.data.sources import SourceFiles, iter_source
 from forge_trainer.errors import DataError
 
-Sequence = tuple[IdArray, MaskArray | None]
+
+class Sequence(NamedTuple):
+    """``seq_len`` packed tokens, their loss mask (None: every token), and each token's position in its document
+    fragment: 0 where a document (or this sequence, or the padding) starts, so that attention can be confined to
+    documents (transformers builds a block-causal mask, or a varlen kernel's boundaries, from such position ids)."""
+
+    ids: IdArray
+    mask: MaskArray | None
+    positions: IdArray
+
+
+def fragment_positions(lengths: list[int]) -> IdArray:
+    """Positions that restart at 0 at the start of every fragment: [3, 2] -> [0, 1, 2, 0, 1]."""
+    if len(lengths) == 1:
+        return np.arange(lengths[0], dtype=np.int32)
+    return np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
 
 
 class SourceExhaustedError(Exception):
@@ -246,6 +261,7 @@ class PackedSource:
 
     def _emit(self, ids: list[IdArray], masks: list[MaskArray | None]) -> Sequence:
         seq = ids[0] if len(ids) == 1 else np.concatenate(ids)
+        positions = fragment_positions([len(i) for i in ids])
         mask: MaskArray | None = None
         if any(m is not None for m in masks):
             mask = np.concatenate(
@@ -256,7 +272,7 @@ class PackedSource:
         c.consumed_tokens += self.seq_len
         c.loss_tokens += self.seq_len if mask is None else int(mask.sum())
         self._check_repetition()
-        return seq, mask
+        return Sequence(seq, mask, positions)
 
     def _check_repetition(self) -> None:
         c = self.counters
