@@ -178,6 +178,7 @@ class Series:
     selected: tuple[float, float, float] | None = None  # step, domain gain, forgetting
     stopped: tuple[float, float, float] | None = None  # step, domain gain, forgetting at the guard's stop
     stop_reason: str | None = None
+    selected_label: str | None = None  # the selected checkpoint or candidate in words
 
 
 def plot_series(name: str, history: History, status: dict[str, Any]) -> Series:
@@ -204,6 +205,7 @@ def plot_series(name: str, history: History, status: dict[str, Any]) -> Series:
         selected=chosen,
         stopped=stopped,
         stop_reason=stop.get("reason") if stopped else None,
+        selected_label=describe(selected) if chosen else None,
     )
 
 
@@ -215,7 +217,7 @@ def plot(runs: list[Series], budget: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (gain_axes, forget_axes) = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    figure, (gain_axes, forget_axes) = plt.subplots(1, 2, figsize=(12, 5.5), sharex=True)
     for run in runs:
         (line,) = gain_axes.plot(run.steps, run.gain, marker=".", label=run.name)
         forget_axes.plot(run.steps, run.forgetting, marker=".", color=line.get_color(), label=run.name)
@@ -224,11 +226,12 @@ def plot(runs: list[Series], budget: float, path: Path) -> None:
                 axes.scatter(
                     [run.selected[0]],
                     [run.selected[index]],
-                    s=200,
+                    s=220,
                     facecolors="none",
-                    edgecolors="red",
+                    edgecolors=line.get_color(),
+                    linewidths=2,
                     zorder=4,
-                    label=f"{run.name}: selected (step {run.selected[0]:g})",
+                    label=f"{run.name}: selected, {run.selected_label}",
                 )
             if run.stopped is not None:
                 axes.scatter(
@@ -248,9 +251,10 @@ def plot(runs: list[Series], budget: float, path: Path) -> None:
         axes.set_xlabel("step")
         axes.set_ylabel("percent of the base model's held-out loss")
         axes.grid(alpha=0.3)
-        axes.legend(loc="best", fontsize="x-small")
+    handles, labels = forget_axes.get_legend_handles_labels()  # every line and mark, and the budget
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize="small")
     figure.suptitle("Forge demo: mixed data within a forgetting budget vs. naive fine-tuning")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0.0, 0.14, 1.0, 1.0))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
@@ -350,6 +354,12 @@ def run_demo(repo_root: Path, out: Path, timeout_s: float) -> int:
         print(f"== {naive_name}: {naive.get('state')}")
         for line in stop_lines(naive):
             print(line)
+        if naive.get("selected"):
+            kept = naive["selected"]
+            print(
+                f"   kept from it: {describe(kept)} (forgetting {fmt(kept.get('forgettingPercent'), '%')}, "
+                f"domain gain {fmt(kept.get('domainGainPercent'), '%')}): {kept.get('uri')}"
+            )
         print(f"== {name}: {status.get('state')}")
         for condition in status.get("conditions") or []:
             if condition.get("status") == "True" or condition["type"] in ("Failed", "ForgettingWithinBudget"):

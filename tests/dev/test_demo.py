@@ -85,6 +85,7 @@ def test_plot_series_marks_the_selected_checkpoint_and_the_guard_stop() -> None:
     series = plot_series("support-bot", history, good)
     assert series.steps == [10.0, 20.0, 40.0] and series.forgetting == [0.5, 1.0, 2.5] and series.gain[-1] == 38.0
     assert series.selected == (40.0, 38.0, 2.5) and series.stopped is None
+    assert series.selected_label == "checkpoint step 40"
     stopped = status_at(15, 9.0, 30.0, "EarlyStopped", earlyStop=STOP)
     naive = plot_series("naive", naive_history((5, 2.0, 15.0), (10, 6.0, 25.0), (15, 9.0, 30.0)), stopped)
     assert naive.stopped == (15.0, 30.0, 9.0) and naive.stop_reason == "LearningRateTooHigh"
