@@ -132,3 +132,12 @@ def test_cli_exits_with_config_code(base_config: dict[str, Any], tmp_path: Path)
 def test_config_schema_is_json_serialisable() -> None:
     schema = TrainerConfig.model_json_schema(by_alias=True)
     assert "microBatchSize" in json.dumps(schema)
+
+
+def test_the_environment_overrides_the_local_checkpoint_folder(base_config: dict[str, Any], tmp_path: Path) -> None:
+    path = write_config(tmp_path / "config.json", merged(base_config, checkpoints={"localDir": "/tmp/forge/ckpt"}))
+    assert load_config(path, {}).checkpoints.local_dir == "/tmp/forge/ckpt"
+    assert load_config(path, {"FORGE_CHECKPOINT_LOCAL_DIR": " "}).checkpoints.local_dir == "/tmp/forge/ckpt"
+    cfg = load_config(path, {"FORGE_CHECKPOINT_LOCAL_DIR": "/work/pod-a/scratch/checkpoints"})
+    assert cfg.checkpoints.local_dir == "/work/pod-a/scratch/checkpoints"
+    assert cfg.checkpoints.output == load_config(path, {}).checkpoints.output  # nothing else changes

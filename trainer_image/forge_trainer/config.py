@@ -8,6 +8,8 @@ keys are rejected so that a typo or a version skew between operator and trainer 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -648,8 +650,25 @@ def parse_config(data: Any, origin: str = "<config>") -> TrainerConfig:
         raise ConfigError(format_validation_error(err, origin)) from None
 
 
-def load_config(path: str | Path) -> TrainerConfig:
-    """Read and validate the trainer config file; errors name the file and the field path."""
+CHECKPOINT_LOCAL_DIR_ENV = "FORGE_CHECKPOINT_LOCAL_DIR"
+
+
+def with_env_overrides(cfg: TrainerConfig, env: Mapping[str, str]) -> TrainerConfig:
+    """The config with what the environment overrides: ``FORGE_CHECKPOINT_LOCAL_DIR`` -> checkpoints.localDir.
+
+    A runtime that gives each pod its own scratch folder at another path (the local stand-in runs several pods on
+    one machine) sets it; an empty value changes nothing.
+    """
+    local_dir = env.get(CHECKPOINT_LOCAL_DIR_ENV, "").strip()
+    if not local_dir:
+        return cfg
+    checkpoints = cfg.checkpoints.model_copy(update={"local_dir": local_dir})
+    return cfg.model_copy(update={"checkpoints": checkpoints})
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> TrainerConfig:
+    """Read and validate the trainer config file, then apply :func:`with_env_overrides` (``env``: os.environ);
+    errors name the file and the field path."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -659,4 +678,4 @@ def load_config(path: str | Path) -> TrainerConfig:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{p}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    return parse_config(data, str(p))
+    return with_env_overrides(parse_config(data, str(p)), os.environ if env is None else env)

@@ -563,6 +563,9 @@ class Run:
                 if due_ckpt and not broken:
                     self._checkpoint(step)
                 verdict = self._broadcast(verdict)
+                stops = verdict is not None and verdict.action == "stop"
+                if stops and self.denv.is_main:
+                    self._report_progress()  # the evaluation that stops the run reaches the status before the stop
                 if verdict is not None:
                     self._act(verdict, saved=due_ckpt and not broken)
                 if due_eval or due_ckpt or verdict is not None:
