@@ -207,12 +207,18 @@ class EvalSpec(ApiModel):
     rule, which needs a few of them past its grace period, can act within the first third of any run."""
 
     domain: list[Source] = Field(default_factory=list, max_length=64)
-    """Held-out domain sources. When empty, the training domain sources are used (not held out: domain gain is then
-    optimistic; recorded in status.resolved.notes)."""
+    """Held-out domain sources. When empty, holdOutPerMille of the documents of data.domain are held out, chosen by
+    a hash of each document, and never trained on (recorded in status.resolved.notes)."""
 
     general: list[Source] = Field(default_factory=list, max_length=64)
-    """Held-out general sources. When empty, the training general sources are used; required when data.general is
-    empty (forgetting cannot be measured without general data)."""
+    """Held-out general sources. When empty, holdOutPerMille of the documents of data.general are held out, chosen
+    by a hash of each document, and never trained on; required when data.general is empty (forgetting cannot be
+    measured without general data)."""
+
+    hold_out_per_mille: int = Field(default=20, ge=1, le=250)
+    """Documents per thousand of the training sources held out for evaluation when eval.domain or eval.general is
+    empty (for that group only). The split depends on each document's content alone, so it is the same on every
+    rank and restart and never takes the first documents the run trains on."""
 
     max_tokens: int = Field(default=262_144, ge=128, le=1_073_741_824)
     """Tokens evaluated per group (domain, general), split by source weight."""

@@ -272,8 +272,9 @@ def build_trainer_config(
         },
         "eval": {
             "everySteps": eval_every_steps(spec),
-            "domain": _sources(spec.eval.domain or spec.data.domain),
-            "general": _sources(spec.eval.general or spec.data.general),
+            "domain": _sources(spec.eval.domain),
+            "general": _sources(spec.eval.general),
+            "holdOutPerMille": spec.eval.hold_out_per_mille,
             "maxTokens": spec.eval.max_tokens,
             "klTopK": spec.eval.kl_top_k,
         },

@@ -148,7 +148,10 @@ def test_rendered_config_parses_in_the_trainer(name: str, tmp_path: Path) -> Non
     assert config.data.domain_percent == spec.data.domain_percent
     assert [(s.uri, s.weight) for s in config.data.domain] == [(s.uri, s.weight) for s in spec.data.domain]
     assert config.data.seq_length == spec.data.seq_length
-    assert config.eval.general, "forgetting needs general eval data"
+    general, per_mille = config.eval_group("general")
+    assert general, "forgetting needs general eval data"
+    assert config.eval.hold_out_per_mille == spec.eval.hold_out_per_mille
+    assert per_mille == (0 if spec.eval.general else spec.eval.hold_out_per_mille)
     assert config.training.max_steps == spec.training.max_steps
     assert config.training.precision == spec.training.precision
     assert config.forgetting.budget_percent == spec.forgetting.budget_percent

@@ -55,9 +55,13 @@ def test_valid_config_round_trips(base_config: dict[str, Any], tmp_path: Path) -
             "learningRate 0.5 x 4 = 2 exceeds 1",
         ),
         (
-            {"eval": {"general": []}, "training": {"probe": {"steps": 5}}},
+            {
+                "data": {"domainPercent": 100, "general": []},
+                "eval": {"general": []},
+                "training": {"probe": {"steps": 5}},
+            },
             "training.probe",
-            "needs held-out general sources (eval.general)",
+            "needs general sources (eval.general or data.general)",
         ),
     ],
 )

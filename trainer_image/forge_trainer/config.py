@@ -23,6 +23,9 @@ CONFIG_VERSION = 1
 Technique = Literal["cpt", "sft", "lora"]
 Schedule = Literal["cosine", "constant", "wsd"]
 Precision = Literal["fp32", "bf16"]
+EvalGroup = Literal["domain", "general"]
+DOMAIN_GROUP: EvalGroup = "domain"
+GENERAL_GROUP: EvalGroup = "general"
 ForgettingAction = Literal["stop", "warn", "rebalance"]
 
 # A URI is a local path (absolute or relative to the working directory) or "s3://bucket/key-or-prefix".
@@ -187,12 +190,37 @@ class DataSettings(_Model):
         return self
 
 
+# Bounds of eval.holdOutPerMille: at least one document in a thousand, at most a quarter of the training data.
+HOLD_OUT_PER_MILLE_MIN, HOLD_OUT_PER_MILLE_MAX = 1, 250
+
+
 class EvalSettings(_Model):
     """Held-out evaluation sets, fixed for the whole run (the first maxTokens tokens of each group)."""
 
     every_steps: int = Field(default=100, ge=1, description="Evaluate every this many optimizer steps.")
-    domain: list[Source] = Field(default_factory=list, description="Held-out domain sources.")
-    general: list[Source] = Field(default_factory=list, description="Held-out general sources (forgetting).")
+    domain: list[Source] = Field(
+        default_factory=list,
+        description=(
+            "Held-out domain sources. Empty: holdOutPerMille of the data.domain documents are held out (chosen by a "
+            "hash of each document) and never trained on."
+        ),
+    )
+    general: list[Source] = Field(
+        default_factory=list,
+        description=(
+            "Held-out general sources (forgetting). Empty: holdOutPerMille of the data.general documents are held "
+            "out (chosen by a hash of each document) and never trained on."
+        ),
+    )
+    hold_out_per_mille: int = Field(
+        default=20,
+        ge=HOLD_OUT_PER_MILLE_MIN,
+        le=HOLD_OUT_PER_MILLE_MAX,
+        description=(
+            "Documents per thousand of a training source held out for evaluation when that group's eval sources "
+            "are empty (data/holdout.py: a hash of the document's tokens decides)."
+        ),
+    )
     max_tokens: int = Field(
         default=262_144, ge=1, description="Tokens evaluated per group (domain, general), split by source weight."
     )
@@ -591,11 +619,25 @@ class TrainerConfig(_Model):
 
     @model_validator(mode="after")
     def _probe_measures_forgetting(self) -> TrainerConfig:
-        if self.training.probe is not None and not self.eval.general:
+        if self.training.probe is not None and not self.eval_group(GENERAL_GROUP)[0]:
             raise FieldValueError(
-                "training.probe", "needs held-out general sources (eval.general) to measure forgetting"
+                "training.probe", "needs general sources (eval.general or data.general) to measure forgetting"
             )
         return self
+
+    def eval_group(self, group: EvalGroup) -> tuple[list[Source], int]:
+        """A held-out group's sources and the per-mille of their documents held out from training: the eval
+        sources as given (0: whole files, held out by the user), else the group's training sources split by
+        eval.holdOutPerMille."""
+        given = self.eval.domain if group == DOMAIN_GROUP else self.eval.general
+        if given:
+            return list(given), 0
+        training = self.data.domain if group == DOMAIN_GROUP else self.data.general
+        return list(training), self.eval.hold_out_per_mille if training else 0
+
+    def hold_out(self) -> tuple[int, int]:
+        """Per-mille of the (domain, general) training documents held out for evaluation (0: none)."""
+        return self.eval_group(DOMAIN_GROUP)[1], self.eval_group(GENERAL_GROUP)[1]
 
     def global_batch_sequences(self, world_size: int) -> int:
         """Sequences per optimizer step over all ranks."""

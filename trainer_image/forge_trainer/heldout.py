@@ -18,6 +18,7 @@ import torch.nn.functional as nnf
 
 from forge_trainer.config import Source, TrainerConfig
 from forge_trainer.data.encode import DocEncoder, IdArray, MaskArray
+from forge_trainer.data.holdout import HoldOut
 from forge_trainer.data.loader import IGNORE_INDEX, limits, positions, to_micro_batch
 from forge_trainer.data.pack import PackedSource, SourceExhaustedError
 from forge_trainer.data.sources import resolve_source
@@ -68,16 +69,33 @@ class SetLosses:
 
 
 def eval_sequences(
-    sources: list[Source], max_tokens: int, cfg: TrainerConfig, encoder: DocEncoder, pad_id: int
+    sources: list[Source],
+    max_tokens: int,
+    cfg: TrainerConfig,
+    encoder: DocEncoder,
+    pad_id: int,
+    hold_out_per_mille: int = 0,
 ) -> list[EvalSeq]:
-    """A fixed held-out set: from each source (one pass, no repetition) its weight's share of ``max_tokens``."""
+    """A fixed held-out set: from each source (one pass, no repetition) its weight's share of ``max_tokens``.
+
+    The separator tokens Forge adds around documents carry no loss here (only the data is scored). With
+    ``hold_out_per_mille`` > 0 the sources are training sources and only their held-out documents are read
+    (data/holdout.py; TrainerConfig.eval_group gives both)."""
     seq_len = cfg.data.seq_length
     total_w = sum(s.weight for s in sources)
+    scoring = encoder.for_evaluation()
+    hold_out = HoldOut(hold_out_per_mille, held_out=True) if hold_out_per_mille else None
     out: list[EvalSeq] = []
     for i, src in enumerate(sources):
         n = max(1, (max_tokens * src.weight // total_w) // seq_len)
         packed = PackedSource(
-            resolve_source(src.uri), f"eval/{i}", encoder, seq_len, cfg.training.seed, limits(cfg.data, True)
+            resolve_source(src.uri),
+            f"eval/{i}",
+            scoring,
+            seq_len,
+            cfg.training.seed,
+            limits(cfg.data, True),
+            hold_out=hold_out,
         )
         for _ in range(n):
             try:

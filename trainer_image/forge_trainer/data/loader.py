@@ -25,6 +25,7 @@ import torch.distributed as dist
 from forge_trainer import storage
 from forge_trainer.config import DataSettings, Source, TrainerConfig
 from forge_trainer.data.encode import DocEncoder, IdArray, MaskArray
+from forge_trainer.data.holdout import HoldOut
 from forge_trainer.data.mixer import DOMAIN, GENERAL, Mixer, integer_shares, mix_report, source_states
 from forge_trainer.data.pack import PackedSource, SourceLimits, SourceState
 from forge_trainer.data.shards import Gather, PrepareStats, ShardCache, ShardIndex, ShardReader, prepare
@@ -41,23 +42,33 @@ PREFLIGHT_COUNT_BYTES = 32 << 20
 
 @dataclass(frozen=True)
 class MixPlan:
-    """The training sources in mixer order (domain first) with their group, share and resolved files."""
+    """The training sources in mixer order (domain first) with their group, share, resolved files and the
+    per-mille of their documents held out for evaluation (0: none)."""
 
     sources: list[Source]
     groups: list[str]
     shares: list[int]
     files: list[SourceFiles]
     shards: ShardIndex | None = None
+    hold_out: tuple[int, ...] = ()
     mix_by: str = "tokens"
 
     def fingerprint(self, seed: int, seq_len: int) -> str:
         """Identifies the stream: a data state only resumes the stream it came from."""
         desc = [(s.uri, s.weight, g, sh) for s, g, sh in zip(self.sources, self.groups, self.shares, strict=True)]
         stream: dict[str, Any] = {"sources": desc, "seed": seed, "seqLength": seq_len}
-        if self.mix_by != "tokens":  # absent for the default, so that earlier data states still resume
+        # Absent at their defaults, so that earlier data states still resume.
+        if any(self.hold_out):
+            stream["holdOut"] = list(self.hold_out)
+        if self.mix_by != "tokens":
             stream["mixBy"] = self.mix_by
         raw = json.dumps(stream, sort_keys=True)
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    def source_hold_out(self, i: int) -> HoldOut | None:
+        """The training side of source i's hold-out split (None: nothing held out)."""
+        per_mille = self.hold_out[i] if i < len(self.hold_out) else 0
+        return HoldOut(per_mille, held_out=False) if per_mille else None
 
     def source_id(self, i: int) -> str:
         """Stable id of source i within the plan (seeds its file order)."""
@@ -68,15 +79,17 @@ class MixPlan:
         return None if self.shards is None else self.shards.for_source(self.files[i])
 
 
-def plan_mix(data: DataSettings, shards: ShardIndex | None = None) -> MixPlan:
+def plan_mix(data: DataSettings, shards: ShardIndex | None = None, hold_out: tuple[int, int] = (0, 0)) -> MixPlan:
     """Resolve every training source's files; at domainPercent 100 general sources are not used. With ``shards``
-    (the preparation phase's index) sources are read from their token shards."""
+    (the preparation phase's index) sources are read from their token shards. ``hold_out``: the per-mille of the
+    (domain, general) documents held out for evaluation, which training skips (TrainerConfig.hold_out)."""
     general = data.general if data.domain_percent < 100 else []
     sources = [*data.domain, *general]
     groups = [DOMAIN] * len(data.domain) + [GENERAL] * len(general)
     shares = integer_shares([s.weight for s in data.domain], [s.weight for s in general], data.domain_percent)
     files = [resolve_source(s.uri) for s in sources]
-    return MixPlan(sources, groups, shares, files, shards, data.mix_by)
+    per_source = tuple(hold_out[0] if g == DOMAIN else hold_out[1] for g in groups)
+    return MixPlan(sources, groups, shares, files, shards, per_source, data.mix_by)
 
 
 def needed_sequences(plan: MixPlan, total_sequences: int) -> list[int]:
@@ -106,6 +119,7 @@ def preflight(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, total_sequ
             cfg.training.seed,
             limits(data),
             shards=plan.source_shards(i),
+            hold_out=plan.source_hold_out(i),
         )
         if plan.files[i].total_bytes > PREFLIGHT_COUNT_BYTES:
             src.next_sequence()
@@ -203,6 +217,7 @@ def build_mixer(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, state: d
             limits(cfg.data),
             st,
             shards=plan.source_shards(i),
+            hold_out=plan.source_hold_out(i),
         )
         for i, st in enumerate(states)
     ]
