@@ -116,7 +116,7 @@ def test_training_stream_skips_held_out_documents_with_and_without_shards(
     with pytest.raises(DataError, match="changed since the checkpoint"):
         build_mixer(plan, cfg, enc, next(step_batches(build_mixer(whole, cfg, enc), whole, cfg, layout, 0)).state)
     # No held-out document appears whole in the training stream.
-    tokens = np.concatenate([ids.numpy().ravel() for b in first for ids, _ in b.micro]).astype(np.int32).tobytes()
+    tokens = np.concatenate([mb.ids.numpy().ravel() for b in first for mb in b.micro]).astype(np.int32).tobytes()
     held = documents(cfg.data.domain[0].uri, enc, cfg, HoldOut(PER_MILLE, True))
     assert held and not any(doc in tokens for doc in held)
 
