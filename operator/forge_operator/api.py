@@ -24,6 +24,8 @@ SHORT_NAME = "fj"
 Technique = Literal["cpt", "sft", "lora"]
 Schedule = Literal["cosine", "constant", "wsd"]
 Precision = Literal["bf16", "fp32"]
+MixBy = Literal["tokens", "lossTokens"]
+AttentionImplementation = Literal["sdpa", "flash_attention_2", "eager"]
 ForgettingAction = Literal["stop", "warn", "rebalance"]
 SelectionPolicy = Literal["best-within-budget", "pareto", "last"]
 CandidateKind = Literal["checkpoint", "average", "interpolation"]
@@ -123,6 +125,11 @@ class ModelSpec(ApiModel):
     operator reads a size token such as '1b', '0.5B' or '350m' from the last segment of 'base', and falls back to
     the reference size of the defaults table (recorded in status.resolved.notes)."""
 
+    attention_implementation: AttentionImplementation = "sdpa"
+    """The attention kernel: `sdpa` (PyTorch's scaled_dot_product_attention, on any device), `flash_attention_2`
+    (the flash-attn package in the trainer image, CUDA GPUs only: variable-length kernels, so per-document attention
+    costs no mask) or `eager` (the reference implementation)."""
+
 
 class Source(ApiModel):
     """One data source with its weight inside its group (domain or general)."""
@@ -178,6 +185,18 @@ class DataSpec(ApiModel):
     max_bad_lines: int = Field(default=100, ge=0, le=1_000_000)
     """Malformed records skipped per source before the run fails naming the file and line."""
 
+    cross_document_attention: bool = False
+    """Let tokens attend to the earlier documents packed into the same sequence (plain causal attention over the
+    sequence). By default attention stays inside each document: position ids restart at every document, as the
+    model saw in pretraining, and no document is conditioned on an unrelated one (which sft needs: a chat must not
+    see the one before it)."""
+
+    mix_by: MixBy = "tokens"
+    """What domainPercent counts: `tokens` (every input token) or `lossTokens` (only the tokens that carry loss, so
+    the shares of the gradient: with sft and lora a chat's prompt tokens carry none, and mixing chats with plain text
+    by input tokens gives the text a larger share of the gradient than domainPercent says). The same for cpt, whose
+    every token carries loss. Either way status.latest.realisedDomainGradientPercent reports the realised share."""
+
 
 class EvalSpec(ApiModel):
     """Held-out evaluation sets, fixed for the whole run; forgetting is measured on the general set."""
@@ -188,12 +207,18 @@ class EvalSpec(ApiModel):
     rule, which needs a few of them past its grace period, can act within the first third of any run."""
 
     domain: list[Source] = Field(default_factory=list, max_length=64)
-    """Held-out domain sources. When empty, the training domain sources are used (not held out: domain gain is then
-    optimistic; recorded in status.resolved.notes)."""
+    """Held-out domain sources. When empty, holdOutPerMille of the documents of data.domain are held out, chosen by
+    a hash of each document, and never trained on (recorded in status.resolved.notes)."""
 
     general: list[Source] = Field(default_factory=list, max_length=64)
-    """Held-out general sources. When empty, the training general sources are used; required when data.general is
-    empty (forgetting cannot be measured without general data)."""
+    """Held-out general sources. When empty, holdOutPerMille of the documents of data.general are held out, chosen
+    by a hash of each document, and never trained on; required when data.general is empty (forgetting cannot be
+    measured without general data)."""
+
+    hold_out_per_mille: int = Field(default=20, ge=1, le=250)
+    """Documents per thousand of the training sources held out for evaluation when eval.domain or eval.general is
+    empty (for that group only). The split depends on each document's content alone, so it is the same on every
+    rank and restart and never takes the first documents the run trains on."""
 
     max_tokens: int = Field(default=262_144, ge=128, le=1_073_741_824)
     """Tokens evaluated per group (domain, general), split by source weight."""
@@ -1127,6 +1152,10 @@ class Latest(StatusModel):
 
     realised_domain_percent: float | None = None
     """Share of domain tokens actually consumed so far, in percent."""
+
+    realised_domain_gradient_percent: float | None = None
+    """Share of the tokens that carried loss (so of the gradient: every such token weighs the same) that came from
+    domain sources so far, in percent. Equals realisedDomainPercent for cpt; see spec.data.mixBy."""
 
     forgetting_stderr_percent: float | None = None
     """Standard error of forgettingPercent, in points (paired per-sequence differences to the base model)."""

@@ -214,10 +214,7 @@ def resolve(spec: ForgeJobSpec) -> Resolved:
         notes.append(
             f"effective globalBatchTokens differs from the target by {100 * (effective - target) / target:+.1f}%"
         )
-    if not spec.eval.domain:
-        notes.append("eval.domain not given: evaluating on the training domain sources (not held out)")
-    if not spec.eval.general:
-        notes.append("eval.general not given: evaluating on the training general sources (not held out)")
+    notes += hold_out_notes(spec)
     return Resolved(
         learning_rate=spec.training.learning_rate if lr.source == "spec" else format_decimal(lr.value),
         learning_rate_source="auto" if lr.source == "auto" else "spec",
@@ -234,3 +231,19 @@ def resolve(spec: ForgeJobSpec) -> Resolved:
         forgetting_budget_percent=spec.forgetting.budget_percent,
         notes=notes,
     )
+
+
+def hold_out_notes(spec: ForgeJobSpec) -> list[str]:
+    """What is evaluated when a held-out group is not given: the split off the training sources."""
+    notes = []
+    per_mille = spec.eval.hold_out_per_mille
+    for group, given, training in (
+        ("domain", spec.eval.domain, spec.data.domain),
+        ("general", spec.eval.general, spec.data.general),
+    ):
+        if not given and training:
+            notes.append(
+                f"eval.{group} not given: holding out {per_mille} per mille of the data.{group} documents (eval."
+                "holdOutPerMille), chosen by a hash of each document; training skips them"
+            )
+    return notes

@@ -240,7 +240,11 @@ def build_trainer_config(
     owner: Owner, spec: ForgeJobSpec, resolved: Resolved, options: RenderOptions
 ) -> dict[str, Any]:
     """The trainer config document (camelCase JSON) that ``forge_trainer.config.load_config`` parses."""
-    model: dict[str, Any] = {"base": spec.model.base, "technique": spec.technique}
+    model: dict[str, Any] = {
+        "base": spec.model.base,
+        "technique": spec.technique,
+        "attentionImplementation": spec.model.attention_implementation,
+    }
     if spec.technique == "lora":
         lora = spec.lora if spec.lora is not None else LoraSpec()
         model["lora"] = {
@@ -263,11 +267,14 @@ def build_trainer_config(
             "seqLength": spec.data.seq_length,
             "maxRepetition": float(spec.data.max_repetition),
             "maxBadLines": spec.data.max_bad_lines,
+            "mixBy": spec.data.mix_by,
+            "crossDocumentAttention": spec.data.cross_document_attention,
         },
         "eval": {
             "everySteps": eval_every_steps(spec),
-            "domain": _sources(spec.eval.domain or spec.data.domain),
-            "general": _sources(spec.eval.general or spec.data.general),
+            "domain": _sources(spec.eval.domain),
+            "general": _sources(spec.eval.general),
+            "holdOutPerMille": spec.eval.hold_out_per_mille,
             "maxTokens": spec.eval.max_tokens,
             "klTopK": spec.eval.kl_top_k,
         },

@@ -283,6 +283,17 @@ def check_technique(spec: ForgeJobSpec) -> list[FieldError]:
     return []
 
 
+def check_attention(spec: ForgeJobSpec) -> list[FieldError]:
+    if spec.model.attention_implementation == "flash_attention_2" and spec.resources.gpus_per_node == 0:
+        return [
+            FieldError(
+                "spec.model.attentionImplementation",
+                "flash_attention_2 runs on CUDA GPUs only (resources.gpusPerNode is 0); use sdpa",
+            )
+        ]
+    return []
+
+
 def _check_label_key(path: str, key: str) -> list[FieldError]:
     prefix, _, name = key.rpartition("/")
     if (prefix and (len(prefix) > 253 or not LABEL_PREFIX.match(prefix))) or not LABEL_NAME.match(name):
@@ -747,6 +758,7 @@ def validate(
         *check_backend(name, spec, default_backend, backends),
         *check_name(name),
         *check_technique(spec),
+        *check_attention(spec),
         *check_uris(spec),
         *check_data(spec),
         *check_training(spec),

@@ -89,8 +89,12 @@ def test_operator_reconciles_with_rendered_rbac(
         assert rbac.read_namespaced_role_binding(f"{name}-trainer", namespace)
 
         # Events were posted with the operator's credentials.
-        events = core.list_namespaced_event(namespace).items
-        assert any(e.involved_object.name == name for e in events), "no Event on the ForgeJob"
+        # (kopf posts them in the background: on a loaded machine the first may come after the status.)
+        def event_on_the_forgejob() -> bool | None:
+            events = core.list_namespaced_event(namespace).items
+            return any(e.involved_object.name == name for e in events) or None
+
+        wait_for("an Event on the ForgeJob", event_on_the_forgejob, timeout=30)
 
         problems = [line for line in install.log().splitlines() if PERMISSION_PROBLEM.search(line)]
         assert not problems, "the operator hit RBAC limits:\n" + "\n".join(problems[:20])

@@ -148,7 +148,10 @@ def test_rendered_config_parses_in_the_trainer(name: str, tmp_path: Path) -> Non
     assert config.data.domain_percent == spec.data.domain_percent
     assert [(s.uri, s.weight) for s in config.data.domain] == [(s.uri, s.weight) for s in spec.data.domain]
     assert config.data.seq_length == spec.data.seq_length
-    assert config.eval.general, "forgetting needs general eval data"
+    general, per_mille = config.eval_group("general")
+    assert general, "forgetting needs general eval data"
+    assert config.eval.hold_out_per_mille == spec.eval.hold_out_per_mille
+    assert per_mille == (0 if spec.eval.general else spec.eval.hold_out_per_mille)
     assert config.training.max_steps == spec.training.max_steps
     assert config.training.precision == spec.training.precision
     assert config.forgetting.budget_percent == spec.forgetting.budget_percent
@@ -213,6 +216,15 @@ def test_a_spec_without_the_guard_settings_gets_the_trainers_defaults(max_steps:
     assert config.forgetting.grace_steps == own
     assert config.eval.kl_top_k == EvalSettings().kl_top_k
     assert config.checkpoints.candidates == CandidateSettings()
+
+
+@pytest.mark.parametrize("mix_by", ["tokens", "lossTokens"])
+def test_the_mix_unit_reaches_the_trainer(mix_by: str) -> None:
+    spec = {"technique": "sft", "data": {**BASE["data"], "mixBy": mix_by}}
+    _, config_map, _ = render("sft-mix", spec)
+    assert TrainerConfig.model_validate_json(config_map["data"][CONFIG_KEY]).data.mix_by == mix_by
+    _, default_map, _ = render("sft-default-mix", {"technique": "sft"})
+    assert TrainerConfig.model_validate_json(default_map["data"][CONFIG_KEY]).data.mix_by == "tokens"
 
 
 def test_learning_rate_probe_settings_reach_the_trainer() -> None:

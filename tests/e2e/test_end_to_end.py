@@ -384,6 +384,9 @@ def test_a_frozen_rank_is_stalled_restarted_and_the_run_resumes_to_success(drill
     job["spec"]["eval"]["everySteps"] = 10
     # The hang watchdog is out of the way: this drill is about the operator's stall check.
     job["spec"]["monitoring"] = {"hangFloorSeconds": 3600, "maxStallRestarts": 2}
+    # Test-only: rank 0 sleeps 0.4 s in each step, so that the run is still training past its first checkpoint when
+    # the test looks (on an idle machine the 40 steps otherwise end within seconds).
+    job["spec"]["env"].append({"name": "FORGE_FAULT_SLEEP_PER_STEP", "value": "0:0.4"})
     client.CustomObjectsApi(stack.api).create_namespaced_custom_object(GROUP, VERSION, stack.namespace, PLURAL, job)
 
     def past_first_checkpoint() -> dict[str, Any] | None:

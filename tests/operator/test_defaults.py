@@ -165,6 +165,13 @@ def test_warmup_steps_and_notes() -> None:
     assert not any("not given" in note for note in with_eval.notes)
 
 
+def test_hold_out_note_names_the_split() -> None:
+    notes = resolve(spec(eval={"holdOutPerMille": 50, "general": [{"uri": "s3://held/g"}]})).notes
+    held = [note for note in notes if "holding out" in note]
+    assert len(held) == 1 and held[0].startswith("eval.domain not given: holding out 50 per mille of the data.domain")
+    assert "hash of each document" in held[0] and "training skips them" in held[0]
+
+
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "user-guide.md"
 
 

@@ -121,7 +121,8 @@ def test_trainer_config_core_values() -> None:
     assert config["training"]["learningRate"] == 1.5e-4
     assert config["training"]["gradientAccumulationSteps"] == resolved.gradient_accumulation_steps
     assert config["training"]["schedule"] == "wsd" and config["training"]["weightDecay"] == 0.1
-    assert config["eval"]["domain"] == [{"uri": "s3://acme/d/", "weight": 3}], "derived from the training domain data"
+    # No eval.domain: the trainer holds out eval.holdOutPerMille of the training domain documents itself.
+    assert config["eval"]["domain"] == [] and config["eval"]["holdOutPerMille"] == 20
     assert config["eval"]["general"] == [{"uri": "s3://held/g/", "weight": 1}]
     assert config["report"]["forgeJob"]["name"] == "bot" and config["report"]["metricsPort"] == 9400
     assert "lora" not in build_trainer_config(OWNER, spec(), resolve(spec()), OPTIONS)["model"]

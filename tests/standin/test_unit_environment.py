@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from forge_dev.standin.environment import (
     PodFields,
     Rendezvous,
     base_environment,
+    checkpoint_dir_environment,
     command_line,
     container_environment,
     expand,
@@ -17,6 +20,7 @@ from forge_dev.standin.environment import (
 )
 from forge_dev.standin.references import ReplicaStartError, StaticObjectSource
 from forge_dev.standin.spec import Container
+from forge_dev.standin.volumes import MountMapping, PathRewriter
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -174,3 +178,17 @@ def test_process_environment_layers_and_kubeconfig() -> None:
         kubeconfig="/tmp/kc",
     )
     assert env == {"PATH": "/bin", "KEEP": "1", "DATA": "/tmp/d/x", "RANK": "0", "KUBECONFIG": "/tmp/kc"}
+
+
+def test_each_replica_stages_checkpoints_in_its_own_scratch_folder() -> None:
+    def scratch_of(replica: str) -> PathRewriter:
+        return PathRewriter([MountMapping("/tmp/forge", Path(f"/w/{replica}/volumes/scratch"))])
+
+    master = checkpoint_dir_environment({}, scratch_of("a/master-0"), "/w/a/master-0")
+    other_job = checkpoint_dir_environment({}, scratch_of("b/master-0"), "/w/b/master-0")
+    assert master == {"FORGE_CHECKPOINT_LOCAL_DIR": "/w/a/master-0/volumes/scratch/checkpoints"}
+    assert other_job == {"FORGE_CHECKPOINT_LOCAL_DIR": "/w/b/master-0/volumes/scratch/checkpoints"}
+    # no scratch mount: a folder of the replica's own; the container's own value is left alone
+    unmounted = checkpoint_dir_environment({}, PathRewriter([]), "/w/a/worker-1/")
+    assert unmounted == {"FORGE_CHECKPOINT_LOCAL_DIR": "/w/a/worker-1/scratch-checkpoints"}
+    assert checkpoint_dir_environment({"FORGE_CHECKPOINT_LOCAL_DIR": "/x"}, scratch_of("a"), "/w/a") == {}

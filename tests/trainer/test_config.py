@@ -55,9 +55,13 @@ def test_valid_config_round_trips(base_config: dict[str, Any], tmp_path: Path) -
             "learningRate 0.5 x 4 = 2 exceeds 1",
         ),
         (
-            {"eval": {"general": []}, "training": {"probe": {"steps": 5}}},
+            {
+                "data": {"domainPercent": 100, "general": []},
+                "eval": {"general": []},
+                "training": {"probe": {"steps": 5}},
+            },
             "training.probe",
-            "needs held-out general sources (eval.general)",
+            "needs general sources (eval.general or data.general)",
         ),
     ],
 )
@@ -132,3 +136,12 @@ def test_cli_exits_with_config_code(base_config: dict[str, Any], tmp_path: Path)
 def test_config_schema_is_json_serialisable() -> None:
     schema = TrainerConfig.model_json_schema(by_alias=True)
     assert "microBatchSize" in json.dumps(schema)
+
+
+def test_the_environment_overrides_the_local_checkpoint_folder(base_config: dict[str, Any], tmp_path: Path) -> None:
+    path = write_config(tmp_path / "config.json", merged(base_config, checkpoints={"localDir": "/tmp/forge/ckpt"}))
+    assert load_config(path, {}).checkpoints.local_dir == "/tmp/forge/ckpt"
+    assert load_config(path, {"FORGE_CHECKPOINT_LOCAL_DIR": " "}).checkpoints.local_dir == "/tmp/forge/ckpt"
+    cfg = load_config(path, {"FORGE_CHECKPOINT_LOCAL_DIR": "/work/pod-a/scratch/checkpoints"})
+    assert cfg.checkpoints.local_dir == "/work/pod-a/scratch/checkpoints"
+    assert cfg.checkpoints.output == load_config(path, {}).checkpoints.output  # nothing else changes

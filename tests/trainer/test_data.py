@@ -136,6 +136,66 @@ def test_realised_mix_is_token_exact(base_config: dict[str, Any], corpora: Corpo
     assert [round(r["realisedPercent"], 1) for r in report["sources"]] == [37.0, 47.2, 15.8]
 
 
+def sft_mix(base_config: dict[str, Any], corpora: Corpora, mix_by: str) -> TrainerConfig:
+    """sft on chats (loss on the assistant turns only) against replayed plain text (loss on every token)."""
+    return make_cfg(
+        base_config,
+        model={"technique": "sft"},
+        data={
+            "domainPercent": 60,
+            "domain": [{"uri": str(corpora.chat)}],
+            "general": [{"uri": str(corpora.general) + "/"}],
+            "mixBy": mix_by,
+        },
+    )
+
+
+def test_mixed_by_tokens_the_gradient_share_is_reported_and_differs(
+    base_config: dict[str, Any], corpora: Corpora, tokenizer: Any
+) -> None:
+    cfg = sft_mix(base_config, corpora, "tokens")
+    mixer, _ = mixer_for(cfg, tokenizer)
+    take(mixer, 300)
+    report = mixer.report()
+    assert abs(report["realisedDomainPercent"] - 60) <= 1.0
+    loss = report["domainLossTokens"] + report["generalLossTokens"]
+    assert report["realisedDomainGradientPercent"] == pytest.approx(100 * report["domainLossTokens"] / loss)
+    # The chats' prompts carry no loss: their share of the gradient is well under their share of the tokens.
+    assert report["realisedDomainGradientPercent"] < 40, report  # 25.5% with the test corpora
+
+
+def test_mixed_by_loss_tokens_every_source_keeps_its_share_of_the_gradient(
+    base_config: dict[str, Any], corpora: Corpora, tokenizer: Any
+) -> None:
+    cfg = sft_mix(base_config, corpora, "lossTokens")
+    mixer, plan = mixer_for(cfg, tokenizer)
+    total_share = sum(plan.shares)
+    for n in range(1, 301):
+        mixer.next()
+        loss = [src.counters.loss_tokens for src in mixer.sources]
+        for got, share in zip(loss, plan.shares, strict=True):
+            assert abs(got - sum(loss) * share / total_share) <= 64, (n, loss)  # within one sequence's tokens
+    report = mixer.report()
+    assert abs(report["realisedDomainGradientPercent"] - 60) <= 1.0, report
+    # More chat tokens are needed for the same loss tokens: 86.7% of the input tokens with the test corpora.
+    assert report["realisedDomainPercent"] > 75, report
+
+
+def test_mixed_by_loss_tokens_resumes_exactly_and_is_another_stream(
+    base_config: dict[str, Any], corpora: Corpora, tokenizer: Any
+) -> None:
+    cfg = sft_mix(base_config, corpora, "lossTokens")
+    mixer, plan = mixer_for(cfg, tokenizer)
+    take(mixer, 40)
+    state = loader.data_state(mixer, plan, cfg)
+    expected = take(mixer, 40)
+    resumed, _ = mixer_for(cfg, tokenizer, state)
+    assert take(resumed, 40) == expected
+    by_tokens = sft_mix(base_config, corpora, "tokens")
+    with pytest.raises(DataError, match=r"data\.mixBy"):
+        mixer_for(by_tokens, tokenizer, state)
+
+
 def test_same_seed_same_stream_other_seed_other_order(base_config: dict[str, Any], tokenizer: Any) -> None:
     cfg = make_cfg(base_config)
     a, _ = mixer_for(cfg, tokenizer)
@@ -162,8 +222,8 @@ def test_rank_slices_are_disjoint_and_their_union_is_the_single_rank_stream(
     for _ in range(6):
         one = next(single)
         parts = [next(it) for it in ranks]
-        single_rows = [tuple(row.tolist()) for ids, _ in one.micro for row in ids]
-        rank_rows = [[tuple(row.tolist()) for ids, _ in p.micro for row in ids] for p in parts]
+        single_rows = [tuple(row.tolist()) for mb in one.micro for row in mb.ids]
+        rank_rows = [[tuple(row.tolist()) for mb in p.micro for row in mb.ids] for p in parts]
         assert len(rank_rows[0]) == len(rank_rows[1]) == 4
         assert sorted(rank_rows[0] + rank_rows[1]) == sorted(single_rows)
         # Disjoint by position: micro-batch m of rank r is block (m * world + r) of the step.

@@ -95,7 +95,8 @@ def test_a_stop_on_s3_leaves_the_marker_there_and_interpolations_that_forget_les
 
 
 def test_healthy_run_is_not_stopped(base_config: dict[str, Any], pretrained: Path, tmp_path: Path) -> None:
-    cfg = guard_config(base_config, pretrained, "stop", 1.0)
+    # Half the base rate: with the separators unscored in evaluation the base rate forgets ~6% by step 12.
+    cfg = guard_config(base_config, pretrained, "stop", 0.5)
     results = run_ranks(write_config(tmp_path / "config.json", cfg), 1, tmp_path / "run", timeout=200)
     assert_ok(results)
     assert not events_of(results, "guard")

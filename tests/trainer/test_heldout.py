@@ -11,7 +11,7 @@ import torch.nn.functional as nnf
 
 from forge_trainer.config import TrainerConfig
 from forge_trainer.data.encode import DocEncoder
-from forge_trainer.data.loader import IGNORE_INDEX, to_tensors
+from forge_trainer.data.loader import IGNORE_INDEX, to_micro_batch
 from forge_trainer.heldout import EvalSeq, eval_sequences, evaluate_set, topk_kl_sum
 from forge_trainer.model import load_tokenizer, pad_token_id
 from tests.trainer.conftest import Corpora
@@ -62,16 +62,17 @@ def test_per_source_losses_match_each_source_alone_and_combine_to_the_mean(
     assert whole.mean is not None and None not in whole.per_source
     per_source = []
     for source in (0, 1):
-        alone = [EvalSeq(s.ids, s.mask, 0) for s in two_sources if s.source == source]
+        alone = [EvalSeq(s.ids, s.mask, 0, s.positions) for s in two_sources if s.source == source]
         result, _ = evaluate_set(model, CPU, alone, 1, 2, 0, 1)
         assert result.mean == pytest.approx(whole.per_source[source], rel=1e-6)
         per_source.append(result.mean)
     # The two sources are different text (the model is untrained, so only slightly): the mean lies between them.
     low, high = sorted(x for x in per_source if x is not None)
     assert low < whole.mean < high
-    ids, labels = to_tensors([(s.ids, s.mask) for s in two_sources])
+    ids, labels, positions = to_micro_batch([(s.ids, s.mask, s.positions) for s in two_sources])
+    assert positions is not None, "held-out sequences keep attention inside documents, as training does"
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[:, :-1, :]
+        logits = model(input_ids=ids, position_ids=positions).logits[:, :-1, :]
     expected = nnf.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
     )
@@ -88,9 +89,9 @@ def test_kl_is_zero_for_the_base_and_exact_for_a_moved_model(model: Any, two_sou
     assert same.kl == pytest.approx(0.0, abs=1e-6)
     assert same.mean == pytest.approx(base_result.mean, rel=1e-7)
 
-    ids, labels = to_tensors([(s.ids, s.mask) for s in two_sources])
+    ids, labels, positions = to_micro_batch([(s.ids, s.mask, s.positions) for s in two_sources])
     with torch.no_grad():
-        base_logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1, :], dim=-1)
+        base_logp = torch.log_softmax(model(input_ids=ids, position_ids=positions).logits[:, :-1, :], dim=-1)
     saved = model.lm_head.weight.detach().clone()
     try:
         with torch.no_grad():
@@ -98,7 +99,7 @@ def test_kl_is_zero_for_the_base_and_exact_for_a_moved_model(model: Any, two_sou
         moved, _ = evaluate_set(model, CPU, two_sources, 2, 4, 0, 1, kl_cache=cache)
         bound, _ = evaluate_set(model, CPU, two_sources, 2, 4, 0, 1, kl_cache=small_cache)
         with torch.no_grad():
-            moved_logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1, :], dim=-1)
+            moved_logp = torch.log_softmax(model(input_ids=ids, position_ids=positions).logits[:, :-1, :], dim=-1)
     finally:
         with torch.no_grad():
             model.lm_head.weight.copy_(saved)

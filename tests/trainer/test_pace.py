@@ -37,6 +37,9 @@ def test_a_rank_over_the_percentage_of_the_others_median_is_the_slowest() -> Non
     assert slowest_over([1.0, 1.1, 1.2, 1.0], 130) is None
     assert slowest_over([1.0, 1.0, 1.5, 1.0], 130) == 2
     assert slowest_over([1.0, 1.4, 2.0, 1.0], 130) == 2  # the slowest of two slow ranks
+    # Twice as slow but by 20 ms a step: noise on shared CPUs, not a straggler (the default gap is 50 ms).
+    assert slowest_over([0.02, 0.04], 130, PaceSettings().straggler_min_gap_seconds) is None
+    assert slowest_over([0.02, 0.08], 130, PaceSettings().straggler_min_gap_seconds) == 1
 
 
 def test_a_straggler_is_named_only_after_consecutive_read_backs() -> None:

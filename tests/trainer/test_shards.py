@@ -92,8 +92,10 @@ def test_shards_give_the_tokenising_stream_and_resume_it_exactly(
     for _ in range(7):
         batch, ref_batch = next(it), next(ref)
         assert batch.state == ref_batch.state
-        for (ids, labels), (rids, rlabels) in zip(batch.micro, ref_batch.micro, strict=True):
-            assert ids.tolist() == rids.tolist() and labels.tolist() == rlabels.tolist()
+        for mb, ref_mb in zip(batch.micro, ref_batch.micro, strict=True):
+            assert mb.ids.tolist() == ref_mb.ids.tolist() and mb.labels.tolist() == ref_mb.labels.tolist()
+            assert mb.positions is not None and ref_mb.positions is not None
+            assert mb.positions.tolist() == ref_mb.positions.tolist()
     saved = json.loads(json.dumps(batch.state))
     expected = take(mixer, 150)
     assert expected == take(streamed, 150)

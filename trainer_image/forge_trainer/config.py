@@ -8,6 +8,8 @@ keys are rejected so that a typo or a version skew between operator and trainer 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +23,9 @@ CONFIG_VERSION = 1
 Technique = Literal["cpt", "sft", "lora"]
 Schedule = Literal["cosine", "constant", "wsd"]
 Precision = Literal["fp32", "bf16"]
+EvalGroup = Literal["domain", "general"]
+DOMAIN_GROUP: EvalGroup = "domain"
+GENERAL_GROUP: EvalGroup = "general"
 ForgettingAction = Literal["stop", "warn", "rebalance"]
 
 # A URI is a local path (absolute or relative to the working directory) or "s3://bucket/key-or-prefix".
@@ -92,6 +97,14 @@ class ModelSettings(_Model):
     lora: LoraSettings | None = Field(
         default=None, description="LoRA settings; required when technique is 'lora', forbidden otherwise."
     )
+    attention_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        default="sdpa",
+        description=(
+            "The attention kernel (transformers' attn_implementation): sdpa (PyTorch's scaled_dot_product_attention, "
+            "everywhere), flash_attention_2 (the flash-attn package on CUDA GPUs: variable-length kernels for "
+            "per-document attention, no mask materialised) or eager (reference)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _lora_matches_technique(self) -> ModelSettings:
@@ -140,6 +153,20 @@ class DataSettings(_Model):
             "is a bad record (counted against maxBadLines, named by file and line), skipped in bounded chunks."
         ),
     )
+    cross_document_attention: bool = Field(
+        default=False,
+        description=(
+            "Tokens attend to the earlier documents packed into the same sequence (plain causal attention over the "
+            "sequence). False: position ids restart at every document and attention stays inside it."
+        ),
+    )
+    mix_by: Literal["tokens", "lossTokens"] = Field(
+        default="tokens",
+        description=(
+            "What domainPercent counts: every input token, or only the tokens that carry loss (the gradient's "
+            "shares; differs from tokens for sft and lora, whose prompt tokens carry none)."
+        ),
+    )
     token_cache: Uri | None = Field(
         default=None,
         description=(
@@ -163,12 +190,37 @@ class DataSettings(_Model):
         return self
 
 
+# Bounds of eval.holdOutPerMille: at least one document in a thousand, at most a quarter of the training data.
+HOLD_OUT_PER_MILLE_MIN, HOLD_OUT_PER_MILLE_MAX = 1, 250
+
+
 class EvalSettings(_Model):
     """Held-out evaluation sets, fixed for the whole run (the first maxTokens tokens of each group)."""
 
     every_steps: int = Field(default=100, ge=1, description="Evaluate every this many optimizer steps.")
-    domain: list[Source] = Field(default_factory=list, description="Held-out domain sources.")
-    general: list[Source] = Field(default_factory=list, description="Held-out general sources (forgetting).")
+    domain: list[Source] = Field(
+        default_factory=list,
+        description=(
+            "Held-out domain sources. Empty: holdOutPerMille of the data.domain documents are held out (chosen by a "
+            "hash of each document) and never trained on."
+        ),
+    )
+    general: list[Source] = Field(
+        default_factory=list,
+        description=(
+            "Held-out general sources (forgetting). Empty: holdOutPerMille of the data.general documents are held "
+            "out (chosen by a hash of each document) and never trained on."
+        ),
+    )
+    hold_out_per_mille: int = Field(
+        default=20,
+        ge=HOLD_OUT_PER_MILLE_MIN,
+        le=HOLD_OUT_PER_MILLE_MAX,
+        description=(
+            "Documents per thousand of a training source held out for evaluation when that group's eval sources "
+            "are empty (data/holdout.py: a hash of the document's tokens decides)."
+        ),
+    )
     max_tokens: int = Field(
         default=262_144, ge=1, description="Tokens evaluated per group (domain, general), split by source weight."
     )
@@ -567,11 +619,25 @@ class TrainerConfig(_Model):
 
     @model_validator(mode="after")
     def _probe_measures_forgetting(self) -> TrainerConfig:
-        if self.training.probe is not None and not self.eval.general:
+        if self.training.probe is not None and not self.eval_group(GENERAL_GROUP)[0]:
             raise FieldValueError(
-                "training.probe", "needs held-out general sources (eval.general) to measure forgetting"
+                "training.probe", "needs general sources (eval.general or data.general) to measure forgetting"
             )
         return self
+
+    def eval_group(self, group: EvalGroup) -> tuple[list[Source], int]:
+        """A held-out group's sources and the per-mille of their documents held out from training: the eval
+        sources as given (0: whole files, held out by the user), else the group's training sources split by
+        eval.holdOutPerMille."""
+        given = self.eval.domain if group == DOMAIN_GROUP else self.eval.general
+        if given:
+            return list(given), 0
+        training = self.data.domain if group == DOMAIN_GROUP else self.data.general
+        return list(training), self.eval.hold_out_per_mille if training else 0
+
+    def hold_out(self) -> tuple[int, int]:
+        """Per-mille of the (domain, general) training documents held out for evaluation (0: none)."""
+        return self.eval_group(DOMAIN_GROUP)[1], self.eval_group(GENERAL_GROUP)[1]
 
     def global_batch_sequences(self, world_size: int) -> int:
         """Sequences per optimizer step over all ranks."""
@@ -626,8 +692,25 @@ def parse_config(data: Any, origin: str = "<config>") -> TrainerConfig:
         raise ConfigError(format_validation_error(err, origin)) from None
 
 
-def load_config(path: str | Path) -> TrainerConfig:
-    """Read and validate the trainer config file; errors name the file and the field path."""
+CHECKPOINT_LOCAL_DIR_ENV = "FORGE_CHECKPOINT_LOCAL_DIR"
+
+
+def with_env_overrides(cfg: TrainerConfig, env: Mapping[str, str]) -> TrainerConfig:
+    """The config with what the environment overrides: ``FORGE_CHECKPOINT_LOCAL_DIR`` -> checkpoints.localDir.
+
+    A runtime that gives each pod its own scratch folder at another path (the local stand-in runs several pods on
+    one machine) sets it; an empty value changes nothing.
+    """
+    local_dir = env.get(CHECKPOINT_LOCAL_DIR_ENV, "").strip()
+    if not local_dir:
+        return cfg
+    checkpoints = cfg.checkpoints.model_copy(update={"local_dir": local_dir})
+    return cfg.model_copy(update={"checkpoints": checkpoints})
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> TrainerConfig:
+    """Read and validate the trainer config file, then apply :func:`with_env_overrides` (``env``: os.environ);
+    errors name the file and the field path."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -637,4 +720,4 @@ def load_config(path: str | Path) -> TrainerConfig:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{p}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    return parse_config(data, str(p))
+    return with_env_overrides(parse_config(data, str(p)), os.environ if env is None else env)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as nnf
 
 from forge_trainer.config import TrainerConfig, TrainingSettings
-from forge_trainer.data.loader import IGNORE_INDEX
+from forge_trainer.data.loader import IGNORE_INDEX, MicroBatch
 from forge_trainer.errors import DistributedError
 from forge_trainer.pace import OwnTime
 
@@ -173,9 +173,12 @@ def build_engine(model: torch.nn.Module, cfg: TrainerConfig, world_size: int) ->
 
 
 def token_loss_sum(
-    model: Any, ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 0
+    model: Any, ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 0, positions: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropy over labelled positions, number of those positions).
+
+    ``positions``: position ids that restart at each document (with no attention mask, transformers then confines
+    attention to each document); None: plain causal attention over the sequence.
 
     ``chunk_tokens`` > 0: the model returns its final hidden states only, and the output projection and the
     cross-entropy run ``chunk_tokens`` positions at a time (:class:`ChunkedLinearCrossEntropy`), so the logits of the
@@ -184,14 +187,19 @@ def token_loss_sum(
     shift_labels = labels[:, 1:].reshape(-1)
     count = (shift_labels != IGNORE_INDEX).sum()
     if chunk_tokens > 0:
-        out = model(input_ids=ids, logits_to_keep=_NO_POSITIONS.to(ids.device), output_hidden_states=True)
+        out = model(
+            input_ids=ids,
+            position_ids=positions,
+            logits_to_keep=_NO_POSITIONS.to(ids.device),
+            output_hidden_states=True,
+        )
         hidden = out.hidden_states[-1][:, :-1, :].reshape(-1, out.hidden_states[-1].shape[-1])
         head = output_head(model)
         total: torch.Tensor = ChunkedLinearCrossEntropy.apply(  # type: ignore[no-untyped-call]
             hidden, head.weight, shift_labels, chunk_tokens
         )
         return total, count
-    logits = model(input_ids=ids).logits
+    logits = model(input_ids=ids, position_ids=positions).logits
     shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
     total = nnf.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return total, count
@@ -257,7 +265,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def train_step(
     engine: Any,
-    micro: list[tuple[torch.Tensor, torch.Tensor]],
+    micro: list[MicroBatch],
     global_loss_tokens: int,
     world_size: int,
     chunk_tokens: int = 0,
@@ -275,10 +283,11 @@ def train_step(
     accum = len(micro)
     scale = world_size * accum / max(1, global_loss_tokens)
     local = torch.zeros((), device=device, dtype=torch.float32)
-    for ids, labels in micro:
-        ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for batch in micro:
+        ids, labels = batch.ids.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True)
+        positions = None if batch.positions is None else batch.positions.to(device, non_blocking=True)
         with nullcontext() if own is None else own.forward():
-            total, _ = token_loss_sum(engine, ids, labels, chunk_tokens)
+            total, _ = token_loss_sum(engine, ids, labels, chunk_tokens, positions)
         loss = total * scale
         engine.backward(loss)
         engine.step()

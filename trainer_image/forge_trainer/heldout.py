@@ -18,7 +18,8 @@ import torch.nn.functional as nnf
 
 from forge_trainer.config import Source, TrainerConfig
 from forge_trainer.data.encode import DocEncoder, IdArray, MaskArray
-from forge_trainer.data.loader import IGNORE_INDEX, limits, to_tensors
+from forge_trainer.data.holdout import HoldOut
+from forge_trainer.data.loader import IGNORE_INDEX, limits, positions, to_micro_batch
 from forge_trainer.data.pack import PackedSource, SourceExhaustedError
 from forge_trainer.data.sources import resolve_source
 
@@ -34,6 +35,8 @@ class EvalSeq:
     ids: IdArray
     mask: MaskArray | None
     source: int
+    positions: IdArray | None = None
+    """Position ids restarting at each document (None: attention over the whole sequence), as in training."""
 
 
 @dataclass(frozen=True)
@@ -66,23 +69,40 @@ class SetLosses:
 
 
 def eval_sequences(
-    sources: list[Source], max_tokens: int, cfg: TrainerConfig, encoder: DocEncoder, pad_id: int
+    sources: list[Source],
+    max_tokens: int,
+    cfg: TrainerConfig,
+    encoder: DocEncoder,
+    pad_id: int,
+    hold_out_per_mille: int = 0,
 ) -> list[EvalSeq]:
-    """A fixed held-out set: from each source (one pass, no repetition) its weight's share of ``max_tokens``."""
+    """A fixed held-out set: from each source (one pass, no repetition) its weight's share of ``max_tokens``.
+
+    The separator tokens Forge adds around documents carry no loss here (only the data is scored). With
+    ``hold_out_per_mille`` > 0 the sources are training sources and only their held-out documents are read
+    (data/holdout.py; TrainerConfig.eval_group gives both)."""
     seq_len = cfg.data.seq_length
     total_w = sum(s.weight for s in sources)
+    scoring = encoder.for_evaluation()
+    hold_out = HoldOut(hold_out_per_mille, held_out=True) if hold_out_per_mille else None
     out: list[EvalSeq] = []
     for i, src in enumerate(sources):
         n = max(1, (max_tokens * src.weight // total_w) // seq_len)
         packed = PackedSource(
-            resolve_source(src.uri), f"eval/{i}", encoder, seq_len, cfg.training.seed, limits(cfg.data, True)
+            resolve_source(src.uri),
+            f"eval/{i}",
+            scoring,
+            seq_len,
+            cfg.training.seed,
+            limits(cfg.data, True),
+            hold_out=hold_out,
         )
         for _ in range(n):
             try:
-                ids, mask = packed.next_sequence(pad_id)
+                seq = packed.next_sequence(pad_id)
             except SourceExhaustedError:
                 break
-            out.append(EvalSeq(ids, mask, i))
+            out.append(EvalSeq(seq.ids, seq.mask, i, positions(seq.positions, cfg)))
     return out
 
 
@@ -132,16 +152,17 @@ def evaluate_set(
     # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively); a rank with no
     # sequences left runs one whose labels are all ignored.
     per_rank = math.ceil(len(seqs) / world_size)
-    dummy = (seqs[0].ids, np.zeros_like(seqs[0].ids, dtype=np.bool_))
+    dummy = (seqs[0].ids, np.zeros_like(seqs[0].ids, dtype=np.bool_), seqs[0].positions)
     built: KLCache | None = {} if build_top_k else None
     sequences: SequenceLosses = {}
     # (sum of differences to the base, sum of their squares, sequences), per-sequence means
     paired = torch.zeros(3, device=device, dtype=torch.float64)
     for start in range(0, per_rank, micro_batch):
         chunk = mine[start : start + micro_batch]
-        batch = [(seqs[i].ids, seqs[i].mask) for i in chunk] or [dummy]
-        ids, labels = to_tensors(batch)
-        logits = module(input_ids=ids.to(device)).logits[:, :-1, :].float()
+        batch = [(seqs[i].ids, seqs[i].mask, seqs[i].positions) for i in chunk] or [dummy]
+        ids, labels, position_ids = to_micro_batch(batch)
+        position_ids = None if position_ids is None else position_ids.to(device)
+        logits = module(input_ids=ids.to(device), position_ids=position_ids).logits[:, :-1, :].float()
         target = labels[:, 1:].to(device)
         token_loss = nnf.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from forge_trainer import candidates as cand
 from forge_trainer import checkpoint as ckpt
 from forge_trainer import probe, retention, sharded, storage
-from forge_trainer.config import TrainerConfig
+from forge_trainer.config import DOMAIN_GROUP, GENERAL_GROUP, EvalGroup, TrainerConfig
 from forge_trainer.data.encode import DocEncoder
 from forge_trainer.data.loader import (
     Layout,
@@ -279,7 +279,7 @@ class Run:
         self.tokenizer = load_tokenizer(self.model_dir)
         encoder = DocEncoder(self.tokenizer, assistant_only=cfg.model.technique in ("sft", "lora"))
         self.encoder = encoder
-        self.plan = plan_mix(cfg.data)
+        self.plan = plan_mix(cfg.data, hold_out=cfg.hold_out())
         if cfg.data.cache_tokens:
             self.plan, prepared, seconds = prepare_phase(self.plan, cfg, encoder, denv.rank, denv.world_size)
             self.metrics.set(self.metrics.prepare_seconds, seconds)
@@ -297,13 +297,13 @@ class Run:
             if self.progress.guard is not None:
                 self.guard.load_json(self.progress.guard)
             if self.progress.domain_percent is not None:
-                self.plan = plan_mix(self._data_at(self.progress.domain_percent), self.plan.shards)
+                self.plan = plan_mix(self._data_at(self.progress.domain_percent), self.plan.shards, self.cfg.hold_out())
         else:
             total = cfg.training.max_steps * self.layout.step_sequences
             preflight(self.plan, cfg, encoder, total)
         pad = pad_token_id(self.tokenizer)
-        self.eval_domain = eval_sequences(cfg.eval.domain, cfg.eval.max_tokens, cfg, encoder, pad)
-        self.eval_general = eval_sequences(cfg.eval.general, cfg.eval.max_tokens, cfg, encoder, pad)
+        self.eval_domain = eval_set(cfg, DOMAIN_GROUP, cfg.eval.max_tokens, encoder, pad)
+        self.eval_general = eval_set(cfg, GENERAL_GROUP, cfg.eval.max_tokens, encoder, pad)
         if cfg.training.probe is not None:
             self._settle_learning_rate(resumed=manifest is not None)
             cfg = self.cfg
@@ -391,8 +391,8 @@ class Run:
         pad = pad_token_id(self.tokenizer)
         max_tokens = min(settings.eval_max_tokens, cfg.eval.max_tokens)
         sets = (
-            eval_sequences(cfg.eval.domain, max_tokens, cfg, self.encoder, pad),
-            eval_sequences(cfg.eval.general, max_tokens, cfg, self.encoder, pad),
+            eval_set(cfg, DOMAIN_GROUP, max_tokens, self.encoder, pad),
+            eval_set(cfg, GENERAL_GROUP, max_tokens, self.encoder, pad),
         )
         baseline: EvalResult | None = None
         results: list[probe.MultipleResult] = []
@@ -573,6 +573,9 @@ class Run:
                 if due_ckpt and not broken:
                     self._checkpoint(step)
                 verdict = self._broadcast(verdict)
+                stops = verdict is not None and verdict.action == "stop"
+                if stops and self.denv.is_main:
+                    self._report_progress()  # the evaluation that stops the run reaches the status before the stop
                 if verdict is not None:
                     self._act(verdict, saved=due_ckpt and not broken)
                 if due_eval or due_ckpt or verdict is not None:
@@ -641,7 +644,7 @@ class Run:
         previous = self.guard.domain_percent
         new_dp = verdict.domain_percent
         self.prefetch.close()
-        plan = plan_mix(self._data_at(new_dp), self.plan.shards)
+        plan = plan_mix(self._data_at(new_dp), self.plan.shards, self.cfg.hold_out())
         state = dict(self.last_data_state)
         old_sources = list(state["sources"])
         state["sources"] = old_sources + [None] * (len(plan.sources) - len(old_sources))
@@ -802,7 +805,7 @@ class Run:
             m.set(m.domain_gain, ev.domain_gain_percent)
         if ev.kl_base is not None:
             m.set(m.kl_base, ev.kl_base)
-        uris = [s.uri for s in self.cfg.eval.general]
+        uris = [s.uri for s in self.cfg.eval_group(GENERAL_GROUP)[0]]
         for uri, loss in zip(uris, ev.general_source_losses or [], strict=False):
             if loss is not None:
                 m.set(m.general_source_loss, loss, source=uri)
@@ -1129,7 +1132,9 @@ class Run:
         from transformers import AutoModelForCausalLM
 
         dtype = torch.bfloat16 if self.cfg.training.precision == "bf16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=dtype, attn_implementation=self.cfg.model.attention_implementation
+        )
         return model.to(self.engine.device)
 
     def _add_candidate_entry(self, entry: dict[str, Any]) -> None:
@@ -1193,7 +1198,8 @@ class Run:
                     self.mfu(),
                     lr,
                     mix["realisedDomainPercent"] if mix else None,
-                    [s.uri for s in self.cfg.eval.general],
+                    [s.uri for s in self.cfg.eval_group(GENERAL_GROUP)[0]],
+                    mix["realisedDomainGradientPercent"] if mix else None,
                 ),
             )
         )
@@ -1232,12 +1238,12 @@ def measure_heldout(
     if not domain_set and not general_set:
         return None, None, None
     mb, rank, world = cfg.training.micro_batch_size, denv.rank, denv.world_size
-    domain, _ = evaluate_set(module, device, domain_set, len(cfg.eval.domain), mb, rank, world)
+    domain, _ = evaluate_set(module, device, domain_set, len(cfg.eval_group(DOMAIN_GROUP)[0]), mb, rank, world)
     general, cache = evaluate_set(
         module,
         device,
         general_set,
-        len(cfg.eval.general),
+        len(cfg.eval_group(GENERAL_GROUP)[0]),
         mb,
         rank,
         world,
@@ -1248,6 +1254,12 @@ def measure_heldout(
     sources = general.per_source if general.mean is not None else None
     ev = EvalResult.against(step, domain.mean, general.mean, baseline, general.kl, sources, general.paired_stderr)
     return ev, cache, general.sequences
+
+
+def eval_set(cfg: TrainerConfig, group: EvalGroup, max_tokens: int, encoder: DocEncoder, pad: int) -> EvalSet:
+    """A held-out group's fixed set: its eval sources, or its training sources' held-out documents."""
+    sources, per_mille = cfg.eval_group(group)
+    return eval_sequences(sources, max_tokens, cfg, encoder, pad, hold_out_per_mille=per_mille)
 
 
 STOP_MARKER = "forge-early-stop.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -78,12 +79,28 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
+def check_attention_implementation(name: str) -> None:
+    """Fail with the field's name when the chosen attention kernel cannot run here."""
+    if name != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ModelError(
+            "model.attentionImplementation: flash_attention_2 needs the flash-attn package in the trainer image "
+            "(pip install flash-attn); use sdpa otherwise"
+        )
+    if not torch.cuda.is_available():
+        raise ModelError("model.attentionImplementation: flash_attention_2 runs on CUDA GPUs only; use sdpa")
+
+
 def load_model(path: Path, settings: ModelSettings, activation_checkpointing: bool = False) -> torch.nn.Module:
     """The causal LM in fp32 (DeepSpeed casts for bf16), with LoRA adapters for technique 'lora'."""
     from transformers import AutoModelForCausalLM
 
+    check_attention_implementation(settings.attention_implementation)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, attn_implementation=settings.attention_implementation
+        )
     except Exception as err:
         raise ModelError(f"model.base: cannot load the model from {path}: {err}") from err
     if activation_checkpointing:

@@ -69,17 +69,21 @@ class PaceSettings:
     straggler_percent: int = 130
     read_backs: int = 5
     drop_percent: int = 50
+    straggler_min_gap_seconds: float = 0.05
+    """A straggler is also this much slower per step than the others' median: below it the gap is scheduler noise
+    (steps of a few milliseconds on shared CPUs) and costs the job next to nothing."""
 
 
-def slowest_over(times: list[float], percent: int) -> int | None:
-    """The rank whose step time is above ``percent``% of the median of the other ranks (the slowest such rank);
-    None when every rank is within it, or with fewer than two ranks."""
+def slowest_over(times: list[float], percent: int, min_gap_seconds: float = 0.0) -> int | None:
+    """The rank whose step time is above ``percent``% of the median of the other ranks, and at least
+    ``min_gap_seconds`` above it (the slowest such rank); None when every rank is within it, or with fewer than two
+    ranks."""
     if len(times) < 2:
         return None
     worst: tuple[float, int] | None = None
     for rank, own in enumerate(times):
         others = statistics.median(times[:rank] + times[rank + 1 :])
-        if others > 0 and own * 100 > others * percent:
+        if others > 0 and own * 100 > others * percent and own - others >= min_gap_seconds:
             ratio = own / others
             if worst is None or ratio > worst[0]:
                 worst = (ratio, rank)
@@ -113,7 +117,7 @@ class PaceJudge:
 
     def straggler(self, times: list[float]) -> Degraded | None:
         """Feed one read-back's per-rank median step times."""
-        rank = slowest_over(times, self.settings.straggler_percent)
+        rank = slowest_over(times, self.settings.straggler_percent, self.settings.straggler_min_gap_seconds)
         if rank is None or rank != self._suspect:
             self._suspect, self._suspect_count = rank, (0 if rank is None else 1)
         else:

@@ -125,8 +125,10 @@ def latest_status(
     learning_rate: float | None,
     realised_domain_percent: float | None,
     general_source_uris: list[str] | None = None,
+    realised_domain_gradient_percent: float | None = None,
 ) -> dict[str, Any]:
-    """status.latest: the last held-out figures, throughput, learning rate and the realised mix.
+    """status.latest: the last held-out figures, throughput, learning rate and the realised mix (by tokens and by
+    the tokens that carry loss, i.e. the shares of the gradient).
 
     Unknown values are left out rather than sent as null: in a merge patch null deletes, and a figure not known
     yet (no evaluation since a restart, no MFU on CPU) must not erase the last one reported.
@@ -136,6 +138,7 @@ def latest_status(
     out["mfu"] = r4(mfu)
     out["learningRate"] = None if learning_rate is None else float(f"{learning_rate:.6g}")
     out["realisedDomainPercent"] = r4(realised_domain_percent)
+    out["realisedDomainGradientPercent"] = r4(realised_domain_gradient_percent)
     out["generalSources"] = general_sources(ev, general_source_uris or [])
     return {k: v for k, v in out.items() if v is not None}
 

@@ -190,8 +190,9 @@ def build_partitioned(
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from forge_trainer.model import wrap_lora
+    from forge_trainer.model import check_attention_implementation, wrap_lora
 
+    check_attention_implementation(settings.attention_implementation)
     try:
         config = AutoConfig.from_pretrained(str(path))
     except Exception as err:
@@ -204,7 +205,9 @@ def build_partitioned(
     # module partitioned as it is created, weights initialised one gathered module at a time).
     global _HF_DS_CONFIG
     _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
-    model: Any = model_class._from_config(config, dtype=torch.float32)
+    model: Any = model_class._from_config(
+        config, dtype=torch.float32, attn_implementation=settings.attention_implementation
+    )
     load_partitions(model, path)
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -32,6 +32,7 @@ from forge_dev.standin.environment import (
     PodFields,
     Rendezvous,
     base_environment,
+    checkpoint_dir_environment,
     command_line,
     container_environment,
     kubeflow_environment,
@@ -722,6 +723,7 @@ class TrainingOperatorStandIn:
             )
             argv = command_line(container, {**container_env, **dict(injected)}, rewrite)
             env = process_environment(self._base_env, container_env, injected, rewrite, str(kubeconfig))
+            env.update(checkpoint_dir_environment(container_env, rewrite, str(folder)))  # one staging dir per pod
             if replica.metrics_port is not None:
                 env[METRICS_PORT_ENV] = str(replica.metrics_port)  # each local rank adds its LOCAL_RANK
             ranks.append((argv, env))

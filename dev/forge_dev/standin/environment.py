@@ -234,3 +234,25 @@ def command_line(container: Container, variables: Mapping[str, str], rewrite: Ca
             "so the template must spell the command out"
         )
     return [rewrite(expand(arg, variables)) for arg in argv]
+
+
+# The Forge trainer stages checkpoints in checkpoints.localDir: /tmp/forge/checkpoints, inside the pod's scratch
+# emptyDir. Every replica here shares one file system and file contents (the trainer's config) are never rewritten,
+# so the stand-in passes the replica's own folder in the variable the trainer reads to override that path: two
+# replicas (of one job, or of two jobs) never stage a checkpoint in the same folder.
+CHECKPOINT_DIR_IN_POD = "/tmp/forge/checkpoints"
+CHECKPOINT_DIR_ENV = "FORGE_CHECKPOINT_LOCAL_DIR"
+CHECKPOINT_FALLBACK = "scratch-checkpoints"  # under the replica's folder when /tmp/forge is not mounted
+
+
+def checkpoint_dir_environment(
+    container_env: Mapping[str, str], rewrite: Callable[[str], str], replica_dir: str
+) -> dict[str, str]:
+    """``FORGE_CHECKPOINT_LOCAL_DIR`` for one replica: the mapped scratch mount, else a folder of the replica's own;
+    nothing when the container sets the variable itself."""
+    if CHECKPOINT_DIR_ENV in container_env:
+        return {}
+    mapped = rewrite(CHECKPOINT_DIR_IN_POD)
+    if mapped == CHECKPOINT_DIR_IN_POD:
+        mapped = f"{replica_dir.rstrip('/')}/{CHECKPOINT_FALLBACK}"
+    return {CHECKPOINT_DIR_ENV: mapped}

@@ -1,6 +1,8 @@
 """Records -> token ids (+ loss mask), with the base model's tokenizer.
 
-Text records: [BOS] text [EOS], loss on every token.
+Text records: [head] text [tail], with the separator chosen from the tokenizer (data/separator.py: the model's
+end-of-text token, never a chat marker), loss on every token. With ``score_separators=False`` (held-out evaluation)
+the positions Forge added carry no loss: only the data is scored.
 
 Chat records are rendered with the tokenizer's chat template. Under sft and lora only assistant turns carry loss:
 each assistant turn's character span is found by rendering the conversation up to the turn with the generation
@@ -10,9 +12,9 @@ of the full rendering makes that record bad (counted, reason given).
 
 Without a chat template the documented fallback is used::
 
-    [BOS]<|system|>\\n{content}\\n<|user|>\\n{content}\\n<|assistant|>\\n{content}\\n[EOS]
+    [head]<|system|>\\n{content}\\n<|user|>\\n{content}\\n<|assistant|>\\n{content}\\n[tail]
 
-with loss on each assistant "{content}\\n" and on the final EOS when the last message is the assistant's.
+with loss on each assistant "{content}\\n" and on the final [tail] when the last message is the assistant's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from forge_trainer.data.records import BadRecordError, ChatRecord, Position, Record, TextRecord
+from forge_trainer.data.separator import Separator, separator_for
 from forge_trainer.errors import ModelError
 
 # The fallback chat format's version: part of the token cache key (data/shards), bump it when render_fallback changes.
@@ -57,16 +60,23 @@ Span = tuple[int, int]
 
 
 class DocEncoder:
-    """Tokenises batches of records; ``assistant_only`` selects the SFT loss mask for chat records."""
+    """Tokenises batches of records; ``assistant_only`` selects the SFT loss mask for chat records;
+    ``score_separators=False`` takes the loss off the separator tokens Forge adds (held-out evaluation)."""
 
-    def __init__(self, tokenizer: Any, assistant_only: bool) -> None:
+    def __init__(self, tokenizer: Any, assistant_only: bool, score_separators: bool = True) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise ModelError("the tokenizer must be a fast (Rust) tokenizer: offsets are needed for loss masks")
         self.tokenizer = tokenizer
         self.assistant_only = assistant_only
-        self.bos: int | None = tokenizer.bos_token_id
-        self.eos: int | None = tokenizer.eos_token_id
+        self.score_separators = score_separators
+        self.separator: Separator = separator_for(tokenizer)
+        self.bos: int | None = self.separator.head
+        self.eos: int | None = self.separator.tail
         self.template: str | None = getattr(tokenizer, "chat_template", None) or None
+
+    def for_evaluation(self) -> DocEncoder:
+        """The same encoding with no loss on the separators Forge adds (same ids, so the same hold-out split)."""
+        return DocEncoder(self.tokenizer, self.assistant_only, score_separators=False)
 
     def encode(self, records: list[Record]) -> list[Doc | BadRecordError]:
         """Tokenise records in one batch; a record that cannot be used becomes a BadRecordError in its slot."""
@@ -75,7 +85,7 @@ class DocEncoder:
         if text_idx:
             texts = [records[i].text for i in text_idx]  # type: ignore[union-attr]
             for i, ids in zip(text_idx, self._ids(texts), strict=True):
-                out[i] = Doc(self._wrap(ids, bos=True, eos=True), None)
+                out[i] = Doc(self._wrap(ids, bos=True, eos=True), self._text_mask(len(ids)))
         chats: list[tuple[int, str, list[Span], bool]] = []
         for i, r in enumerate(records):
             if isinstance(r, ChatRecord):
@@ -104,13 +114,21 @@ class DocEncoder:
         tail = [self.eos] if eos and self.eos is not None else []
         return np.asarray(head + ids + tail, dtype=np.int32)
 
+    def _text_mask(self, n: int) -> MaskArray | None:
+        """None (every token scored), or, without scored separators, False on the head and tail."""
+        if self.score_separators:
+            return None
+        head = [False] if self.bos is not None else []
+        tail = [False] if self.eos is not None else []
+        return np.asarray(head + [True] * n + tail, dtype=np.bool_)
+
     def _chat_doc(
         self, ids: list[int], offs: list[tuple[int, int]], spans: list[Span], templated: bool, rec: Record
     ) -> Doc | BadRecordError:
         wrap = not templated
         arr = self._wrap(ids, bos=wrap, eos=wrap)
         if not self.assistant_only:
-            return Doc(arr, None)
+            return Doc(arr, None if templated else self._text_mask(len(ids)))
         off = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
         mask = np.zeros(len(ids), dtype=np.bool_)
         for a, b in spans:
@@ -118,7 +136,7 @@ class DocEncoder:
         if wrap:
             last_is_assistant = isinstance(rec, ChatRecord) and rec.messages[-1][0] == "assistant"
             head = [False] if self.bos is not None else []
-            tail = [last_is_assistant] if self.eos is not None else []
+            tail = [last_is_assistant and self.score_separators] if self.eos is not None else []
             mask = np.concatenate([np.asarray(head, np.bool_), mask, np.asarray(tail, np.bool_)])
         if not mask.any():
             return BadRecordError("no assistant tokens to train on")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ import torch.distributed as dist
 from forge_trainer import storage
 from forge_trainer.config import DataSettings, Source, TrainerConfig
 from forge_trainer.data.encode import DocEncoder, IdArray, MaskArray
+from forge_trainer.data.holdout import HoldOut
 from forge_trainer.data.mixer import DOMAIN, GENERAL, Mixer, integer_shares, mix_report, source_states
 from forge_trainer.data.pack import PackedSource, SourceLimits, SourceState
 from forge_trainer.data.shards import Gather, PrepareStats, ShardCache, ShardIndex, ShardReader, prepare
@@ -41,19 +42,33 @@ PREFLIGHT_COUNT_BYTES = 32 << 20
 
 @dataclass(frozen=True)
 class MixPlan:
-    """The training sources in mixer order (domain first) with their group, share and resolved files."""
+    """The training sources in mixer order (domain first) with their group, share, resolved files and the
+    per-mille of their documents held out for evaluation (0: none)."""
 
     sources: list[Source]
     groups: list[str]
     shares: list[int]
     files: list[SourceFiles]
     shards: ShardIndex | None = None
+    hold_out: tuple[int, ...] = ()
+    mix_by: str = "tokens"
 
     def fingerprint(self, seed: int, seq_len: int) -> str:
         """Identifies the stream: a data state only resumes the stream it came from."""
         desc = [(s.uri, s.weight, g, sh) for s, g, sh in zip(self.sources, self.groups, self.shares, strict=True)]
-        raw = json.dumps({"sources": desc, "seed": seed, "seqLength": seq_len}, sort_keys=True)
+        stream: dict[str, Any] = {"sources": desc, "seed": seed, "seqLength": seq_len}
+        # Absent at their defaults, so that earlier data states still resume.
+        if any(self.hold_out):
+            stream["holdOut"] = list(self.hold_out)
+        if self.mix_by != "tokens":
+            stream["mixBy"] = self.mix_by
+        raw = json.dumps(stream, sort_keys=True)
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    def source_hold_out(self, i: int) -> HoldOut | None:
+        """The training side of source i's hold-out split (None: nothing held out)."""
+        per_mille = self.hold_out[i] if i < len(self.hold_out) else 0
+        return HoldOut(per_mille, held_out=False) if per_mille else None
 
     def source_id(self, i: int) -> str:
         """Stable id of source i within the plan (seeds its file order)."""
@@ -64,15 +79,17 @@ class MixPlan:
         return None if self.shards is None else self.shards.for_source(self.files[i])
 
 
-def plan_mix(data: DataSettings, shards: ShardIndex | None = None) -> MixPlan:
+def plan_mix(data: DataSettings, shards: ShardIndex | None = None, hold_out: tuple[int, int] = (0, 0)) -> MixPlan:
     """Resolve every training source's files; at domainPercent 100 general sources are not used. With ``shards``
-    (the preparation phase's index) sources are read from their token shards."""
+    (the preparation phase's index) sources are read from their token shards. ``hold_out``: the per-mille of the
+    (domain, general) documents held out for evaluation, which training skips (TrainerConfig.hold_out)."""
     general = data.general if data.domain_percent < 100 else []
     sources = [*data.domain, *general]
     groups = [DOMAIN] * len(data.domain) + [GENERAL] * len(general)
     shares = integer_shares([s.weight for s in data.domain], [s.weight for s in general], data.domain_percent)
     files = [resolve_source(s.uri) for s in sources]
-    return MixPlan(sources, groups, shares, files, shards)
+    per_source = tuple(hold_out[0] if g == DOMAIN else hold_out[1] for g in groups)
+    return MixPlan(sources, groups, shares, files, shards, per_source, data.mix_by)
 
 
 def needed_sequences(plan: MixPlan, total_sequences: int) -> list[int]:
@@ -102,6 +119,7 @@ def preflight(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, total_sequ
             cfg.training.seed,
             limits(data),
             shards=plan.source_shards(i),
+            hold_out=plan.source_hold_out(i),
         )
         if plan.files[i].total_bytes > PREFLIGHT_COUNT_BYTES:
             src.next_sequence()
@@ -185,8 +203,8 @@ def build_mixer(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, state: d
         expect = plan.fingerprint(cfg.training.seed, cfg.data.seq_length)
         if state.get("fingerprint") != expect:
             raise DataError(
-                "data.domain/data.general/data.seqLength/training.seed changed since the checkpoint: its data "
-                "state cannot resume this stream (use a new output location to start over)"
+                "data.domain/data.general/data.seqLength/data.mixBy/training.seed changed since the checkpoint: its "
+                "data state cannot resume this stream (use a new output location to start over)"
             )
     states: list[SourceState | None] = source_states(state, len(plan.sources))
     packed = [
@@ -199,10 +217,11 @@ def build_mixer(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, state: d
             limits(cfg.data),
             st,
             shards=plan.source_shards(i),
+            hold_out=plan.source_hold_out(i),
         )
         for i, st in enumerate(states)
     ]
-    return Mixer(packed, plan.groups, plan.shares, state)
+    return Mixer(packed, plan.groups, plan.shares, state, by_loss_tokens=plan.mix_by == "lossTokens")
 
 
 def plan_report(plan: MixPlan, state: dict[str, Any]) -> dict[str, Any]:
@@ -237,12 +256,22 @@ class Layout:
         return block % self.world_size, block // self.world_size
 
 
+class MicroBatch(NamedTuple):
+    """Model inputs of one micro-batch."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor | None
+    """Position ids restarting at every document (attention stays inside documents); None: plain causal attention
+    over the whole sequence."""
+
+
 @dataclass
 class StepBatch:
     """One optimizer step for one rank: its micro-batches, and the data state after the whole step."""
 
     step: int
-    micro: list[tuple[torch.Tensor, torch.Tensor]]
+    micro: list[MicroBatch]
     state: dict[str, Any]
     global_loss_tokens: int
 
@@ -259,9 +288,24 @@ def to_tensors(seqs: list[tuple[IdArray, MaskArray | None]], pin: bool = False) 
     return ids, labels
 
 
+def to_micro_batch(seqs: list[tuple[IdArray, MaskArray | None, IdArray | None]], pin: bool = False) -> MicroBatch:
+    """A micro-batch's tensors; position ids only when every sequence has them."""
+    ids, labels = to_tensors([(s[0], s[1]) for s in seqs], pin)
+    rows = [s[2] for s in seqs if s[2] is not None]
+    if len(rows) < len(seqs):
+        return MicroBatch(ids, labels, None)
+    positions = torch.from_numpy(np.stack(rows).astype(np.int64))
+    return MicroBatch(ids, labels, positions.pin_memory() if pin else positions)
+
+
 def labelled_positions(mask: MaskArray | None, seq_len: int) -> int:
     """Next-token positions of a sequence that carry loss (position 0 predicts nothing)."""
     return seq_len - 1 if mask is None else int(mask[1:].sum())
+
+
+def positions(fragment_positions: IdArray, cfg: TrainerConfig) -> IdArray | None:
+    """The position ids a sequence trains with: per document, unless data.crossDocumentAttention."""
+    return None if cfg.data.cross_document_attention else fragment_positions
 
 
 def step_batches(
@@ -271,15 +315,15 @@ def step_batches(
     step = first_step
     pin = torch.cuda.is_available()
     while True:
-        mine: list[list[tuple[IdArray, MaskArray | None]]] = [[] for _ in range(layout.accumulation)]
+        mine: list[list[tuple[IdArray, MaskArray | None, IdArray | None]]] = [[] for _ in range(layout.accumulation)]
         loss_tokens = 0
         for j in range(layout.step_sequences):
             seq = mixer.next()
             loss_tokens += labelled_positions(seq.mask, cfg.data.seq_length)
             rank, micro = layout.owner(j)
             if rank == layout.rank:
-                mine[micro].append((seq.ids, seq.mask))
-        tensors = [to_tensors(m, pin=pin) for m in mine]
+                mine[micro].append((seq.ids, seq.mask, positions(seq.positions, cfg)))
+        tensors = [to_micro_batch(m, pin=pin) for m in mine]
         yield StepBatch(step, tensors, data_state(mixer, plan, cfg), loss_tokens)
         step += 1
 

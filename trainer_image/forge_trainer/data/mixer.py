@@ -5,6 +5,10 @@ tokens. Shares are integers: a domain source i gets ``domainPercent * w_i * W_ge
 ``(100 - domainPercent) * w_j * W_domain`` (W = sum of the group's weights). Sources are picked by smooth weighted
 round robin over these integers, so after n sequences every source has its exact share of n within one sequence,
 with no randomness to drift. The stream is the same on every rank; each rank keeps its own slice (see loader).
+
+Mixed by loss tokens (``data.mixBy: lossTokens``), the next sequence comes from the source furthest behind its
+share of the tokens that carry loss so far (ties to the lowest index): after n sequences every source's loss tokens
+are within one sequence's of their share. The counters that decide are the sources' own, so the state is unchanged.
 """
 
 from __future__ import annotations
@@ -13,9 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from forge_trainer.data.pack import PackedSource, SourceState
+from forge_trainer.errors import DataError
 
 DOMAIN = "domain"
 GENERAL = "general"
+
+# Mixed by loss tokens, a source that gave this many sequences without one token that carries loss would be drawn
+# forever: the run fails instead, naming it.
+LOSSLESS_SEQUENCES_LIMIT = 64
 
 
 def integer_shares(domain_weights: list[int], general_weights: list[int], domain_percent: int) -> list[int]:
@@ -34,6 +43,7 @@ class MixedSequence:
     source: int
     ids: Any
     mask: Any
+    positions: Any
 
 
 class Mixer:
@@ -45,6 +55,7 @@ class Mixer:
         groups: list[str],
         shares: list[int],
         state: dict[str, Any] | None = None,
+        by_loss_tokens: bool = False,
     ) -> None:
         if not (len(sources) == len(groups) == len(shares)):
             raise ValueError("sources, groups and shares must have the same length")
@@ -54,9 +65,12 @@ class Mixer:
         self.total = sum(shares)
         self.current = list(state["current"]) if state else [0] * len(shares)
         self.n = int(state["n"]) if state else 0
+        self.by_loss_tokens = by_loss_tokens
 
     def pick(self) -> int:
         """The source of the next sequence (advances the round robin)."""
+        if self.by_loss_tokens:
+            return self._pick_by_loss_tokens()
         best = -1
         for i, share in enumerate(self.shares):
             if share == 0:
@@ -68,11 +82,28 @@ class Mixer:
         self.n += 1
         return best
 
+    def _pick_by_loss_tokens(self) -> int:
+        counters = [s.counters for s in self.sources]
+        best = -1
+        for i, share in enumerate(self.shares):
+            if share == 0:
+                continue
+            # loss_i / share_i < loss_best / share_best, in integers.
+            if best < 0 or counters[i].loss_tokens * self.shares[best] < counters[best].loss_tokens * share:
+                best = i
+        if counters[best].loss_tokens == 0 and counters[best].sequences >= LOSSLESS_SEQUENCES_LIMIT:
+            raise DataError(
+                f"source {self.sources[best].uri}: {counters[best].sequences} sequences without a token that carries "
+                "loss (no assistant turns?): data.mixBy lossTokens cannot fill its share"
+            )
+        self.n += 1
+        return best
+
     def next(self) -> MixedSequence:
         """The next sequence of the global stream."""
         i = self.pick()
-        ids, mask = self.sources[i].next_sequence()
-        return MixedSequence(i, ids, mask)
+        seq = self.sources[i].next_sequence()
+        return MixedSequence(i, seq.ids, seq.mask, seq.positions)
 
     def state(self) -> dict[str, Any]:
         """JSON-friendly state: round-robin counters and every source's state."""
@@ -92,9 +123,11 @@ def mix_report(state: dict[str, Any], groups: list[str], shares: list[int], uris
     total_share = sum(shares)
     per_source = []
     group_tokens = {DOMAIN: 0, GENERAL: 0}
+    group_loss_tokens = {DOMAIN: 0, GENERAL: 0}
     for src, group, share, uri in zip(state["sources"], groups, shares, uris, strict=True):
         c = src["counters"]
         group_tokens[group] += c["consumed_tokens"]
+        group_loss_tokens[group] += c["loss_tokens"]
         per_source.append(
             {
                 "group": group,
@@ -108,6 +141,7 @@ def mix_report(state: dict[str, Any], groups: list[str], shares: list[int], uris
             }
         )
     total = sum(group_tokens.values())
+    total_loss = sum(group_loss_tokens.values())
     for row in per_source:
         row["realisedPercent"] = 100.0 * row["tokens"] / total if total else 0.0
     return {
@@ -116,6 +150,9 @@ def mix_report(state: dict[str, Any], groups: list[str], shares: list[int], uris
         "domainTokens": group_tokens[DOMAIN],
         "generalTokens": group_tokens[GENERAL],
         "realisedDomainPercent": 100.0 * group_tokens[DOMAIN] / total if total else 0.0,
+        "domainLossTokens": group_loss_tokens[DOMAIN],
+        "generalLossTokens": group_loss_tokens[GENERAL],
+        "realisedDomainGradientPercent": 100.0 * group_loss_tokens[DOMAIN] / total_loss if total_loss else 0.0,
         "sources": per_source,
     }
 

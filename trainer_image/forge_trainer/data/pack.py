@@ -12,17 +12,33 @@ from collections import deque
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from forge_trainer.data.encode import Doc, DocEncoder, Encoded, IdArray, MaskArray
+from forge_trainer.data.holdout import HoldOut
 from forge_trainer.data.records import DEFAULT_MAX_RECORD_BYTES, BadLine, EpochEnd, Item, Located, Position
 from forge_trainer.data.shards import ShardItem, ShardReader, iter_shards
 from forge_trainer.data.sources import SourceFiles, iter_source
 from forge_trainer.errors import DataError
 
-Sequence = tuple[IdArray, MaskArray | None]
+
+class Sequence(NamedTuple):
+    """``seq_len`` packed tokens, their loss mask (None: every token), and each token's position in its document
+    fragment: 0 where a document (or this sequence, or the padding) starts, so that attention can be confined to
+    documents (transformers builds a block-causal mask, or a varlen kernel's boundaries, from such position ids)."""
+
+    ids: IdArray
+    mask: MaskArray | None
+    positions: IdArray
+
+
+def fragment_positions(lengths: list[int]) -> IdArray:
+    """Positions that restart at 0 at the start of every fragment: [3, 2] -> [0, 1, 2, 0, 1]."""
+    if len(lengths) == 1:
+        return np.arange(lengths[0], dtype=np.int32)
+    return np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
 
 
 class SourceExhaustedError(Exception):
@@ -90,6 +106,8 @@ class PackedSource:
 
     Documents come from the source's files through the tokenizer, or with ``shards`` (one per file, in the order
     of ``files``) from prepared token shards: the same documents, positions and bad records, tokenised once.
+    With ``hold_out`` only one side of the hash split is read (data/holdout.py): the other side's documents are
+    skipped as if they were not in the files.
     """
 
     def __init__(
@@ -103,8 +121,10 @@ class PackedSource:
         state: SourceState | None = None,
         batch_docs: int = 64,
         shards: Seq[ShardReader] | None = None,
+        hold_out: HoldOut | None = None,
     ) -> None:
         self.files = files
+        self.hold_out = hold_out
         self.source_id = source_id
         self.encoder = encoder
         self.seq_len = seq_len
@@ -175,6 +195,8 @@ class PackedSource:
                 self._bad(item.file, item.line, item.reason, item.epoch)
             elif not isinstance(item.doc, Doc):
                 self._bad(item.file, item.pos.line, str(item.doc), item.pos.epoch)
+            elif self.hold_out is not None and not self.hold_out.keeps(item.doc.ids):
+                continue
             else:
                 if item.pos.epoch == 0:
                     self.counters.epoch0_tokens += len(item.doc)
@@ -186,6 +208,12 @@ class PackedSource:
     def _end_epoch(self, epoch: int) -> None:
         c = self.counters
         if epoch == 0:
+            if c.epoch0_docs == 0 and self.hold_out is not None:
+                raise DataError(
+                    f"source {self.uri}: empty source: none of its usable records is among "
+                    f"{self.hold_out.describe()} ({len(self.files.files)} file(s), {c.bad_lines} bad records): "
+                    "give the held-out sources explicitly (eval.domain/eval.general) or raise eval.holdOutPerMille"
+                )
             if c.epoch0_docs == 0:
                 raise DataError(
                     f"source {self.uri}: empty source: no usable records in {len(self.files.files)} file(s) "
@@ -219,6 +247,13 @@ class PackedSource:
                 f"data.maxBadLines={self.limits.max_bad_lines})"
             )
 
+    def next_document(self) -> Doc:
+        """The next whole document (what the packer would cut from), leaving the packer's cursor after it."""
+        self._next_doc()
+        assert self._doc is not None
+        self._cursor = len(self._doc)
+        return self._doc
+
     def next_sequence(self, pad_id: int = 0) -> Sequence:
         """The next ``seq_len`` tokens. Single-pass sources pad their last sequence (padding has no loss)."""
         ids: list[IdArray] = []
@@ -246,6 +281,7 @@ class PackedSource:
 
     def _emit(self, ids: list[IdArray], masks: list[MaskArray | None]) -> Sequence:
         seq = ids[0] if len(ids) == 1 else np.concatenate(ids)
+        positions = fragment_positions([len(i) for i in ids])
         mask: MaskArray | None = None
         if any(m is not None for m in masks):
             mask = np.concatenate(
@@ -256,7 +292,7 @@ class PackedSource:
         c.consumed_tokens += self.seq_len
         c.loss_tokens += self.seq_len if mask is None else int(mask.sum())
         self._check_repetition()
-        return seq, mask
+        return Sequence(seq, mask, positions)
 
     def _check_repetition(self) -> None:
         c = self.counters

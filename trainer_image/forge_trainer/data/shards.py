@@ -10,8 +10,9 @@ One cache entry per file, ``<cache>/<key>/``:
   without a manifest, or whose files disagree with it, is incomplete and is rebuilt.
 
 The key hashes the file (URI, size, version: S3 ETag or local mtime) and the encoding (the tokenizer's full
-serialisation, BOS/EOS, chat template, SFT masking, the fallback chat format's version, data.maxRecordBytes). The
-sequence length is not in it: shards hold whole documents, packing happens when they are read.
+serialisation, the document separator of data/separator.py and whether it is scored, chat template, SFT masking,
+the fallback chat format's version, data.maxRecordBytes). The sequence length is not in it: shards hold whole
+documents, packing happens when they are read.
 
 A shard yields exactly the items the tokenising reader would (documents with their positions, bad records in line
 order), so the mixer's stream, its determinism and its resume are the same with or without shards.
@@ -41,7 +42,7 @@ from forge_trainer.errors import DataError
 log = logging.getLogger(__name__)
 
 # Bump when the shard layout or what encode.py produces for a record changes: old entries are then not found.
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "manifest.json"
 TOKENS, DOCS, MASK = "tokens.bin", "docs.bin", "mask.bin"
 _DOC_COLUMNS = 4
@@ -59,8 +60,8 @@ def encoding_fingerprint(encoder: DocEncoder, max_record_bytes: int) -> str:
         "format": FORMAT,
         "tokenizer": hashlib.sha256(serialised.encode()).hexdigest(),
         "vocab": len(encoder.tokenizer),
-        "bos": encoder.bos,
-        "eos": encoder.eos,
+        "separator": [encoder.separator.head, encoder.separator.tail],
+        "scoreSeparators": encoder.score_separators,
         "chatTemplate": encoder.template,
         "assistantOnly": encoder.assistant_only,
         "fallbackFormat": FALLBACK_FORMAT,
