@@ -105,3 +105,30 @@ def test_flash_attention_without_its_package_or_a_gpu_names_the_field() -> None:
     check_attention_implementation("eager")
     with pytest.raises(ModelError, match=r"model\.attentionImplementation: flash_attention_2"):
         check_attention_implementation("flash_attention_2")
+
+
+def test_evaluation_keeps_attention_inside_documents_for_a_model_saved_for_serving(tiny_model: Path) -> None:
+    # Exports (and candidates built from them) say use_cache: true; with a KV cache transformers would ignore the
+    # position ids' document boundaries, so evaluation must run without one.
+    from transformers import AutoModelForCausalLM
+
+    from forge_trainer.heldout import EvalSeq, evaluate_set
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    model.config.use_cache = True
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 500, (24,), generator=generator).numpy().astype(np.int32)
+    packed = [EvalSeq(ids, None, 0, fragment_positions([10, 14]))]
+    alone = [EvalSeq(ids[10:], None, 0, None)]
+    cpu = torch.device("cpu")
+    inside, _ = evaluate_set(model, cpu, packed, 1, 1, 0, 1)
+    second, _ = evaluate_set(model, cpu, alone, 1, 1, 0, 1)
+    first, _ = evaluate_set(model, cpu, [EvalSeq(ids[:10], None, 0, None)], 1, 1, 0, 1)
+    assert inside.mean is not None and first.mean is not None and second.mean is not None
+    # 23 predicted positions: 9 in the first document, 13 in the second, and the boundary (the second document's
+    # first token predicted from nothing of its own: position 0 of its block sees only itself).
+    boundary = inside.mean * 23 - first.mean * 9 - second.mean * 13
+    assert boundary > 0
+    model.config.use_cache = False
+    uncached, _ = evaluate_set(model, cpu, packed, 1, 1, 0, 1)
+    assert inside.mean == pytest.approx(uncached.mean, rel=1e-6)

@@ -190,6 +190,7 @@ def token_loss_sum(
         out = model(
             input_ids=ids,
             position_ids=positions,
+            use_cache=False,
             logits_to_keep=_NO_POSITIONS.to(ids.device),
             output_hidden_states=True,
         )
@@ -199,7 +200,7 @@ def token_loss_sum(
             hidden, head.weight, shift_labels, chunk_tokens
         )
         return total, count
-    logits = model(input_ids=ids, position_ids=positions).logits
+    logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
     shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
     total = nnf.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return total, count

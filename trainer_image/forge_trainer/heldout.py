@@ -162,7 +162,9 @@ def evaluate_set(
         batch = [(seqs[i].ids, seqs[i].mask, seqs[i].positions) for i in chunk] or [dummy]
         ids, labels, position_ids = to_micro_batch(batch)
         position_ids = None if position_ids is None else position_ids.to(device)
-        logits = module(input_ids=ids.to(device), position_ids=position_ids).logits[:, :-1, :].float()
+        # use_cache=False: with a KV cache transformers ignores the per-document position ids' block-causal mask (an
+        # export's config.json says use_cache: true, for serving).
+        logits = module(input_ids=ids.to(device), position_ids=position_ids, use_cache=False).logits[:, :-1, :].float()
         target = labels[:, 1:].to(device)
         token_loss = nnf.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
