@@ -52,7 +52,6 @@ from forge_trainer.engine import (
 from forge_trainer.errors import (
     EXIT_HANG,
     EarlyStopError,
-    ForgeError,
     HangError,
     PeerLostError,
     StorageError,
@@ -91,6 +90,7 @@ from forge_trainer.pace import (
     pace_status,
     parse_fault,
 )
+from forge_trainer.phases import RankZeroPhases
 from forge_trainer.report import (
     StatusReporter,
     baseline_status,
@@ -267,6 +267,7 @@ class Run:
 
         hf_logging.disable_progress_bar()
         init_distributed(denv, int(os.environ.get("FORGE_DIST_TIMEOUT_S", "1800")))
+        self.phases = RankZeroPhases(denv.rank, denv.world_size)
         seed_everything(cfg.training.seed, denv.rank)
         serve(self.metrics, metrics_port(cfg.report.metrics_port, denv.local_rank))
         self.metrics.set(self.metrics.total_steps, cfg.training.max_steps)
@@ -371,7 +372,7 @@ class Run:
                     return None
             return doc
 
-        doc = self._on_main(read)
+        doc = self._on_main("reading the learning-rate probe's record", read)
         return None if doc is None else probe.ProbeRecord.from_json(doc)
 
     def _use_multiplier(self, multiplier: float) -> None:
@@ -470,7 +471,9 @@ class Run:
 
     def _find_resume(self) -> dict[str, Any] | None:
         """The newest complete checkpoint in the output (rank 0 reads, every rank gets it, or the read error)."""
-        found = self._on_main(lambda: ckpt.latest_resumable(self.cfg.checkpoints.output))
+        found = self._on_main(
+            "finding the checkpoint to resume from", lambda: ckpt.latest_resumable(self.cfg.checkpoints.output)
+        )
         if found is not None:
             uri = self.places.remote(int(found["step"]))
             ckpt.check_world_size(found, self.denv.world_size, uri)
@@ -632,7 +635,7 @@ class Run:
         if not saved and verdict.reason != "NonFiniteLoss":
             self._checkpoint(self.progress.step)
         self._settle_save()
-        self._on_main(lambda: write_stop_marker(self.cfg, verdict))
+        self._on_main("writing the early-stop marker", lambda: write_stop_marker(self.cfg, verdict))
         if verdict.reason != "NonFiniteLoss":
             self.build_candidates()
         raise EarlyStopError(f"stopped by the guard at step {verdict.step}: {verdict.reason}: {verdict.message}")
@@ -855,18 +858,22 @@ class Run:
             exclude_frozen_parameters=cfg.model.technique == "lora",
         )
         ckpt.save_rng(tag_dir, denv.rank)
-        if cfg.checkpoints.export_hf:
-            self._export_live(tag_dir / "hf")
+        if cfg.checkpoints.export_hf and cfg.training.zero_stage == 3:
+            self._export_live(tag_dir / "hf")  # every rank gathers its partitions
         entry = checkpoint_entry(step, places.remote(step), self.latest_eval)
         self.progress.guard = self.guard.to_json()
-        if denv.is_main:
+
+        def rank0_part() -> None:
+            if cfg.checkpoints.export_hf and cfg.training.zero_stage != 3:
+                self._export_live(tag_dir / "hf")  # rank 0 writes the export (and merges LoRA adapters)
             self.progress.last_eval = self.latest_eval
             state = self.progress.to_json()
             state["checkpoints"] = [*self.progress.checkpoints, entry]
             state["data"] = self.last_data_state
             state["mix"] = self.mix_report()
             ckpt.write_json(tag_dir / ckpt.STATE_FILE, state)
-        self._barrier()
+
+        self._on_main(f"checkpoint {ckpt.tag_for(step)}: the hf/ export and the trainer state", rank0_part)
         self.pending_save = PendingSave(step, entry, ckpt.BackgroundUpload(places, step, denv.rank))
         if self._output_is_local or not cfg.checkpoints.background_upload:
             self._settle_save()
@@ -908,7 +915,9 @@ class Run:
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, upload.files)
-        manifest = self._on_main(lambda: self._publish(pending, gathered))
+        manifest = self._on_main(
+            f"checkpoint {ckpt.tag_for(pending.step)}: the manifest", lambda: self._publish(pending, gathered)
+        )
         if not self.denv.is_main:
             # Nodes other than rank 0's hold only their own shards; marking their copy complete lets prune work
             # there (resume still checks every file against the manifest and downloads what a node lacks).
@@ -976,24 +985,10 @@ class Run:
         except Exception as err:  # retention saves space; it must never end the run. The next pass tries again.
             log.warning("output retention pass skipped: %s: %s", type(err).__name__, err)
 
-    def _on_main(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on rank 0 only and hand every rank its result, or its error, raised on every rank at once."""
-        outcome: tuple[bool, Any] = (True, None)
-        failure: BaseException | None = None
-        if self.denv.is_main:
-            try:
-                outcome = (True, fn())
-            except Exception as err:
-                failure = err
-                shared = err if isinstance(err, ForgeError) else ForgeError(f"rank 0: {type(err).__name__}: {err}")
-                outcome = (False, shared)
-        ok, value = self._broadcast(outcome)
-        if failure is not None:
-            raise failure
-        if not ok:
-            raise value
-        result: T = value
-        return result
+    def _on_main(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 only and hand every rank its result, or its error, raised on every rank at once; the
+        others wait under the rank-0 phase timeout (phases.py), not the training collectives'."""
+        return self.phases.run(what, fn)
 
     def _export_live(self, out_dir: Path) -> None:
         cfg = self.cfg
@@ -1028,7 +1023,7 @@ class Run:
             if denv.is_main:
                 log.warning("no end-of-run candidates: they need checkpoints.exportHf and held-out sets")
             return
-        plans = self._on_main(self._candidate_plans)
+        plans = self._on_main("listing the checkpoints for candidates", self._candidate_plans)
         try:
             for plan in plans:
                 self._candidate(plan)
@@ -1046,16 +1041,18 @@ class Run:
         cfg, denv = self.cfg, self.denv
         uri = cand.candidate_uri(cfg.checkpoints.output, plan)
         local_dir = self.places.local_dir / cand.CANDIDATES_DIR / plan.name
-        # rank 0: reuse an earlier publication of the same candidate, or build and upload it
-        outcome: tuple[str, Any] = ("skip", None)
-        if denv.is_main:
+
+        def build_or_reuse() -> tuple[str, Any]:
+            """Rank 0: reuse an earlier publication of the same candidate, or build and upload it."""
             try:
                 earlier = cand.published_entry(uri)
-                outcome = ("done", earlier) if earlier is not None else ("built", self._build(plan, local_dir, uri))
+                return ("done", earlier) if earlier is not None else ("built", self._build(plan, local_dir, uri))
             except Exception as err:  # reported; the run's own checkpoints stand
                 log.warning("candidate %s not built: %s: %s", plan.name, type(err).__name__, err)
                 emit("candidateFailed", name=plan.name, error=f"{type(err).__name__}: {err}")
-        state, value = self._broadcast(outcome)
+                return ("skip", None)
+
+        state, value = self._on_main(f"candidate {plan.name}: build and upload", build_or_reuse)
         if state == "done":
             if denv.is_main:
                 emit("candidateReused", name=plan.name, uri=uri)
