@@ -22,19 +22,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
 
 from forge_trainer import storage
 from forge_trainer.checkpoint import read_json_object
 from forge_trainer.config import CandidateSettings
 from forge_trainer.errors import ModelError
-from forge_trainer.sharded import shard_bytes_setting, stream_folder
+from forge_trainer.sharded import INDEX_FILE, TensorSource, shard_bytes_setting, stream_folder
 
 CANDIDATES_DIR = "candidates"
 MANIFEST = "forge-manifest.json"
 MANIFEST_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-_INDEX_FILE = "model.safetensors.index.json"
 
 CandidateKind = Literal["average", "interpolation"]
 
@@ -86,32 +83,8 @@ def plan_candidates(steps: Sequence[int], settings: CandidateSettings) -> list[C
     return plans
 
 
-class WeightFolder:
-    """The tensors of a Hugging Face safetensors folder (one file or an indexed set of shards), read lazily."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        index = folder / _INDEX_FILE
-        if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            self.file_of = {key: folder / name for key, name in weight_map.items()}
-        elif (folder / WEIGHTS_FILE).is_file():
-            with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
-                self.file_of = {key: folder / WEIGHTS_FILE for key in handle.keys()}  # noqa: SIM118
-        else:
-            raise ModelError(f"{folder}: no {WEIGHTS_FILE} or {_INDEX_FILE} (candidates need safetensors weights)")
-        self._handles: dict[Path, Any] = {}
-
-    def keys(self) -> list[str]:
-        return sorted(self.file_of)
-
-    def get(self, key: str) -> torch.Tensor:
-        path = self.file_of[key]
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = safe_open(str(path), framework="pt")
-        tensor: torch.Tensor = handle.get_tensor(key)
-        return tensor
+# A checkpoint export or the base model, read one tensor at a time (sharded.TensorSource).
+WeightFolder = TensorSource
 
 
 def _same_keys(folders: Sequence[WeightFolder]) -> list[str]:
@@ -173,7 +146,7 @@ def write_folder(
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     for item in sorted(like.iterdir()):
-        if item.is_file() and not item.name.endswith(".safetensors") and item.name != _INDEX_FILE:
+        if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX_FILE:
             shutil.copyfile(item, out_dir / item.name)
     pairs = weights.items() if isinstance(weights, Mapping) else weights
     stream_folder(pairs, out_dir, shard_bytes or shard_bytes_setting())

@@ -103,6 +103,11 @@ def load_model(path: Path, settings: ModelSettings, activation_checkpointing: bo
         )
     except Exception as err:
         raise ModelError(f"model.base: cannot load the model from {path}: {err}") from err
+    return prepare_for_training(model, settings, activation_checkpointing)
+
+
+def prepare_for_training(model: Any, settings: ModelSettings, activation_checkpointing: bool) -> torch.nn.Module:
+    """Activation checkpointing, no KV cache, and LoRA adapters for technique 'lora'."""
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -102,9 +102,13 @@ class TensorSource:
             with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
                 self.file_of = {key: folder / WEIGHTS_FILE for key in handle.keys()}  # noqa: SIM118
         else:
-            raise ModelError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE} (ZeRO-3 loads need safetensors weights)")
+            raise ModelError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE} (safetensors weights are needed)")
         self._stack = ExitStack()
         self._handles: dict[Path, Any] = {}
+
+    def keys(self) -> list[str]:
+        """Every tensor name, sorted."""
+        return sorted(self.file_of)
 
     def _handle(self, key: str) -> Any:
         path = self.file_of[key]
@@ -190,7 +194,7 @@ def build_partitioned(
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from forge_trainer.model import check_attention_implementation, wrap_lora
+    from forge_trainer.model import check_attention_implementation, prepare_for_training
 
     check_attention_implementation(settings.attention_implementation)
     try:
@@ -209,12 +213,7 @@ def build_partitioned(
         config, dtype=torch.float32, attn_implementation=settings.attention_implementation
     )
     load_partitions(model, path)
-    if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    if settings.technique == "lora":
-        model = wrap_lora(model, settings)
-    return model  # type: ignore[no-any-return]
+    return prepare_for_training(model, settings, activation_checkpointing)
 
 
 def load_partitions(module: torch.nn.Module, folder: Path, rename: bool = False) -> int:
