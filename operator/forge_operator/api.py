@@ -215,6 +215,13 @@ class EvalSpec(ApiModel):
     by a hash of each document, and never trained on; required when data.general is empty (forgetting cannot be
     measured without general data)."""
 
+    unseen_general: list[Source] = Field(default_factory=list, max_length=16)
+    """General text from neither training set, never replayed (its uris may not appear in data.domain or
+    data.general). Forgetting is measured on it too, and the worse of its forgetting and the general set's is what
+    forgetting.budgetPercent, the guard and checkpoint selection judge. Replay lowers the loss on its own
+    distribution by construction, so forgetting measured only on held-out replay data reads optimistic; give one
+    (docs/user-guide.md)."""
+
     hold_out_per_mille: int = Field(default=20, ge=1, le=250)
     """Documents per thousand of the training sources held out for evaluation when eval.domain or eval.general is
     empty (for that group only). The split depends on each document's content alone, so it is the same on every
@@ -1076,6 +1083,9 @@ class Baseline(StatusModel):
     general_loss: float | None = None
     """Mean loss on the general held-out set."""
 
+    unseen_loss: float | None = Field(default=None, ge=0)
+    """Mean loss on the never-replayed general sets (spec.eval.unseenGeneral)."""
+
 
 class Progress(StatusModel):
     """How far the run is (written by the trainer)."""
@@ -1136,7 +1146,8 @@ class Latest(StatusModel):
     """General held-out loss."""
 
     forgetting_percent: float | None = None
-    """(generalLoss - baseline.generalLoss) / baseline.generalLoss, in percent."""
+    """(generalLoss - baseline.generalLoss) / baseline.generalLoss, in percent; with spec.eval.unseenGeneral, the
+    worse of that and unseenForgettingPercent."""
 
     domain_gain_percent: float | None = None
     """(baseline.domainLoss - domainLoss) / baseline.domainLoss, in percent."""
@@ -1163,6 +1174,19 @@ class Latest(StatusModel):
     kl_base_nats: float | None = None
     """KL(base || model) per general held-out token, in nats, over the base's top spec.eval.klTopK tokens (a lower
     bound of the full KL)."""
+
+    general_forgetting_percent: float | None = None
+    """Forgetting on the replayed general held-out set alone, in percent (reported with spec.eval.unseenGeneral,
+    when forgettingPercent is the worse of it and unseenForgettingPercent)."""
+
+    unseen_loss: float | None = Field(default=None, ge=0)
+    """Loss on the never-replayed general sets (spec.eval.unseenGeneral)."""
+
+    unseen_forgetting_percent: float | None = None
+    """Forgetting on the never-replayed general sets, in percent."""
+
+    unseen_stderr_percent: float | None = Field(default=None, ge=0)
+    """Standard error of unseenForgettingPercent, in points (paired per-sequence differences to the base model)."""
 
     general_sources: list[GeneralSourceReport] | None = Field(default=None, max_length=64)
     """General held-out loss and forgetting per source."""
@@ -1195,7 +1219,8 @@ class CheckpointReport(StatusModel):
     """General held-out loss at this step."""
 
     forgetting_percent: float | None = None
-    """Forgetting at this step, in percent."""
+    """Forgetting at this step, in percent: the worse of generalForgettingPercent and unseenForgettingPercent when
+    spec.eval.unseenGeneral is given."""
 
     domain_gain_percent: float | None = None
     """Domain gain at this step, in percent."""
@@ -1205,6 +1230,19 @@ class CheckpointReport(StatusModel):
 
     forgetting_stderr_percent: float | None = None
     """Standard error of forgettingPercent, in points; selection uses it (spec.checkpoints.budgetConfidencePercent)."""
+
+    general_forgetting_percent: float | None = None
+    """Forgetting on the replayed general held-out set alone, in percent (reported with spec.eval.unseenGeneral,
+    when forgettingPercent is the worse of it and unseenForgettingPercent)."""
+
+    unseen_loss: float | None = Field(default=None, ge=0)
+    """Loss on the never-replayed general sets (spec.eval.unseenGeneral)."""
+
+    unseen_forgetting_percent: float | None = None
+    """Forgetting on the never-replayed general sets, in percent."""
+
+    unseen_stderr_percent: float | None = Field(default=None, ge=0)
+    """Standard error of unseenForgettingPercent, in points (paired per-sequence differences to the base model)."""
 
     complete: bool | None = None
     """False while the upload is unfinished; only complete checkpoints (true or unset) can be selected."""

@@ -274,6 +274,7 @@ def build_trainer_config(
             "everySteps": eval_every_steps(spec),
             "domain": _sources(spec.eval.domain),
             "general": _sources(spec.eval.general),
+            "unseenGeneral": _sources(spec.eval.unseen_general),
             "holdOutPerMille": spec.eval.hold_out_per_mille,
             "maxTokens": spec.eval.max_tokens,
             "klTopK": spec.eval.kl_top_k,

@@ -157,8 +157,25 @@ def check_uris(spec: ForgeJobSpec) -> list[FieldError]:
     errors += _check_sources("spec.data.general", spec.data.general)
     errors += _check_sources("spec.eval.domain", spec.eval.domain)
     errors += _check_sources("spec.eval.general", spec.eval.general)
+    errors += _check_sources("spec.eval.unseenGeneral", spec.eval.unseen_general)
+    errors += check_unseen_general(spec)
     errors += check_uri("spec.checkpoints.output", spec.checkpoints.output)
     return errors
+
+
+def check_unseen_general(spec: ForgeJobSpec) -> list[FieldError]:
+    """spec.eval.unseenGeneral must be text from neither training set: a uri that is also in data.domain or
+    data.general would be trained on (replayed), and its forgetting would read optimistic."""
+    training = {s.uri: f"spec.data.domain[{i}]" for i, s in enumerate(spec.data.domain)}
+    training |= {s.uri: f"spec.data.general[{i}]" for i, s in enumerate(spec.data.general)}
+    return [
+        FieldError(
+            f"spec.eval.unseenGeneral[{i}].uri",
+            f"{s.uri!r} is also {training[s.uri]}: unseen general text must come from neither training set",
+        )
+        for i, s in enumerate(spec.eval.unseen_general)
+        if s.uri in training
+    ]
 
 
 def check_data(spec: ForgeJobSpec) -> list[FieldError]:

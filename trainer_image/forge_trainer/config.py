@@ -23,9 +23,10 @@ CONFIG_VERSION = 1
 Technique = Literal["cpt", "sft", "lora"]
 Schedule = Literal["cosine", "constant", "wsd"]
 Precision = Literal["fp32", "bf16"]
-EvalGroup = Literal["domain", "general"]
+EvalGroup = Literal["domain", "general", "unseen"]
 DOMAIN_GROUP: EvalGroup = "domain"
 GENERAL_GROUP: EvalGroup = "general"
+UNSEEN_GROUP: EvalGroup = "unseen"
 ForgettingAction = Literal["stop", "warn", "rebalance"]
 
 # A URI is a local path (absolute or relative to the working directory) or "s3://bucket/key-or-prefix".
@@ -212,6 +213,15 @@ class EvalSettings(_Model):
             "out (chosen by a hash of each document) and never trained on."
         ),
     )
+    unseen_general: list[Source] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "General text from neither training set, never replayed: forgetting is also measured here, and the worse "
+            "of this and the general set's forgetting is what the budget, the guard and selection judge (replay "
+            "lowers the loss on its own distribution by construction)."
+        ),
+    )
     hold_out_per_mille: int = Field(
         default=20,
         ge=HOLD_OUT_PER_MILLE_MIN,
@@ -233,6 +243,15 @@ class EvalSettings(_Model):
             "at the baseline (the rest of the base's mass is one bucket: a lower bound of the full KL). 0 = off."
         ),
     )
+
+
+def replayed_unseen(unseen: list[str], training: list[str]) -> tuple[int, str] | None:
+    """The first never-replayed eval uri that is also a training uri: (its index, why it is refused); None if none."""
+    trained = set(training)
+    for i, uri in enumerate(unseen):
+        if uri in trained:
+            return i, f"{uri} is also a training source (data.domain or data.general), so it is not unseen"
+    return None
 
 
 class FieldValueError(ValueError):
@@ -625,10 +644,21 @@ class TrainerConfig(_Model):
             )
         return self
 
+    @model_validator(mode="after")
+    def _unseen_is_never_trained_on(self) -> TrainerConfig:
+        problem = replayed_unseen(
+            [s.uri for s in self.eval.unseen_general], [s.uri for s in self.data.domain + self.data.general]
+        )
+        if problem is not None:
+            raise FieldValueError(f"eval.unseenGeneral[{problem[0]}].uri", problem[1])
+        return self
+
     def eval_group(self, group: EvalGroup) -> tuple[list[Source], int]:
         """A held-out group's sources and the per-mille of their documents held out from training: the eval
         sources as given (0: whole files, held out by the user), else the group's training sources split by
-        eval.holdOutPerMille."""
+        eval.holdOutPerMille. The unseen group is eval.unseenGeneral as given (never trained on)."""
+        if group == UNSEEN_GROUP:
+            return list(self.eval.unseen_general), 0
         given = self.eval.domain if group == DOMAIN_GROUP else self.eval.general
         if given:
             return list(given), 0

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from forge_trainer import candidates as cand
 from forge_trainer import checkpoint as ckpt
 from forge_trainer import probe, retention, sharded, storage
-from forge_trainer.config import DOMAIN_GROUP, GENERAL_GROUP, EvalGroup, TrainerConfig
+from forge_trainer.config import DOMAIN_GROUP, GENERAL_GROUP, UNSEEN_GROUP, EvalGroup, TrainerConfig
 from forge_trainer.data.encode import DocEncoder
 from forge_trainer.data.loader import (
     Layout,
@@ -111,6 +111,10 @@ from forge_trainer.watchdog import HangWatchdog, WatchdogSettings
 log = logging.getLogger(__name__)
 
 EvalSet = list[EvalSeq]
+# The (domain, general, unseen general) held-out sets.
+EvalSets = tuple[EvalSet, EvalSet, EvalSet]
+# This rank's per-sequence losses of the base model on the (general, unseen general) sets.
+BaseLosses = tuple[SequenceLosses | None, SequenceLosses | None]
 T = TypeVar("T")
 
 
@@ -236,8 +240,9 @@ class Run:
         self.mixer: Mixer | None = None
         self.eval_domain: EvalSet = []
         self.eval_general: EvalSet = []
+        self.eval_unseen: EvalSet = []
         self.kl_cache: KLCache | None = None
-        self.base_losses: SequenceLosses | None = None
+        self.base_losses: BaseLosses | None = None
         self.flops_token = 0.0
         self.peak = device_peak_flops()
         self.tps: float | None = None
@@ -305,6 +310,7 @@ class Run:
         pad = pad_token_id(self.tokenizer)
         self.eval_domain = eval_set(cfg, DOMAIN_GROUP, cfg.eval.max_tokens, encoder, pad)
         self.eval_general = eval_set(cfg, GENERAL_GROUP, cfg.eval.max_tokens, encoder, pad)
+        self.eval_unseen = eval_set(cfg, UNSEEN_GROUP, cfg.eval.max_tokens, encoder, pad)
         if cfg.training.probe is not None:
             self._settle_learning_rate(resumed=manifest is not None)
             cfg = self.cfg
@@ -394,6 +400,7 @@ class Run:
         sets = (
             eval_set(cfg, DOMAIN_GROUP, max_tokens, self.encoder, pad),
             eval_set(cfg, GENERAL_GROUP, max_tokens, self.encoder, pad),
+            eval_set(cfg, UNSEEN_GROUP, max_tokens, self.encoder, pad),
         )
         baseline: EvalResult | None = None
         results: list[probe.MultipleResult] = []
@@ -428,7 +435,7 @@ class Run:
         return record
 
     def _probe_run(
-        self, engine: Any, run_cfg: TrainerConfig, sets: tuple[EvalSet, EvalSet], baseline: EvalResult
+        self, engine: Any, run_cfg: TrainerConfig, sets: EvalSets, baseline: EvalResult
     ) -> tuple[list[probe.ProbePoint], bool]:
         """One probe run on the real stream from its start: (its evaluations, whether every figure was finite)."""
         settings = self.cfg.training.probe
@@ -762,7 +769,7 @@ class Run:
         """The base model's pass (before any checkpoint is loaded): the baseline on a first start, and on every start
         this rank's KL cache and per-sequence general losses (kept in memory, not in checkpoints: rebuilding them
         costs one evaluation)."""
-        need_base = bool(self.eval_general)
+        need_base = bool(self.eval_general or self.eval_unseen)
         if resumed and (not need_base or self.progress.baseline is None):
             return
         ev = self._measure(0, build_cache=need_base)
@@ -776,12 +783,12 @@ class Run:
 
     def _measure(self, step: int, build_cache: bool = False, module: Any = None) -> EvalResult | None:
         """Held-out figures of the model being trained, or of ``module`` (every rank takes part)."""
-        if not self.eval_domain and not self.eval_general:
+        if not self.eval_domain and not self.eval_general and not self.eval_unseen:
             return None
         ev, cache, sequences = measure_heldout(
             self.engine.module if module is None else module,
             self.engine.device,
-            (self.eval_domain, self.eval_general),
+            (self.eval_domain, self.eval_general, self.eval_unseen),
             self.cfg,
             self.denv,
             step,
@@ -802,6 +809,8 @@ class Run:
             m.set(m.eval_loss, ev.domain_loss, set="domain")
         if ev.general_loss is not None:
             m.set(m.eval_loss, ev.general_loss, set="general")
+        if ev.unseen_loss is not None:
+            m.set(m.eval_loss, ev.unseen_loss, set="unseen")
         if ev.forgetting_percent is not None:
             m.set(m.forgetting, ev.forgetting_percent)
         if ev.domain_gain_percent is not None:
@@ -1019,7 +1028,7 @@ class Run:
         if settings.average_last < 2 and not settings.interpolation_alphas:
             return
         self._report_phase("candidates")
-        if not cfg.checkpoints.export_hf or (not self.eval_domain and not self.eval_general):
+        if not cfg.checkpoints.export_hf or not (self.eval_domain or self.eval_general or self.eval_unseen):
             if denv.is_main:
                 log.warning("no end-of-run candidates: they need checkpoints.exportHf and held-out sets")
             return
@@ -1219,21 +1228,23 @@ class Run:
 def measure_heldout(
     module: Any,
     device: Any,
-    sets: tuple[EvalSet, EvalSet],
+    sets: EvalSets,
     cfg: TrainerConfig,
     denv: DistEnv,
     step: int,
     baseline: EvalResult | None,
     kl_cache: KLCache | None = None,
     build_top_k: int = 0,
-    base_losses: SequenceLosses | None = None,
-) -> tuple[EvalResult | None, KLCache | None, SequenceLosses | None]:
-    """Held-out figures of ``module`` on the (domain, general) sets against ``baseline`` (every rank takes part), the
-    KL cache built when ``build_top_k`` > 0, and this rank's per-sequence general losses (the base pass keeps them:
-    with ``base_losses`` the forgetting gets a paired standard error). None when both sets are empty."""
-    domain_set, general_set = sets
-    if not domain_set and not general_set:
+    base_losses: BaseLosses | None = None,
+) -> tuple[EvalResult | None, KLCache | None, BaseLosses | None]:
+    """Held-out figures of ``module`` on the (domain, general, unseen general) sets against ``baseline`` (every rank
+    takes part), the KL cache built when ``build_top_k`` > 0, and this rank's per-sequence (general, unseen) losses
+    (the base pass keeps them: with ``base_losses`` both forgetting figures get a paired standard error). None when
+    every set is empty."""
+    domain_set, general_set, unseen_set = sets
+    if not domain_set and not general_set and not unseen_set:
         return None, None, None
+    base_general, base_unseen = base_losses if base_losses is not None else (None, None)
     mb, rank, world = cfg.training.micro_batch_size, denv.rank, denv.world_size
     domain, _ = evaluate_set(module, device, domain_set, len(cfg.eval_group(DOMAIN_GROUP)[0]), mb, rank, world)
     general, cache = evaluate_set(
@@ -1246,11 +1257,24 @@ def measure_heldout(
         world,
         kl_cache=kl_cache,
         build_top_k=build_top_k,
-        base_losses=base_losses,
+        base_losses=base_general,
+    )
+    unseen, _ = evaluate_set(
+        module, device, unseen_set, len(cfg.eval_group(UNSEEN_GROUP)[0]), mb, rank, world, base_losses=base_unseen
     )
     sources = general.per_source if general.mean is not None else None
-    ev = EvalResult.against(step, domain.mean, general.mean, baseline, general.kl, sources, general.paired_stderr)
-    return ev, cache, general.sequences
+    ev = EvalResult.against(
+        step,
+        domain.mean,
+        general.mean,
+        baseline,
+        general.kl,
+        sources,
+        general.paired_stderr,
+        unseen.mean,
+        unseen.paired_stderr,
+    )
+    return ev, cache, (general.sequences, unseen.sequences)
 
 
 def eval_set(cfg: TrainerConfig, group: EvalGroup, max_tokens: int, encoder: DocEncoder, pad: int) -> EvalSet:

@@ -85,8 +85,26 @@ def phase_status(phase: str, at: str | None = None) -> dict[str, Any]:
     return {"phase": phase, "time": at or rfc3339()}
 
 
+# The figures of the never-replayed general sets (eval.unseenGeneral), and the replayed general set's own forgetting
+# once forgettingPercent may be the unseen one: reported only when measured.
+UNSEEN_FIELDS = ("generalForgettingPercent", "unseenLoss", "unseenForgettingPercent", "unseenStderrPercent")
+
+
+def unseen_fields(ev: EvalResult | None) -> dict[str, Any]:
+    """The unseen-set figures, rounded, camelCase; empty when no unseen set was measured."""
+    if ev is None or ev.unseen_loss is None:
+        return {}
+    fields = {
+        "generalForgettingPercent": r4(ev.general_forgetting_percent),
+        "unseenLoss": r4(ev.unseen_loss),
+        "unseenForgettingPercent": r4(ev.unseen_forgetting_percent),
+        "unseenStderrPercent": r4(ev.unseen_stderr_percent),
+    }
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def eval_fields(ev: EvalResult | None) -> dict[str, Any]:
-    """The held-out figures, rounded, camelCase."""
+    """The held-out figures, rounded, camelCase (forgettingPercent: the worse of the general and unseen sets')."""
     if ev is None:
         return {
             "domainLoss": None,
@@ -133,7 +151,7 @@ def latest_status(
     Unknown values are left out rather than sent as null: in a merge patch null deletes, and a figure not known
     yet (no evaluation since a restart, no MFU on CPU) must not erase the last one reported.
     """
-    out = eval_fields(ev)
+    out = eval_fields(ev) | unseen_fields(ev)
     out["tokensPerSecond"] = r4(tokens_per_second)
     out["mfu"] = r4(mfu)
     out["learningRate"] = None if learning_rate is None else float(f"{learning_rate:.6g}")
@@ -149,7 +167,7 @@ def checkpoint_entry(step: int, uri: str, ev: EvalResult | None) -> dict[str, An
     for optional in ("klBaseNats", "forgettingStderrPercent"):
         if fields[optional] is None:
             del fields[optional]  # not measured: no key rather than a null the API server drops
-    return {"step": step, "uri": uri, **fields, "complete": True}
+    return {"step": step, "uri": uri, **fields, **unseen_fields(ev), "complete": True}
 
 
 # status.checkpoints holds at most this many entries (the CRD's maxItems): the newest STATUS_NEWEST_CHECKPOINTS and the
@@ -244,7 +262,10 @@ def checkpoint_status(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 def baseline_status(ev: EvalResult) -> dict[str, Any]:
     """status.baseline: the base model's held-out losses."""
-    return {"domainLoss": r4(ev.domain_loss), "generalLoss": r4(ev.general_loss)}
+    out = {"domainLoss": r4(ev.domain_loss), "generalLoss": r4(ev.general_loss)}
+    if ev.unseen_loss is not None:
+        out["unseenLoss"] = r4(ev.unseen_loss)
+    return out
 
 
 ERROR_MESSAGE_LIMIT = 4096
