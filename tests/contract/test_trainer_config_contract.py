@@ -218,6 +218,18 @@ def test_a_spec_without_the_guard_settings_gets_the_trainers_defaults(max_steps:
     assert config.checkpoints.candidates == CandidateSettings()
 
 
+def test_unseen_general_sets_reach_the_trainer() -> None:
+    unseen = [{"uri": "s3://other/wiki/", "weight": 3}, {"uri": "/data/books.jsonl"}]
+    _, config_map, _ = render("unseen-general", {"technique": "cpt", "eval": {"unseenGeneral": unseen}})
+    config = TrainerConfig.model_validate_json(config_map["data"][CONFIG_KEY])
+    assert [(s.uri, s.weight) for s in config.eval.unseen_general] == [
+        ("s3://other/wiki/", 3),
+        ("/data/books.jsonl", 1),
+    ]
+    _, default_map, _ = render("no-unseen-general", {"technique": "cpt"})
+    assert TrainerConfig.model_validate_json(default_map["data"][CONFIG_KEY]).eval.unseen_general == []
+
+
 @pytest.mark.parametrize("mix_by", ["tokens", "lossTokens"])
 def test_the_mix_unit_reaches_the_trainer(mix_by: str) -> None:
     spec = {"technique": "sft", "data": {**BASE["data"], "mixBy": mix_by}}

@@ -65,6 +65,18 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.data.general[1].uri",
         "repeats spec.data.general[0]",
     ),
+    (
+        "unseen general is replayed",
+        {"eval__unseenGeneral": [{"uri": "s3://other/wiki/"}, {"uri": "/data/general.jsonl"}]},
+        "spec.eval.unseenGeneral[1].uri",
+        "is also spec.data.general[0]",
+    ),
+    (
+        "unseen general is trained on",
+        {"eval__unseenGeneral": [{"uri": "s3://acme/tickets/"}]},
+        "spec.eval.unseenGeneral[0].uri",
+        "is also spec.data.domain[0]",
+    ),
     ("lr too high", {"training__learningRate": "0.5"}, "spec.training.learningRate", "outside"),
     ("lr zero", {"training__learningRate": "0"}, "spec.training.learningRate", "outside"),
     ("clipping", {"training__gradientClipping": "1000"}, "spec.training.gradientClipping", "exceeds"),
@@ -211,6 +223,12 @@ def test_names_must_fit_kubeflow_service_names(name: str, words: str) -> None:
 def test_image_is_required_without_an_operator_default() -> None:
     assert [e.path for e in errors_of(VALID, image=None)] == ["spec.resources.image"]
     assert errors_of(with_changes(resources__image="repo/trainer:1"), image=None) == []
+
+
+def test_unseen_general_text_from_neither_training_set_is_accepted() -> None:
+    assert (
+        errors_of(with_changes(eval__unseenGeneral=[{"uri": "s3://other/wiki/"}, {"uri": "/data/books.jsonl"}])) == []
+    )
 
 
 def test_several_problems_are_all_reported_in_order() -> None:
