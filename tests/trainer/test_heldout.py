@@ -72,7 +72,7 @@ def test_per_source_losses_match_each_source_alone_and_combine_to_the_mean(
     ids, labels, positions = to_micro_batch([(s.ids, s.mask, s.positions) for s in two_sources])
     assert positions is not None, "held-out sequences keep attention inside documents, as training does"
     with torch.no_grad():
-        logits = model(input_ids=ids, position_ids=positions).logits[:, :-1, :]
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, :-1, :]
     expected = nnf.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
     )
@@ -91,7 +91,9 @@ def test_kl_is_zero_for_the_base_and_exact_for_a_moved_model(model: Any, two_sou
 
     ids, labels, positions = to_micro_batch([(s.ids, s.mask, s.positions) for s in two_sources])
     with torch.no_grad():
-        base_logp = torch.log_softmax(model(input_ids=ids, position_ids=positions).logits[:, :-1, :], dim=-1)
+        base_logp = torch.log_softmax(
+            model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, :-1, :], dim=-1
+        )
     saved = model.lm_head.weight.detach().clone()
     try:
         with torch.no_grad():
@@ -99,7 +101,9 @@ def test_kl_is_zero_for_the_base_and_exact_for_a_moved_model(model: Any, two_sou
         moved, _ = evaluate_set(model, CPU, two_sources, 2, 4, 0, 1, kl_cache=cache)
         bound, _ = evaluate_set(model, CPU, two_sources, 2, 4, 0, 1, kl_cache=small_cache)
         with torch.no_grad():
-            moved_logp = torch.log_softmax(model(input_ids=ids, position_ids=positions).logits[:, :-1, :], dim=-1)
+            moved_logp = torch.log_softmax(
+                model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, :-1, :], dim=-1
+            )
     finally:
         with torch.no_grad():
             model.lm_head.weight.copy_(saved)
