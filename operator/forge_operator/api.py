@@ -212,8 +212,8 @@ class EvalSpec(ApiModel):
 
     general: list[Source] = Field(default_factory=list, max_length=64)
     """Held-out general sources. When empty, holdOutPerMille of the documents of data.general are held out, chosen
-    by a hash of each document, and never trained on; required when data.general is empty (forgetting cannot be
-    measured without general data)."""
+    by a hash of each document, and never trained on; required when data.general and eval.unseenGeneral are both
+    empty (forgetting cannot be measured without general data)."""
 
     unseen_general: list[Source] = Field(default_factory=list, max_length=16)
     """General text from neither training set, never replayed (its uris may not appear in data.domain or

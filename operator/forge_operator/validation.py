@@ -188,11 +188,12 @@ def check_data(spec: ForgeJobSpec) -> list[FieldError]:
                 f"{100 - spec.data.domain_percent}% of the tokens come from general data",
             )
         )
-    if spec.data.domain_percent == 100 and not spec.data.general and not spec.eval.general:
+    if spec.data.domain_percent == 100 and not (spec.data.general or spec.eval.general or spec.eval.unseen_general):
         errors.append(
             FieldError(
                 "spec.eval.general",
-                "required when spec.data.general is empty: forgetting is measured on general held-out data",
+                "required when spec.data.general is empty (or give spec.eval.unseenGeneral): forgetting is measured "
+                "on general held-out data",
             )
         )
     if spec.eval.max_tokens < spec.data.seq_length:

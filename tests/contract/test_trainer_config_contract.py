@@ -230,6 +230,14 @@ def test_unseen_general_sets_reach_the_trainer() -> None:
     assert TrainerConfig.model_validate_json(default_map["data"][CONFIG_KEY]).eval.unseen_general == []
 
 
+def test_domain_only_with_only_unseen_general_text_parses_in_the_trainer() -> None:
+    data = {**BASE["data"], "domainPercent": 100, "general": []}
+    spec = {"technique": "cpt", "data": data, "eval": {"unseenGeneral": [{"uri": "s3://other/wiki/"}]}}
+    _, config_map, _ = render("domain-only-unseen", spec)
+    config = TrainerConfig.model_validate_json(config_map["data"][CONFIG_KEY])
+    assert config.eval.general == [] and [s.uri for s in config.eval.unseen_general] == ["s3://other/wiki/"]
+
+
 @pytest.mark.parametrize("mix_by", ["tokens", "lossTokens"])
 def test_the_mix_unit_reaches_the_trainer(mix_by: str) -> None:
     spec = {"technique": "sft", "data": {**BASE["data"], "mixBy": mix_by}}

@@ -231,6 +231,12 @@ def test_unseen_general_text_from_neither_training_set_is_accepted() -> None:
     )
 
 
+def test_domain_only_with_unseen_general_text_needs_no_eval_general() -> None:
+    changes = {"data__general": [], "data__domainPercent": 100, "eval__general": []}
+    assert errors_of(with_changes(**changes, eval__unseenGeneral=[{"uri": "s3://other/wiki/"}])) == []
+    assert [e.path for e in errors_of(with_changes(**changes))] == ["spec.eval.general"]
+
+
 def test_several_problems_are_all_reported_in_order() -> None:
     errors = errors_of(with_changes(model__base="gs://x/y", training__learningRate="1"))
     assert [e.path for e in errors] == ["spec.model.base", "spec.training.learningRate"]
