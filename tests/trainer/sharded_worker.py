@@ -1,7 +1,9 @@
 """One rank that builds the model partitioned and records what it holds (``python -m tests.trainer.sharded_worker
 CONFIG OUT``, with the Kubeflow rank environment). Rank r writes OUT.r (JSON): for every parameter its full size
 (ds_numel), this rank's local partition size and data size, right after the build and before any engine exists; and
-whether each parameter, gathered, equals the tensor in the base model's safetensors file."""
+whether each parameter, gathered, equals the tensor in the base model's safetensors file. With a third argument
+EXPORT, every rank then takes part in the streamed hf/ export into the folder EXPORT (rank 0 writes it) and records
+the export's outcome."""
 
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ from pathlib import Path
 import torch
 
 
-def main(config_path: str, out: str) -> None:
+def main(config_path: str, out: str, export: str | None = None) -> None:
     import deepspeed
 
     from forge_trainer.config import load_config
     from forge_trainer.engine import deepspeed_config, dist_env, init_distributed
-    from forge_trainer.sharded import TensorSource, build_partitioned, is_partitioned
+    from forge_trainer.model import load_tokenizer
+    from forge_trainer.sharded import TensorSource, build_partitioned, export_partitioned, is_partitioned
 
     cfg = load_config(Path(config_path))
     denv = dist_env()
@@ -33,9 +36,19 @@ def main(config_path: str, out: str) -> None:
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
             equal[name] = bool(torch.equal(p.data.float(), source.get(name).float()))
-    record = {"partitioned": is_partitioned(model, denv.world_size), "params": params, "equal": equal}
+    record: dict[str, object] = {
+        "partitioned": is_partitioned(model, denv.world_size),
+        "params": params,
+        "equal": equal,
+    }
+    if export is not None:
+        try:
+            export_partitioned(model, Path(export), load_tokenizer(base), denv.rank == 0)
+            record["export"] = "done"
+        except Exception as err:
+            record["export"] = f"{type(err).__name__}: {err}"
     Path(f"{out}.{denv.rank}").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

@@ -128,12 +128,13 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_the_model_is_built_partitioned(tiny_model: Path, corpora: Corpora, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "config.json", zero3_config(tiny_model, corpora, tmp_path))
+def run_workers(config: Path, record: Path, export: Path | None = None) -> list[str]:
+    """tests.trainer.sharded_worker on two ranks; their outputs (both must exit 0)."""
     port = free_port()
+    extra = [] if export is None else [str(export)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.trainer.sharded_worker", str(config), str(tmp_path / "record")],
+            [sys.executable, "-m", "tests.trainer.sharded_worker", str(config), str(record), *extra],
             env=base_env(
                 {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1"}
                 | {"MASTER_PORT": str(port), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
@@ -146,6 +147,12 @@ def test_the_model_is_built_partitioned(tiny_model: Path, corpora: Corpora, tmp_
     ]
     outputs = [p.communicate(timeout=200)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    return outputs
+
+
+def test_the_model_is_built_partitioned(tiny_model: Path, corpora: Corpora, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.json", zero3_config(tiny_model, corpora, tmp_path))
+    run_workers(config, tmp_path / "record")
     base = TensorSource(tiny_model)
     for rank in range(2):
         record = json.loads((tmp_path / f"record.{rank}").read_text())
@@ -156,6 +163,19 @@ def test_the_model_is_built_partitioned(tiny_model: Path, corpora: Corpora, tmp_
             assert p["dsNumel"] == base.get(name).numel(), name
             assert p["data"] == 0 and p["partition"] == math.ceil(p["dsNumel"] / 2), name
         assert all(record["equal"].values()), [k for k, v in record["equal"].items() if not v]
+
+
+def test_a_failed_write_on_rank_0_does_not_leave_the_other_ranks_in_the_gathers(
+    tiny_model: Path, corpora: Corpora, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "config.json", zero3_config(tiny_model, corpora, tmp_path))
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the export's parent folder should be")
+    run_workers(config, tmp_path / "record", export=blocker / "hf")
+    records = [json.loads((tmp_path / f"record.{rank}").read_text()) for rank in range(2)]
+    # Rank 0 reports its write error after the last gather; rank 1 took part in every gather and finished.
+    assert records[0]["export"].startswith(("FileExistsError", "NotADirectoryError", "OSError")), records[0]["export"]
+    assert records[1]["export"] == "done"
 
 
 @dataclass(frozen=True)

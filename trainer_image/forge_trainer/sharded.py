@@ -305,12 +305,27 @@ def export_partitioned(
     shard_bytes: int | None = None,
 ) -> None:
     """A Hugging Face folder from a ZeRO-3 module (every rank calls it): parameters gathered one at a time, written
-    by rank 0 into shards as they fill. LoRA adapters are merged into their layers, so the folder is a plain model."""
+    by rank 0 into shards as they fill. LoRA adapters are merged into their layers, so the folder is a plain model.
+
+    A write that fails on rank 0 (a full or read-only disk) does not end its part in the gathers: the other ranks
+    are in them too and would wait for the collective timeout. Rank 0 gathers to the end, then raises the error."""
     inner: Any = module
-    writer = ShardWriter(out_dir, shard_bytes or shard_bytes_setting()) if is_main else None
+    writer: ShardWriter | None = None
+    failure: Exception | None = None
+    if is_main:
+        try:
+            writer = ShardWriter(out_dir, shard_bytes or shard_bytes_setting())
+        except Exception as err:
+            failure = err
     for key, tensor in _gathered_tensors(inner, lora, is_main):
-        assert writer is not None
-        writer.add(key, tensor)
+        if writer is None or failure is not None:
+            continue
+        try:
+            writer.add(key, tensor)
+        except Exception as err:
+            failure = err
+    if failure is not None:
+        raise failure
     if writer is None:
         return
     writer.finish()
