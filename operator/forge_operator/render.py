@@ -49,8 +49,7 @@ TRAINJOB_NODE = "node"
 """The replicated job and the trainer container of Kubeflow's torch runtimes."""
 RUNTIME_PATCH_MANAGER = "forge.dev/forge-operator"
 # The torch runtimes give every node PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and
-# PET_MASTER_PORT, which torchrun reads; torchrun starts the local ranks with RANK, LOCAL_RANK, WORLD_SIZE, ...
-TORCHRUN = "torchrun"
+# PET_MASTER_PORT, which torchrun would read; forge-trainer reads them itself (forge_trainer.launch).
 MANAGED_BY = "forge-operator"
 JOB_LABEL = "forge.dev/forgejob"
 SPEC_DIGEST_ANNOTATION = "forge.dev/spec-digest"
@@ -610,8 +609,10 @@ def trainjob_name(job: str) -> str:
 
 
 def trainjob_command() -> list[str]:
-    """torchrun (its arguments from the runtime's PET_* variables) starting forge-trainer once per local rank."""
-    return [TORCHRUN, "--no-python", TRAINER_COMMAND, "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"]
+    """forge-trainer itself: it reads the runtime's PET_* variables (as torchrun would) and starts one process per
+    local rank, so the pod's exit code is the trainer's (an early stop 10, a retryable outage 200-202), not
+    torchrun's 1 for any failure."""
+    return [TRAINER_COMMAND, "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"]
 
 
 # Pod spec fields a v2.3.0 runtime patch may carry (the rest of Forge's pod template: see build_trainjob).

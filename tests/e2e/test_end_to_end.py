@@ -1,9 +1,9 @@
 """The whole path on one machine, with real parts only.
 
 kubectl-style apply of a ForgeJob -> the real operator -> PyTorchJob (or, backend trainjob, a Kubeflow Trainer v2
-TrainJob whose nodes run torchrun) -> the local training-operator stand-in -> two real forge-trainer ranks
-(DeepSpeed over gloo) reading data from and writing checkpoints to an S3 server on loopback -> status.checkpoints
--> status.selected -> Succeeded, while a real Prometheus scrapes the operator and both ranks.
+TrainJob whose nodes read the runtime's PET_* variables) -> the local training-operator stand-in -> two real
+forge-trainer ranks (DeepSpeed over gloo) reading data from and writing checkpoints to an S3 server on loopback
+-> status.checkpoints -> status.selected -> Succeeded, while a real Prometheus scrapes the operator and both ranks.
 """
 
 from __future__ import annotations

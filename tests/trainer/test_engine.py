@@ -11,7 +11,7 @@ import pytest
 from forge_trainer.config import TrainerConfig, TrainingSettings
 from forge_trainer.engine import deepspeed_config, dist_env, lr_factor
 from forge_trainer.errors import DistributedError
-from forge_trainer.launch import child_envs, nproc_per_node
+from forge_trainer.launch import child_envs, from_trainer_v2, nproc_per_node
 from tests.trainer.harness import merged
 
 
@@ -88,6 +88,31 @@ def test_launcher_envs_for_several_processes_per_pod() -> None:
         child_envs({"WORLD_SIZE": "6", "RANK": "0"}, 4)
     with pytest.raises(DistributedError, match="PET_NPROC_PER_NODE='x'"):
         nproc_per_node({"PET_NPROC_PER_NODE": "x"})
+
+
+def test_a_trainer_v2_node_gets_its_rank_and_rendezvous_from_the_runtimes_variables() -> None:
+    node = {"PET_NNODES": "3", "PET_NODE_RANK": "2", "PET_NPROC_PER_NODE": "1"}
+    node |= {"PET_MASTER_ADDR": "job-node-0-0.job", "PET_MASTER_PORT": "29400"}
+    added = from_trainer_v2(node)
+    assert added == {
+        "MASTER_ADDR": "job-node-0-0.job",
+        "MASTER_PORT": "29400",
+        "RANK": "2",
+        "WORLD_SIZE": "3",
+        "LOCAL_RANK": "0",
+    }
+    denv = dist_env({**node, **added})
+    assert (denv.rank, denv.world_size, denv.master_addr, denv.master_port) == (2, 3, "job-node-0-0.job", 29400)
+    # Several local ranks: the launcher derives each child's RANK; only the rendezvous is added here.
+    several = {**node, "PET_NPROC_PER_NODE": "4"}
+    assert from_trainer_v2(several) == {"MASTER_ADDR": "job-node-0-0.job", "MASTER_PORT": "29400"}
+    children = child_envs({**several, **from_trainer_v2(several)}, 4)
+    assert [(e["RANK"], e["WORLD_SIZE"], e["MASTER_PORT"]) for e in children] == [
+        (str(8 + i), "12", "29400") for i in range(4)
+    ]
+    # The training-operator (RANK set) and a lone process are left alone.
+    assert from_trainer_v2({"RANK": "1", "WORLD_SIZE": "2", "PET_NODE_RANK": "1"}) == {}
+    assert from_trainer_v2({}) == {}
 
 
 def test_deepspeed_config(base_config: dict[str, Any]) -> None:

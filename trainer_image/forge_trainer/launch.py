@@ -1,8 +1,12 @@
 """Several processes per pod: with PET_NPROC_PER_NODE > 1 the trainer starts one child per local rank.
 
 The Kubeflow training-operator sets, per pod, WORLD_SIZE = pods * nprocPerNode, RANK = the pod's index (also
-PET_NODE_RANK) and PET_NPROC_PER_NODE. Each child gets LOCAL_RANK = i and RANK = node_rank * nproc + i. If any
-child fails, the others are stopped and the launcher exits with the failed child's code.
+PET_NODE_RANK) and PET_NPROC_PER_NODE. Kubeflow Trainer v2's torch runtime sets only the PET_* variables (PET_NNODES,
+PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT), which torchrun would read; Forge reads them
+itself (``from_trainer_v2``), so that no torchrun stands between the pod and the trainer's exit code (torchrun exits
+1 for any failed rank, which hides an early stop or a retryable outage from the pod's restart policy). Each child
+gets LOCAL_RANK = i and RANK = node_rank * nproc + i. If any child fails, the others are stopped and the launcher
+exits with the failed child's code.
 """
 
 from __future__ import annotations
@@ -19,6 +23,21 @@ from types import FrameType
 from forge_trainer.errors import DistributedError
 
 log = logging.getLogger(__name__)
+
+
+def from_trainer_v2(env: Mapping[str, str]) -> dict[str, str]:
+    """What a Trainer v2 pod lacks that this process needs: MASTER_ADDR/MASTER_PORT from PET_MASTER_ADDR/PORT, and for
+    one process per node its RANK (the node rank) and WORLD_SIZE (the nodes). Empty outside Trainer v2 (no
+    PET_NODE_RANK, or RANK already set by the training-operator or a launcher)."""
+    if "PET_NODE_RANK" not in env or "RANK" in env:
+        return {}
+    out: dict[str, str] = {}
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if f"PET_{name}" in env and name not in env:
+            out[name] = env[f"PET_{name}"]
+    if nproc_per_node(env) == 1:
+        out.update(RANK=env["PET_NODE_RANK"], WORLD_SIZE=env.get("PET_NNODES", "1"), LOCAL_RANK="0")
+    return out
 
 
 def nproc_per_node(env: Mapping[str, str]) -> int:

@@ -109,8 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         a = _parser().parse_args(args)
         from forge_trainer.config import load_config
-        from forge_trainer.launch import maybe_launch
+        from forge_trainer.launch import from_trainer_v2, maybe_launch
 
+        os.environ.update(from_trainer_v2(os.environ))
         cfg = load_config(a.config)
         code = maybe_launch(args)
         if code is not None:
