@@ -17,23 +17,11 @@ Usage: .venv/bin/python benchmarks/attention_documents.py [--model DIR] [--seq 2
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def timed(fn: Any, repeats: int) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` runs, after one warm-up run."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+from eval_cost import timed  # the sibling benchmark's median-of-repeats timer (scripts run from benchmarks/)
 
 
 def main() -> None:
