@@ -85,13 +85,9 @@ def phase_status(phase: str, at: str | None = None) -> dict[str, Any]:
     return {"phase": phase, "time": at or rfc3339()}
 
 
-# The figures of the never-replayed general sets (eval.unseenGeneral), and the replayed general set's own forgetting
-# once forgettingPercent may be the unseen one: reported only when measured.
-UNSEEN_FIELDS = ("generalForgettingPercent", "unseenLoss", "unseenForgettingPercent", "unseenStderrPercent")
-
-
 def unseen_fields(ev: EvalResult | None) -> dict[str, Any]:
-    """The unseen-set figures, rounded, camelCase; empty when no unseen set was measured."""
+    """The figures of the never-replayed general sets (eval.unseenGeneral), and the replayed general set's own
+    forgetting (forgettingPercent may be the unseen one), rounded, camelCase; empty when no unseen set was measured."""
     if ev is None or ev.unseen_loss is None:
         return {}
     fields = {
