@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from forge_trainer.loop import Throughput
+from forge_trainer.observers import Throughput
 from tests.trainer.harness import assert_ok, merged, run_ranks, write_config
 
 

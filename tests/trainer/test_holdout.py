@@ -20,7 +20,7 @@ from forge_trainer.data.pack import PackedSource, SourceExhaustedError
 from forge_trainer.data.records import TextRecord
 from forge_trainer.data.sources import resolve_source
 from forge_trainer.errors import DataError
-from forge_trainer.loop import eval_set
+from forge_trainer.evaluation import eval_set
 from forge_trainer.model import load_tokenizer
 from tests.trainer.harness import merged
 
@@ -134,7 +134,7 @@ def test_split_is_the_same_in_another_process(base_config: dict[str, Any], token
         "import json, sys\n"
         "from forge_trainer.config import GENERAL_GROUP, TrainerConfig\n"
         "from forge_trainer.data.encode import DocEncoder\n"
-        "from forge_trainer.loop import eval_set\n"
+        "from forge_trainer.evaluation import eval_set\n"
         "from forge_trainer.model import load_tokenizer\n"
         "cfg = TrainerConfig.model_validate(json.loads(sys.argv[1]))\n"
         "enc = DocEncoder(load_tokenizer(sys.argv[2]), assistant_only=False)\n"

@@ -9,15 +9,18 @@ import random
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as nnf
 
+from forge_trainer import sharded
 from forge_trainer.config import TrainerConfig, TrainingSettings
 from forge_trainer.data.loader import IGNORE_INDEX, MicroBatch
 from forge_trainer.errors import DistributedError
+from forge_trainer.model import load_model
 from forge_trainer.pace import OwnTime
 
 
@@ -150,6 +153,15 @@ def build_optimizer(model: torch.nn.Module, t: TrainingSettings) -> torch.optim.
         eps=t.adam_epsilon,
         fused=torch.cuda.is_available(),
     )
+
+
+def build_model(model_dir: Path, cfg: TrainerConfig, world_size: int) -> torch.nn.Module:
+    """The model to hand the engine: under ZeRO-3 built partitioned (no rank ever holds all of it), else whole."""
+    t = cfg.training
+    if t.zero_stage == 3:
+        ds_config = deepspeed_config(cfg, world_size)
+        return sharded.build_partitioned(model_dir, cfg.model, ds_config, t.activation_checkpointing)
+    return load_model(model_dir, cfg.model, t.activation_checkpointing)
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainerConfig, world_size: int) -> Any:

@@ -26,7 +26,7 @@ from forge_trainer import storage
 from forge_trainer.config import DataSettings, Source, TrainerConfig
 from forge_trainer.data.encode import DocEncoder, IdArray, MaskArray
 from forge_trainer.data.holdout import HoldOut
-from forge_trainer.data.mixer import DOMAIN, GENERAL, Mixer, integer_shares, mix_report, source_states
+from forge_trainer.data.mixer import DOMAIN, GENERAL, Mixer, MixReport, integer_shares, mix_report, source_states
 from forge_trainer.data.pack import PackedSource, SourceLimits, SourceState
 from forge_trainer.data.shards import Gather, PrepareStats, ShardCache, ShardIndex, ShardReader, prepare
 from forge_trainer.data.sources import SourceFiles, resolve_source
@@ -224,7 +224,7 @@ def build_mixer(plan: MixPlan, cfg: TrainerConfig, encoder: DocEncoder, state: d
     return Mixer(packed, plan.groups, plan.shares, state, by_loss_tokens=plan.mix_by == "lossTokens")
 
 
-def plan_report(plan: MixPlan, state: dict[str, Any]) -> dict[str, Any]:
+def plan_report(plan: MixPlan, state: dict[str, Any]) -> MixReport:
     """The realised mix at a data state."""
     return mix_report(state, plan.groups, plan.shares, [s.uri for s in plan.sources])
 

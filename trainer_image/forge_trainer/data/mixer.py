@@ -14,7 +14,7 @@ are within one sequence's of their share. The counters that decide are the sourc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from forge_trainer.data.pack import PackedSource, SourceState
 from forge_trainer.errors import DataError
@@ -113,15 +113,29 @@ class Mixer:
             "sources": [s.state().to_json() for s in self.sources],
         }
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> MixReport:
         """The realised mix of the stream generated so far."""
         return mix_report(self.state(), self.groups, self.shares, [s.uri for s in self.sources])
 
 
-def mix_report(state: dict[str, Any], groups: list[str], shares: list[int], uris: list[str]) -> dict[str, Any]:
+class MixReport(TypedDict):
+    """The realised mix (the finished event, state.json, status.latest): totals, and one row per source."""
+
+    sequences: int
+    tokens: int
+    domainTokens: int
+    generalTokens: int
+    realisedDomainPercent: float
+    domainLossTokens: int
+    generalLossTokens: int
+    realisedDomainGradientPercent: float
+    sources: list[dict[str, Any]]
+
+
+def mix_report(state: dict[str, Any], groups: list[str], shares: list[int], uris: list[str]) -> MixReport:
     """The realised mix up to a data state: tokens per source and group, and the realised domain percent."""
     total_share = sum(shares)
-    per_source = []
+    per_source: list[dict[str, Any]] = []
     group_tokens = {DOMAIN: 0, GENERAL: 0}
     group_loss_tokens = {DOMAIN: 0, GENERAL: 0}
     for src, group, share, uri in zip(state["sources"], groups, shares, uris, strict=True):
