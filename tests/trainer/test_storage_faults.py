@@ -146,8 +146,8 @@ def test_the_early_stop_marker_is_not_absent_during_an_outage(
     relay: TcpProxy, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run the guard stopped must not train again because the store was unreachable when it restarted."""
-    from forge_trainer.config import TrainerConfig
     from forge_trainer.checkpoint_manager import STOP_MARKER, read_stop_marker
+    from forge_trainer.config import TrainerConfig
 
     output = f"s3://{bucket}/stopped/"
     storage.write_bytes(output + STOP_MARKER, b'{"version": 1, "earlyStop": {"reason": "LossDiverged", "step": 9}}')

@@ -1,9 +1,10 @@
 """The learning-rate probe (pure): settings of the probe runs, the forgetting fit, the projection and the choice.
 
-Before training, the loop (``Run._probe``) trains the base model for ``training.probe.steps`` steps at each multiple
-of the configured learning rate, on the real mixed stream, and evaluates forgetting a few times. This module turns
-those measurements into a learning rate, on the assumption (from the continual-learning literature) that forgetting
-grows roughly linearly with the cumulative learning rate, i.e. the sum of the learning rates of the steps so far:
+Before training, ``probe_run.LearningRateProbe`` trains the base model for ``training.probe.steps`` steps at each
+multiple of the configured learning rate, on the real mixed stream, and evaluates forgetting a few times. This module
+turns those measurements into a learning rate, on the assumption (from the continual-learning literature) that
+forgetting grows roughly linearly with the cumulative learning rate, i.e. the sum of the learning rates of the steps so
+far:
 
 - per multiple, a least-squares line through the origin, ``forgetting = slope x cumulative lr`` (the base model
   forgets nothing, exactly), with the standard error of the slope (:func:`fit_forgetting_slope`);
