@@ -21,7 +21,7 @@ import torch.distributed as dist
 from forge_trainer import checkpoint as ckpt
 from forge_trainer import storage
 from forge_trainer.candidate_builder import CandidateBuilder
-from forge_trainer.checkpoint_manager import STOP_MARKER, CheckpointManager, read_stop_marker
+from forge_trainer.checkpoint_manager import STOP_MARKER, CheckpointManager, Resumed, read_stop_marker
 from forge_trainer.config import TrainerConfig
 from forge_trainer.context import RankContext
 from forge_trainer.data.encode import DocEncoder
@@ -76,6 +76,30 @@ class Run:
 
     def setup(self) -> None:
         """Join the job, load model and data, resume if a complete checkpoint exists."""
+        ctx = self.ctx
+        self._join()
+        encoder = self._plan_data()
+        resumed = self.checkpoints.find_resume()
+        if resumed is not None:
+            self._restore(resumed)
+        else:
+            assert self.stream.plan is not None
+            preflight(self.stream.plan, ctx.cfg, encoder, ctx.cfg.training.max_steps * ctx.layout.step_sequences)
+        self.evaluator.load_sets(encoder, pad_token_id(ctx.tokenizer))
+        if ctx.cfg.training.probe is not None:
+            LearningRateProbe(ctx, self.guard, self.stream).settle(resumed=resumed is not None)
+        cfg, world = ctx.cfg, ctx.denv.world_size
+        model = build_model(ctx.model_dir, cfg, world)
+        self.observer.set_flops(model)
+        ctx.engine = build_engine(model, cfg, world)
+        self.evaluator.measure_base(resumed=resumed is not None)
+        if resumed is not None:
+            self.checkpoints.load(resumed)
+        self._warn_missing_sets()
+        self.stream.build_mixer(resumed.data_state if resumed is not None else None)
+
+    def _join(self) -> None:
+        """Join the process group; serve metrics; rank 0 of a reporting job starts its status reporter."""
         ctx, cfg, denv = self.ctx, self.ctx.cfg, self.ctx.denv
         cfg.check_world(denv.world_size)
         from transformers.utils import logging as hf_logging
@@ -91,10 +115,13 @@ class Run:
             ref = cfg.report.forge_job
             ctx.reporter = StatusReporter(lambda: kube_patcher(ref), cfg.report.min_interval_seconds)
             ctx.report_phase("setup")
+
+    def _plan_data(self) -> DocEncoder:
+        """Fetch the base model and its tokenizer, plan the mix (and prepare its token shards); the encoder."""
+        ctx, cfg, denv, stream = self.ctx, self.ctx.cfg, self.ctx.denv, self.stream
         ctx.model_dir = fetch_model(cfg.model.base, ctx.places.local_dir / "base-model")
         ctx.tokenizer = load_tokenizer(ctx.model_dir)
         encoder = DocEncoder(ctx.tokenizer, assistant_only=cfg.model.technique in ("sft", "lora"))
-        stream = self.stream
         stream.encoder = encoder
         stream.plan = plan_mix(cfg.data, hold_out=cfg.hold_out())
         if cfg.data.cache_tokens:
@@ -102,29 +129,19 @@ class Run:
             ctx.metrics.set(ctx.metrics.prepare_seconds, seconds)
             if denv.is_main:
                 emit("prepare", seconds=round(seconds, 3), **dataclasses.asdict(prepared))
-        resumed = self.checkpoints.find_resume()
-        if resumed is not None:
-            ctx.progress = resumed.progress
-            stream.trained_state = resumed.data_state
-            ctx.latest_eval = ctx.progress.last_eval
-            if ctx.progress.guard is not None:
-                self.guard.load_json(ctx.progress.guard)
-            if ctx.progress.domain_percent is not None:
-                stream.plan = plan_mix(stream.data_at(ctx.progress.domain_percent), stream.plan.shards, cfg.hold_out())
-        else:
-            preflight(stream.plan, cfg, encoder, cfg.training.max_steps * ctx.layout.step_sequences)
-        self.evaluator.load_sets(encoder, pad_token_id(ctx.tokenizer))
-        if cfg.training.probe is not None:
-            LearningRateProbe(ctx, self.guard, stream).settle(resumed=resumed is not None)
-            cfg = ctx.cfg
-        model = build_model(ctx.model_dir, cfg, denv.world_size)
-        self.observer.set_flops(model)
-        ctx.engine = build_engine(model, cfg, denv.world_size)
-        self.evaluator.measure_base(resumed=resumed is not None)
-        if resumed is not None:
-            self.checkpoints.load(resumed)
-        self._warn_missing_sets()
-        stream.build_mixer(resumed.data_state if resumed is not None else None)
+        return encoder
+
+    def _restore(self, resumed: Resumed) -> None:
+        """The run state saved with the checkpoint resumed: progress, data state, guard history, the mix."""
+        ctx, stream = self.ctx, self.stream
+        ctx.progress = resumed.progress
+        stream.trained_state = resumed.data_state
+        ctx.latest_eval = ctx.progress.last_eval
+        if ctx.progress.guard is not None:
+            self.guard.load_json(ctx.progress.guard)
+        if ctx.progress.domain_percent is not None:
+            assert stream.plan is not None
+            stream.plan = plan_mix(stream.data_at(ctx.progress.domain_percent), stream.plan.shards, ctx.cfg.hold_out())
 
     def _warn_missing_sets(self) -> None:
         if not self.evaluator.general and self.ctx.denv.is_main:
