@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import time
+import http.client
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ def watch(ranks: Ranks, metrics_port: int, timeout: float) -> Watched:
                 body = resp.read().decode()
             if body:
                 out.scrapes.append(body)
-        except OSError:
+        except (OSError, http.client.HTTPException):  # the rank may exit in the middle of a scrape
             pass
         time.sleep(0.05)
     out.events = parse_events(ranks.rank0_stdout())
