@@ -135,6 +135,7 @@ def run_one(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
         "step": last.get("step"),
         "guard": guard[0] if guard else None,
         "curve": [(e["step"], e["forgetting_percent"], e["domain_gain_percent"]) for e in evals],
+        "evals": evals,
     }
 
 

@@ -3,6 +3,9 @@
 - general: English technical prose that ships with every Python, no download: the language reference topics
   of ``pydoc_data`` and the docstrings of the standard library. A tiny base model pretrained on it has a
   "general ability" to lose.
+- unseen general: the long descriptions (READMEs) of the Python distributions installed beside Forge, English prose
+  of many authors and topics that the general corpus does not contain. It is written as eval/test splits only, to
+  be given as ``eval.unseenGeneral``: general text that is never replayed.
 - domain: synthetic customer-support conversations for an invented product line, generated from templates with a
   seeded random generator. Their vocabulary, register and structure differ clearly from the general corpus, so
   fine-tuning on them without general data shows catastrophic forgetting.
@@ -94,6 +97,27 @@ def general_documents(max_chars: int = 3_000_000) -> Iterator[tuple[str, str]]:
                 total += len(doc)
                 if total >= max_chars:
                     return
+
+
+def package_descriptions(max_chars: int = 1_500_000, min_chars: int = 400) -> Iterator[tuple[str, str]]:
+    """(key, text) pieces of the installed distributions' long descriptions, by distribution name, up to
+    ``max_chars``. Descriptions shorter than ``min_chars`` (a one-line summary, a link) are skipped."""
+    import importlib.metadata
+
+    by_name: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        metadata: Any = dist.metadata  # an email.message.Message: the long description is its body
+        name = (metadata.get("Name") or "").lower()
+        body = metadata.get_payload() or metadata.get("Description") or ""
+        if name and name not in by_name and len(body.strip()) >= min_chars:
+            by_name[name] = body.strip()
+    total = 0
+    for name in sorted(by_name):
+        for index, chunk in enumerate(_chunks(by_name[name], 2000)):
+            yield f"package:{name}:{index}", chunk
+            total += len(chunk)
+            if total >= max_chars:
+                return
 
 
 def _chunks(text: str, size: int) -> Iterator[str]:
@@ -203,6 +227,18 @@ def write_general_corpus(folder: Path, max_chars: int = 3_000_000) -> CorpusFile
             continue
         seen.add(text)
         records[split_of(key)].append({"text": text})
+    return _write_splits(folder, records)
+
+
+def write_unseen_corpus(folder: Path, max_chars: int = 1_500_000) -> CorpusFiles:
+    """Write unseen/{eval,test}.jsonl (``{"text": ...}``) from :func:`package_descriptions`, split by distribution
+    so that no README has pieces in both; there is no train split."""
+    records: dict[str, list[dict[str, Any]]] = {"eval": [], "test": []}
+    for key, text in package_descriptions(max_chars):
+        package = key.rsplit(":", 1)[0]
+        records["eval" if split_of(package, eval_percent=50, test_percent=50) == "eval" else "test"].append(
+            {"text": text}
+        )
     return _write_splits(folder, records)
 
 

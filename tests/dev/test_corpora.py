@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from forge_dev.corpora import split_of, support_tickets, write_domain_corpus, write_general_corpus
+from forge_dev.corpora import (
+    package_descriptions,
+    split_of,
+    support_tickets,
+    write_domain_corpus,
+    write_general_corpus,
+    write_unseen_corpus,
+)
 
 
 def _lines(path: Path) -> list[str]:
@@ -43,3 +50,17 @@ def test_split_of_is_stable_and_roughly_balanced() -> None:
     splits = [split_of(f"doc-{i}") for i in range(2000)]
     assert split_of("doc-1") == split_of("doc-1")
     assert 100 < splits.count("eval") < 300 and 100 < splits.count("test") < 300
+
+
+def test_unseen_corpus_has_no_train_split_and_keeps_each_package_in_one_split(tmp_path: Path) -> None:
+    first = write_unseen_corpus(tmp_path / "a", max_chars=300_000)
+    second = write_unseen_corpus(tmp_path / "b", max_chars=300_000)
+    assert sorted(first.files) == ["eval", "test"] and not (tmp_path / "a" / "train.jsonl").exists()
+    package_of = {text: key.rsplit(":", 1)[0] for key, text in package_descriptions(300_000)}
+    packages = {}
+    for split in ("eval", "test"):
+        assert _lines(first.files[split]) == _lines(second.files[split])
+        packages[split] = {package_of[json.loads(line)["text"]] for line in _lines(first.files[split])}
+        assert len(packages[split]) > 3
+    assert not packages["eval"] & packages["test"]
+    assert sum(first.characters.values()) >= 250_000
