@@ -4,9 +4,9 @@ without the fault names no one."""
 
 from __future__ import annotations
 
+import http.client
 import re
 import time
-import http.client
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
