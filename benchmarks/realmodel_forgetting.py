@@ -237,14 +237,18 @@ class Plan:
 
     @property
     def name(self) -> str:
-        return f"{self.technique}-dp{self.domain_percent}-x{self.factor:g}"
+        warn = "-warn" if self.action == "warn" and self.domain_percent != 100 else ""
+        return f"{self.technique}-dp{self.domain_percent}-x{self.factor:g}{warn}"
 
 
-def plans(techniques: list[str], factors: list[float]) -> list[Plan]:
+def plans(techniques: list[str], factors: list[float], watched: list[float]) -> list[Plan]:
+    """Per technique: the domain-only reference (never stopped), the mix at each factor (guard ``stop``), then the
+    mix at each ``watched`` factor with the guard in ``warn``: what a stopped run would have done had it gone on."""
     out = []
     for technique in techniques:
-        out.append(Plan(technique, 100, 1.0, "warn"))  # the domain-only reference, never stopped
+        out.append(Plan(technique, 100, 1.0, "warn"))
         out.extend(Plan(technique, MIX_PERCENT, f, "stop") for f in factors)
+    out.extend(Plan(technique, MIX_PERCENT, f, "warn") for technique in techniques for f in watched)
     return out
 
 
@@ -290,6 +294,7 @@ def main() -> None:
     ap.add_argument("--techniques", default="cpt,sft")
     ap.add_argument("--factors", default="1,10,30")
     ap.add_argument("--budget", type=float, default=2.0)
+    ap.add_argument("--watch-factors", default="", help="factors also run with the guard in warn (e.g. 10)")
     ap.add_argument("--eval-every", type=int, default=0, help="eval.everySteps (0: the operator's default)")
     ap.add_argument("--checkpoint-every-evals", type=int, default=3, help="a checkpoint every N evaluations")
     ap.add_argument("--out", type=Path, default=Path("bench-output/realmodel_forgetting"))
@@ -310,7 +315,8 @@ def main() -> None:
     runs_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     tests: dict[str, TestSplits] = {}
-    for plan in plans(a.techniques.split(","), [float(x) for x in a.factors.split(",")]):
+    watched = [float(x) for x in a.watch_factors.split(",") if x]
+    for plan in plans(a.techniques.split(","), [float(x) for x in a.factors.split(",")], watched):
         saved = runs_dir / f"{plan.name}-s{a.steps}.json"
         if saved.exists():
             rows.append(json.loads(saved.read_text()))
@@ -418,6 +424,8 @@ def plot(rows: list[dict[str, Any]], budget: float, out: Path) -> None:
             label = ("domain only" if r["domainPercent"] == 100 else f"{r['domainPercent']}%") + f" {r['factor']:g}x"
             if r["guard"] and r["action"] == "stop":
                 label += f" (stopped @{r['guard']['step']})"
+            elif r["action"] == "warn" and r["domainPercent"] != 100:
+                label += " (guard warns only)"
             look = {"color": f"C{i}", "marker": "x" if r["guard"] and r["action"] == "stop" else ".", "label": label}
             row_axes[0].plot(xs, [e.get("unseen_forgetting_percent") for e in r["evals"]], **look)
             row_axes[1].plot(xs, [e.get("domain_gain_percent") for e in r["evals"]], **look)
