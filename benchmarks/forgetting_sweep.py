@@ -139,25 +139,32 @@ def run_one(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     }
 
 
-def auto_learning_rate(domain_percent: int, steps: int, params_millions: int) -> float:
-    """What the operator resolves for ``learningRate: auto`` in this sweep's setting."""
+def auto_learning_rate(
+    domain_percent: int,
+    steps: int,
+    params_millions: int,
+    technique: str = "cpt",
+    seq_length: int = SEQ_LENGTH,
+    micro_batch: int = MICRO_BATCH,
+) -> float:
+    """What the operator resolves for ``learningRate: auto`` for one rank at this model size, batch and mix."""
     from forge_operator.api import ForgeJobSpec
     from forge_operator.defaults import resolve
 
     spec = ForgeJobSpec.model_validate(
         {
-            "model": {"base": "/models/tiny/", "parametersMillions": params_millions},
-            "technique": "cpt",
+            "model": {"base": "/models/base/", "parametersMillions": params_millions},
+            "technique": technique,
             "data": {
                 "domainPercent": domain_percent,
                 "domain": [{"uri": "/data/domain/"}],
                 "general": [] if domain_percent == 100 else [{"uri": "/data/general/"}],
-                "seqLength": SEQ_LENGTH,
+                "seqLength": seq_length,
             },
             "eval": {"general": [{"uri": "/data/general-eval/"}]},
             "training": {
-                "globalBatchTokens": SEQ_LENGTH * MICRO_BATCH,
-                "microBatchSize": MICRO_BATCH,
+                "globalBatchTokens": seq_length * micro_batch,
+                "microBatchSize": micro_batch,
                 "maxSteps": steps,
             },
             "resources": {"nodes": 1, "gpusPerNode": 0},

@@ -40,6 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from forgetting_sweep import auto_learning_rate as sweep_learning_rate
 from forgetting_sweep import pool_of, run_one, select_and_regret
 
 SEQ_LENGTH = 256
@@ -83,30 +84,7 @@ def build_corpora(root: Path) -> Corpora:
 
 def auto_learning_rate(technique: str, domain_percent: int, steps: int) -> float:
     """What the operator resolves for ``learningRate: auto`` for this run (135M parameters, this batch)."""
-    from forge_operator.api import ForgeJobSpec
-    from forge_operator.defaults import resolve
-
-    spec = ForgeJobSpec.model_validate(
-        {
-            "model": {"base": "/models/smollm2-135m/", "parametersMillions": 135},
-            "technique": technique,
-            "data": {
-                "domainPercent": domain_percent,
-                "domain": [{"uri": "/data/domain/"}],
-                "general": [] if domain_percent == 100 else [{"uri": "/data/general/"}],
-                "seqLength": SEQ_LENGTH,
-            },
-            "eval": {"general": [{"uri": "/data/general-eval/"}]},
-            "training": {
-                "globalBatchTokens": SEQ_LENGTH * MICRO_BATCH,
-                "microBatchSize": MICRO_BATCH,
-                "maxSteps": steps,
-            },
-            "resources": {"nodes": 1, "gpusPerNode": 0},
-            "checkpoints": {"output": "/out/"},
-        }
-    )
-    return float(resolve(spec).learning_rate)
+    return sweep_learning_rate(domain_percent, steps, 135, technique, SEQ_LENGTH, MICRO_BATCH)
 
 
 def eval_every(steps: int) -> int:
