@@ -8,6 +8,7 @@ the export's outcome."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,7 +49,14 @@ def main(config_path: str, out: str, export: str | None = None) -> None:
         except Exception as err:
             record["export"] = f"{type(err).__name__}: {err}"
     Path(f"{out}.{denv.rank}").write_text(json.dumps(record))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    # As forge_trainer.train.entry does: interpreter teardown can abort on CPU ("terminate called without an active
+    # exception" from the communication library's threads) after the work is done and recorded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
