@@ -1,19 +1,35 @@
 """Peak host memory per rank while a ZeRO-3 engine is built: the model built partitioned vs loaded whole per rank.
 
-A synthetic Llama (about 220M parameters, fp32, built from a config and saved once as safetensors under
-$FORGE_CACHE_DIR/bench/) is handed to a ZeRO-3 DeepSpeed engine (torch AdamW, fp32) by 2 and 4 CPU ranks over gloo,
-two ways:
+A synthetic Llama (about 220M parameters, built from a config and saved once as safetensors under
+$FORGE_CACHE_DIR/bench/, in bf16 as published checkpoints are; ``--checkpoint-dtype fp32`` for an fp32 file) is
+handed to a ZeRO-3 DeepSpeed engine (torch AdamW, fp32) by 2 and 4 CPU ranks over gloo, two ways:
 
 * ``whole``: the old path: every rank loads the whole model with ``from_pretrained``, then the engine partitions it;
 * ``partitioned``: Forge's ZeRO-3 path (``sharded.build_partitioned``): the model is built under zero.Init and each
   rank reads only its own rows of the safetensors file.
 
-Each rank reports two peaks: VmHWM (resident-set high-water mark, /proc/self/status) and the highest RssAnon seen by
-a sampler thread every 2 ms (anonymous memory only). safetensors files are memory-mapped, and pages of a mapped file
-that a rank touched count in its RSS (as RssFile, shared page cache, not memory the rank owns), so VmHWM overstates
-what a rank holds; RssAnon is the memory the rank really allocated. The table shows the largest figure over ranks.
+Each rank reports three peaks: VmHWM (resident-set high-water mark, /proc/self/status), the highest RssAnon seen by
+a sampler thread every 2 ms (anonymous memory only) over the model build and the engine build, and the highest
+RssAnon during the model build alone. The last is what a GPU node's host memory must hold per rank: there the
+engine's partitions, gradients and optimizer state live on the device, while here on CPU they are host memory too
+(ZeRO-3 with fp32 Adam: 16 bytes per parameter / ranks, the same for both paths). safetensors files are
+memory-mapped, and pages of a mapped file that a rank touched count in its RSS (as RssFile, shared page cache, not
+memory the rank owns), so VmHWM overstates what a rank holds; RssAnon is the memory the rank really allocated.
+The table shows the largest figure over ranks.
 
-Usage: .venv/bin/python benchmarks/trainer_zero3_memory.py [--ranks 2 4] [--layers 12]
+Two things decide what the figures mean on CPU:
+
+* the checkpoint's dtype: the trainer trains from fp32 weights. From a bf16 file, the whole path converts every
+  tensor into anonymous fp32 memory on every rank (the case of a real 7-70B checkpoint); from an fp32 file,
+  transformers keeps the tensors as pages of the mapped file, shared by all ranks of a node;
+* glibc's allocator: zero.Init allocates each module's full tensors and frees them once partitioned. With glibc's
+  default dynamic mmap threshold, those freed blocks stay in the heap of the process (about 0.6 GiB at 220M here),
+  which hides the saving. On GPUs those tensors are device memory, so the ranks run with a fixed threshold
+  (MALLOC_MMAP_THRESHOLD_=131072: large blocks go back to the system when freed); ``--glibc-default`` shows the
+  figures without it.
+
+Usage: .venv/bin/python benchmarks/trainer_zero3_memory.py [--ranks 2 4] [--layers 12] [--checkpoint-dtype bf16|fp32]
+       [--glibc-default]
 """
 
 from __future__ import annotations
@@ -44,10 +60,10 @@ def status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def model_folder(layers: int) -> Path:
-    """The synthetic model, built and saved once (fp32 safetensors)."""
+def model_folder(layers: int, dtype: str) -> Path:
+    """The synthetic model, built and saved once (safetensors in ``dtype``)."""
     cache = Path(os.environ.get("FORGE_CACHE_DIR", Path.home() / ".cache" / "forge")) / "bench"
-    folder = cache / f"zero3-llama-h{HIDDEN}-l{layers}-v{VOCAB}"
+    folder = cache / f"zero3-llama-h{HIDDEN}-l{layers}-v{VOCAB}" / dtype
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
         return folder
     import torch
@@ -64,7 +80,8 @@ def model_folder(layers: int) -> Path:
         max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(cfg).save_pretrained(str(folder), safe_serialization=True, max_shard_size="20GB")
+    model = LlamaForCausalLM(cfg).to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    model.save_pretrained(str(folder), safe_serialization=True, max_shard_size="20GB")
     return folder
 
 
@@ -108,7 +125,7 @@ def rank_main(mode: str, config: str) -> None:
     else:
         model = sharded.build_partitioned(path, cfg.model, deepspeed_config(cfg, denv.world_size))
     built_s = time.perf_counter() - started
-    built_anon = status_kib("RssAnon")
+    built_anon = max(peak_anon[0], status_kib("RssAnon"))
     engine = build_engine(model, cfg, denv.world_size)
     seconds = time.perf_counter() - started
     stop.set()
@@ -120,7 +137,7 @@ def rank_main(mode: str, config: str) -> None:
     del engine
 
 
-def run(mode: str, world: int, config: Path) -> list[dict[str, Any]]:
+def run(mode: str, world: int, config: Path, glibc_default: bool) -> list[dict[str, Any]]:
     port = free_port()
     procs = []
     for rank in range(world):
@@ -128,6 +145,8 @@ def run(mode: str, world: int, config: Path) -> list[dict[str, Any]]:
             {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1"}
         )
         env["MASTER_PORT"] = str(port)
+        if not glibc_default:
+            env["MALLOC_MMAP_THRESHOLD_"] = "131072"
         argv = [sys.executable, __file__, "--rank-mode", mode, "--config", str(config)]
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     records = []
@@ -144,13 +163,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--checkpoint-dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--glibc-default", action="store_true", help="glibc's dynamic mmap threshold in the ranks")
     parser.add_argument("--rank-mode", choices=["whole", "partitioned"])
     parser.add_argument("--config")
     args = parser.parse_args()
     if args.rank_mode:
         rank_main(args.rank_mode, args.config)
         return
-    folder = model_folder(args.layers)
+    folder = model_folder(args.layers, args.checkpoint_dtype)
     from safetensors import safe_open
 
     params = 0
@@ -158,6 +179,8 @@ def main() -> None:
         with safe_open(str(file), framework="pt") as handle:
             params += sum(_numel(handle, k) for k in handle.keys())  # noqa: SIM118
     print(f"model: {params / 1e6:.0f}M parameters, {params * 4 / 2**30:.2f} GiB in fp32 ({folder})")
+    allocator = "glibc default" if args.glibc_default else "MALLOC_MMAP_THRESHOLD_=131072"
+    print(f"checkpoint file: {args.checkpoint_dtype}; allocator: {allocator}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "d.jsonl").write_text('{"text": "x"}\n')
@@ -166,7 +189,7 @@ def main() -> None:
         rows = []
         for world in args.ranks:
             for mode in ("whole", "partitioned"):
-                recs = run(mode, world, config)
+                recs = run(mode, world, config, args.glibc_default)
                 rows.append(
                     (
                         mode,
@@ -175,7 +198,7 @@ def main() -> None:
                         max(r["s"] for r in recs),
                     )
                 )
-    head = ("path", "ranks", "peak VmHWM/rank", "peak RssAnon/rank", "RssAnon after build", "model+engine s")
+    head = ("path", "ranks", "peak VmHWM/rank", "peak RssAnon/rank", "RssAnon peak in build", "model+engine s")
     print(f"{head[0]:<12} {head[1]:>5} {head[2]:>16} {head[3]:>18} {head[4]:>20} {head[5]:>15}")
     for mode, world, hwm, anon, built, secs in rows:
         gib = [f"{v / 2**20:.2f} GiB" for v in (hwm, anon, built)]

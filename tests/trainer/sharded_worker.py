@@ -39,6 +39,7 @@ def main(config_path: str, out: str, export: str | None = None) -> None:
             equal[name] = bool(torch.equal(p.data.float(), source.get(name).float()))
     record: dict[str, object] = {
         "partitioned": is_partitioned(model, denv.world_size),
+        "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight,
         "params": params,
         "equal": equal,
     }

@@ -150,13 +150,29 @@ def run_workers(config: Path, record: Path, export: Path | None = None) -> list[
     return outputs
 
 
-def test_the_model_is_built_partitioned(tiny_model: Path, corpora: Corpora, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "config.json", zero3_config(tiny_model, corpora, tmp_path))
+def tied_copy(model: Path, folder: Path) -> Path:
+    """``model`` with its output head tied to the embedding, saved as transformers saves tied models (no
+    lm_head.weight in the file)."""
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    source = TensorSource(model)
+    tensors = {k: source.get(k) for k in source.file_of if k != "lm_head.weight"}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_model_is_built_partitioned(tiny_model: Path, corpora: Corpora, tmp_path: Path, tied: bool) -> None:
+    model = tied_copy(tiny_model, tmp_path / "tied-model") if tied else tiny_model
+    config = write_config(tmp_path / "config.json", zero3_config(model, corpora, tmp_path))
     run_workers(config, tmp_path / "record")
-    base = TensorSource(tiny_model)
+    base = TensorSource(model)
+    assert ("lm_head.weight" in base.file_of) is not tied
     for rank in range(2):
         record = json.loads((tmp_path / f"record.{rank}").read_text())
         assert record["partitioned"] is True
+        assert record["tied"] is tied
         params = record["params"]
         assert set(params) == set(base.file_of)  # every tensor of the file is a parameter, and nothing else
         for name, p in params.items():
@@ -257,3 +273,44 @@ def test_zero3_resumes_with_the_same_losses(zero3_run: Zero3Run) -> None:
     assert sorted(after) == list(range(EVERY + 1, STEPS + 1))
     for step in after:
         assert after[step] == before[step], (step, after[step], before[step])
+
+
+@pytest.mark.timeout(700)
+def test_lora_under_zero3_trains_resumes_and_exports_a_merged_model(
+    tiny_model: Path, corpora: Corpora, tmp_path: Path
+) -> None:
+    cfg = merged(
+        zero3_config(tiny_model, corpora, tmp_path),
+        model={"technique": "lora", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["q_proj"]}},
+        data={"domainPercent": 80, "domain": [{"uri": str(corpora.chat)}]},
+        eval={"domain": [{"uri": str(corpora.eval_chat)}]},
+        training={"learningRate": 2e-2},
+        checkpoints={"candidates": {"averageLast": 0, "interpolationAlphas": []}},
+    )
+    config = write_config(tmp_path / "config.json", cfg)
+    results = run_ranks(config, 2, tmp_path / "run", timeout=600, env=SHARD_ENV)
+    assert_ok(results)
+    losses = step_losses(results[0].events)
+    assert sorted(losses) == list(range(1, STEPS + 1)) and losses[STEPS] < losses[1]
+
+    output = Path(cfg["checkpoints"]["output"])
+    manifest = ckpt.latest_complete(str(output))
+    assert manifest is not None and manifest["step"] == STEPS
+    # The training state is the adapters' (weights and Adam moments): no rank saved its partition of the frozen base
+    # weights (together those would be the size of the base model's file).
+    training_state = sum(f["size"] for f in manifest["files"] if not f["path"].startswith(f"{ckpt.HF_DIR}/"))
+    assert 0 < training_state < sum(p.stat().st_size for p in tiny_model.glob("*.safetensors")) / 4
+
+    exported, base = weights(output / ckpt.tag_for(STEPS) / ckpt.HF_DIR), weights(tiny_model)
+    assert exported.keys() == base.keys()  # adapters merged away: a plain Llama folder
+    changed = {k for k in base if not torch.equal(exported[k], base[k])}
+    assert changed and all(".q_proj." in k for k in changed), changed
+
+    restart = merged(cfg, checkpoints={"localDir": str(tmp_path / "local-restart")})
+    shutil.rmtree(output / ckpt.tag_for(STEPS))
+    results = run_ranks(write_config(tmp_path / "restart.json", restart), 2, tmp_path / "restart", timeout=600)
+    assert_ok(results)
+    after = step_losses(results[0].events)
+    assert sorted(after) == list(range(EVERY + 1, STEPS + 1))
+    for step in after:
+        assert after[step] == losses[step], (step, after[step], losses[step])

@@ -205,13 +205,19 @@ def build_partitioned(
         model_class: Any = AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError:
         raise ModelError(f"model.base: {path}: {type(config).__name__} is not a causal LM") from None
-    # While an HfDeepSpeedConfig with ZeRO-3 is alive, transformers builds models under deepspeed.zero.Init (each
-    # module partitioned as it is created, weights initialised one gathered module at a time).
+    # While an HfDeepSpeedConfig with ZeRO-3 is alive, transformers' init context (the one from_pretrained uses) is
+    # deepspeed.zero.Init with weight initialisation switched off: each module is partitioned as it is created and
+    # nothing is initialised, since load_partitions overwrites every element. (``_from_config`` would then initialise
+    # the weights one gathered module at a time: a full copy of each module on every rank, for nothing.)
     global _HF_DS_CONFIG
     _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
-    model: Any = model_class._from_config(
-        config, dtype=torch.float32, attn_implementation=settings.attention_implementation
-    )
+    config.dtype = torch.float32
+    config._attn_implementation = settings.attention_implementation
+    with ExitStack() as contexts:
+        for context in model_class.get_init_context(torch.float32, False, False, False):
+            contexts.enter_context(context)
+        model: Any = model_class(config)
+    model.tie_weights()
     load_partitions(model, path)
     return prepare_for_training(model, settings, activation_checkpointing)
 
