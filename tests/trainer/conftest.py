@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from safetensors.torch import save_file
 
 from forge_trainer import storage, tiny
+from forge_trainer.sharded import TensorSource
 from tests.trainer.harness import TORCH_EXTENSIONS_DIR, S3Server, moto_server
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS_DIR))
@@ -167,3 +170,15 @@ def make_base_config(tiny_model: Path, corpora: Corpora, tmp_path: Path) -> dict
         },
         "report": {"forgeJob": None, "minIntervalSeconds": 5, "metricsPort": 0},
     }
+
+
+def tied_copy(model: Path, folder: Path) -> Path:
+    """``model`` with its output head tied to the embedding, saved as transformers saves tied models (no
+    lm_head.weight in the file)."""
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    source = TensorSource(model)
+    tensors = {k: source.get(k) for k in source.file_of if k != "lm_head.weight"}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder

@@ -33,7 +33,7 @@ from forge_trainer.sharded import (
     rows_covering,
     shard_file_names,
 )
-from tests.trainer.conftest import Corpora, make_base_config
+from tests.trainer.conftest import Corpora, make_base_config, tied_copy
 from tests.trainer.harness import (
     assert_ok,
     base_env,
@@ -148,18 +148,6 @@ def run_workers(config: Path, record: Path, export: Path | None = None) -> list[
     outputs = [p.communicate(timeout=200)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
     return outputs
-
-
-def tied_copy(model: Path, folder: Path) -> Path:
-    """``model`` with its output head tied to the embedding, saved as transformers saves tied models (no
-    lm_head.weight in the file)."""
-    shutil.copytree(model, folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
-    source = TensorSource(model)
-    tensors = {k: source.get(k) for k in source.file_of if k != "lm_head.weight"}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

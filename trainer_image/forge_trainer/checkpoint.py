@@ -29,13 +29,16 @@ import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from forge_trainer import storage
 from forge_trainer.errors import ConfigError, StorageError, StorageUnavailableError
 from forge_trainer.model import file_lock
+
+if TYPE_CHECKING:
+    from forge_trainer.hf_export import LazyTensor
 
 log = logging.getLogger(__name__)
 
@@ -356,18 +359,21 @@ def read_state(tag_dir: Path) -> dict[str, Any]:
     return doc
 
 
-def zero_state_dict(tag_dir: Path, zero_stage: int, exclude_frozen: bool) -> dict[str, torch.Tensor]:
-    """Full (fp32 where available) model weights out of a local DeepSpeed checkpoint folder."""
+def zero_state_dict(tag_dir: Path, zero_stage: int, exclude_frozen: bool) -> Mapping[str, LazyTensor]:
+    """The model weights of a local DeepSpeed checkpoint folder (fp32 master weights where the optimizer holds them),
+    read lazily: the shard files are memory-mapped and each tensor is consolidated by its ``contiguous()``, so the
+    caller holds one tensor at a time, never the whole model."""
     ds_tags = [p.name for p in tag_dir.iterdir() if p.is_dir() and p.name.startswith("global_step")]
     if len(ds_tags) != 1:
         raise StorageError(f"{tag_dir}: expected one DeepSpeed folder, found {ds_tags}")
     if zero_stage == 0:
-        sd = torch.load(tag_dir / ds_tags[0] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = tag_dir / ds_tags[0] / "mp_rank_00_model_states.pt"
+        sd = torch.load(states, map_location="cpu", weights_only=False, mmap=True)
         module: dict[str, torch.Tensor] = sd["module"]
         return module
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    result: dict[str, torch.Tensor] = get_fp32_state_dict_from_zero_checkpoint(
-        str(tag_dir), tag=ds_tags[0], exclude_frozen_parameters=exclude_frozen
+    result: dict[str, LazyTensor] = get_fp32_state_dict_from_zero_checkpoint(
+        str(tag_dir), tag=ds_tags[0], exclude_frozen_parameters=exclude_frozen, lazy_mode=True
     )
     return result

@@ -24,7 +24,8 @@ from forge_trainer.data_stream import DataStream
 from forge_trainer.errors import StorageError, StorageUnavailableError
 from forge_trainer.events import emit
 from forge_trainer.guard import Guard, Verdict
-from forge_trainer.model import export_hf, save_hf
+from forge_trainer.hf_export import write_hf_folder
+from forge_trainer.model import save_hf
 from forge_trainer.report import (
     checkpoint_entry,
     checkpoint_status,
@@ -174,7 +175,7 @@ class CheckpointManager:
             return
         sd = module.state_dict()
         if cfg.model.technique == "lora":
-            export_hf(sd, ctx.model_dir, cfg.model, out_dir, ctx.tokenizer)
+            write_hf_folder(sd, ctx.model_dir, cfg.model, out_dir, ctx.tokenizer)  # adapters merged, no 2nd model
         else:
             save_hf(module, out_dir, ctx.tokenizer, state_dict=sd)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -150,36 +150,6 @@ def full_numel(param: torch.Tensor) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
 
-def export_hf(
-    state_dict: Mapping[str, torch.Tensor],
-    base_path: Path,
-    settings: ModelSettings,
-    out_dir: Path,
-    tokenizer: Any,
-) -> None:
-    """Write a Hugging Face safetensors folder from a trained state dict (LoRA adapters merged)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
-    if settings.technique == "lora":
-        peft_model: Any = wrap_lora(model, settings)
-        adapters = {k: v for k, v in state_dict.items() if "lora_" in k}
-        missing = [k for k in peft_model.state_dict() if "lora_" in k and k not in adapters]
-        if missing:
-            raise ModelError(f"checkpoint lacks LoRA weights, e.g. {missing[0]}")
-        peft_model.load_state_dict(adapters, strict=False)
-        model = peft_model.merge_and_unload()
-    else:
-        result = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
-        # Tied output embeddings are saved once; anything else missing is an error.
-        missing = [k for k in result.missing_keys if not _is_tied(model, k)]
-        if missing or result.unexpected_keys:
-            raise ModelError(
-                f"checkpoint does not match the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
-            )
-    save_hf(model, out_dir, tokenizer)
-
-
 def save_hf(model: Any, out_dir: Path, tokenizer: Any, state_dict: dict[str, Any] | None = None) -> None:
     """An HF folder people serve: config.json says ``use_cache: true`` (training turns the KV cache off, and
     save_pretrained would otherwise write that into the export, making generation slow)."""
@@ -191,7 +161,3 @@ def save_hf(model: Any, out_dir: Path, tokenizer: Any, state_dict: dict[str, Any
     finally:
         model.config.use_cache = training_value
     tokenizer.save_pretrained(str(out_dir))
-
-
-def _is_tied(model: Any, key: str) -> bool:
-    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")

@@ -72,7 +72,8 @@ def export_checkpoint(config_path: str, checkpoint: str, out: Path) -> None:
     from forge_trainer import storage
     from forge_trainer.config import load_config
     from forge_trainer.errors import StorageError
-    from forge_trainer.model import export_hf, fetch_model, load_tokenizer
+    from forge_trainer.hf_export import write_hf_folder
+    from forge_trainer.model import fetch_model, load_tokenizer
 
     cfg = load_config(config_path)
     manifest = ckpt.read_manifest(checkpoint)
@@ -91,9 +92,10 @@ def export_checkpoint(config_path: str, checkpoint: str, out: Path) -> None:
             tag_dir = Path(checkpoint)
         else:
             tag_dir = ckpt.materialise(ckpt.Places(Path(tmp), parent), manifest)
+        # consolidated lazily: each tensor is gathered from the ZeRO shards (memory-mapped) as it is written
         sd = ckpt.zero_state_dict(tag_dir, int(manifest["zeroStage"]), manifest.get("technique") == "lora")
         model_dir = fetch_model(cfg.model.base, Path(tmp) / "base-model")
-        export_hf(sd, model_dir, cfg.model, out, load_tokenizer(model_dir))
+        write_hf_folder(sd, model_dir, cfg.model, out, load_tokenizer(model_dir))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
