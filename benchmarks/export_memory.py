@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from trainer_zero3_memory import model_folder, status_kib, trainer_config  # noqa: E402
 
+from forge_trainer import tiny  # noqa: E402
 from tests.trainer.harness import base_env, free_port  # noqa: E402
 
 SMALL_SHARD_BYTES = 256 * 1024**2
@@ -54,7 +55,7 @@ def save_main(config: str, checkpoint: str) -> None:
     print("BENCH {}", flush=True)
 
 
-def export_main(mode: str, config: str, checkpoint: str, out: str) -> None:
+def export_main(mode: str, config: str, checkpoint: str, out: str, tokenizer_dir: str) -> None:
     """One export process: write ``out`` the ``mode`` way, print the peaks (JSON)."""
     peak_anon = [0]
     stop = threading.Event()
@@ -83,10 +84,10 @@ def export_main(mode: str, config: str, checkpoint: str, out: str) -> None:
         state = get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag="global_step1")
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
         model.load_state_dict(state, strict=True)
-        save_hf(model, Path(out), load_tokenizer(base))
+        save_hf(model, Path(out), load_tokenizer(Path(tokenizer_dir)))
     else:
         lazy = ckpt.zero_state_dict(Path(checkpoint), 3, exclude_frozen=False)
-        write_hf_folder(lazy, base, cfg.model, Path(out), load_tokenizer(base))
+        write_hf_folder(lazy, base, cfg.model, Path(out), load_tokenizer(Path(tokenizer_dir)))
     seconds = time.perf_counter() - started
     stop.set()
     thread.join()
@@ -126,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--save", nargs=2, metavar=("CONFIG", "CHECKPOINT"))
-    parser.add_argument("--export", nargs=4, metavar=("MODE", "CONFIG", "CHECKPOINT", "OUT"))
+    parser.add_argument("--export", nargs=5, metavar=("MODE", "CONFIG", "CHECKPOINT", "OUT", "TOKENIZER"))
     args = parser.parse_args()
     if args.save:
         save_main(*args.save)
@@ -141,6 +142,8 @@ def main() -> None:
         config = work / "config.json"
         config.write_text(json.dumps(trainer_config(folder, work)))
         checkpoint = work / "checkpoint"
+        tokenizer = work / "tokenizer"  # the synthetic model has none: the tiny test tokenizer stands in
+        tiny.train_tokenizer(["a few words to learn from"] * 4).save_pretrained(str(tokenizer))
         port = free_port()
         ranks = []
         for rank in range(2):
@@ -150,14 +153,15 @@ def main() -> None:
         for rank, proc in enumerate(ranks):
             result(proc, f"saving rank {rank}")
         size = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
-        print(f"ZeRO-3 checkpoint of 2 ranks: {size / 2**30:.2f} GiB on disk (fp32 master weights and Adam moments)")
+        print(f"ZeRO-3 checkpoint of 2 ranks: {size / 2**30:.2f} GiB on disk (fp32 master weights; no step taken)")
         rows = []
         for mode, shard_bytes in (("consolidated", None), ("streamed", None), ("streamed", SMALL_SHARD_BYTES)):
             env = base_env({"MALLOC_MMAP_THRESHOLD_": "131072"})
             if shard_bytes:
                 env["FORGE_EXPORT_SHARD_BYTES"] = str(shard_bytes)
             out = work / f"{mode}-{shard_bytes or 'default'}"
-            record = result(spawn(["--export", mode, str(config), str(checkpoint), str(out)], env), mode)
+            argv = ["--export", mode, str(config), str(checkpoint), str(out), str(tokenizer)]
+            record = result(spawn(argv, env), mode)
             shard = f"{(shard_bytes or 2 * 1024**3) / 2**20:.0f} MiB" if mode == "streamed" else "-"
             rows.append((mode, shard, record, out))
         reference = rows[0][3]
