@@ -124,6 +124,7 @@ def run_one(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
         sys.stderr.write(proc.stderr[-3000:])
     last = evals[-1] if evals else {}
     baseline = next((e for e in events if e["event"] == "eval" and e["step"] == 0), {})
+    finished = next((e for e in events if e["event"] == "finished"), {})
     return {
         "events": [e for e in events if e["event"] in ("probe", "probeResult")],
         "baseline": baseline,
@@ -136,6 +137,7 @@ def run_one(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
         "guard": guard[0] if guard else None,
         "curve": [(e["step"], e["forgetting_percent"], e["domain_gain_percent"]) for e in evals],
         "evals": evals,
+        "mix": {k: v for k, v in (finished.get("mix") or {}).items() if k.startswith("realised")},
     }
 
 

@@ -10,10 +10,11 @@ all offline and deterministic):
   Forge, English prose of many authors the replay does not contain.
 
 Per technique (cpt, sft; --techniques adds lora): domain-only training at the defaults' rate (guard in ``warn``:
-the reference that is never stopped), the default mix (domainPercent 75) at the defaults' rate (1x, what the
-operator resolves for ``learningRate: auto``) and at 10x and 30x, with the guard in ``stop``. Each run is one rank
-of the real trainer (DeepSpeed on CPU), evaluating and checkpointing at the operator's default cadence for its
-length, with the default end-of-run candidates.
+the reference that is never stopped), the default mix (domainPercent 75, counted by the operator's default
+data.mixBy for the technique: tokens for cpt, lossTokens for sft and lora; --mix-by overrides) at the defaults' rate
+(1x, what the operator resolves for ``learningRate: auto``) and at 10x and 30x, with the guard in ``stop``. Each
+run is one rank of the real trainer (DeepSpeed on CPU), evaluating and checkpointing at the operator's default
+cadence for its length, with the default end-of-run candidates.
 
 Selection and regret: the operator's best-within-budget policy picks from the run's checkpoints and candidates on
 the eval splits (forgetting = the worse of the replayed and the unseen general set, as the trainer reports it); the
@@ -212,21 +213,43 @@ class Plan:
     domain_percent: int
     factor: float
     action: str
+    mix_by: str = "tokens"
+    """data.mixBy of the mixed runs (the domain-only reference has nothing to mix)."""
 
     @property
     def name(self) -> str:
         warn = "-warn" if self.action == "warn" and self.domain_percent != 100 else ""
-        return f"{self.technique}-dp{self.domain_percent}-x{self.factor:g}{warn}"
+        by = "-losstokens" if self.mix_by == "lossTokens" and self.domain_percent != 100 else ""
+        return f"{self.technique}-dp{self.domain_percent}-x{self.factor:g}{warn}{by}"
 
 
-def plans(techniques: list[str], factors: list[float], watched: list[float]) -> list[Plan]:
+def default_mix_by(technique: str) -> str:
+    """What the operator resolves for an omitted data.mixBy."""
+    from forge_operator.api import ForgeJobSpec
+    from forge_operator.defaults import mix_by
+
+    spec = ForgeJobSpec.model_validate(
+        {
+            "model": {"base": "s3://unused/"},
+            "technique": technique,
+            "data": {"domain": [{"uri": "s3://d/"}], "general": [{"uri": "s3://g/"}]},
+            "checkpoints": {"output": "s3://o/"},
+        }
+    )
+    return mix_by(spec)
+
+
+def plans(techniques: list[str], factors: list[float], watched: list[float], mix_by: str | None = None) -> list[Plan]:
     """Per technique: the domain-only reference (never stopped), the mix at each factor (guard ``stop``), then the
-    mix at each ``watched`` factor with the guard in ``warn``: what a stopped run would have done had it gone on."""
+    mix at each ``watched`` factor with the guard in ``warn``: what a stopped run would have done had it gone on.
+    The mixes count ``mix_by`` (None: the operator's default for the technique)."""
     out = []
     for technique in techniques:
+        by = mix_by or default_mix_by(technique)
         out.append(Plan(technique, 100, 1.0, "warn"))
-        out.extend(Plan(technique, MIX_PERCENT, f, "stop") for f in factors)
-    out.extend(Plan(technique, MIX_PERCENT, f, "warn") for technique in techniques for f in watched)
+        out.extend(Plan(technique, MIX_PERCENT, f, "stop", by) for f in factors)
+    for technique in techniques:
+        out.extend(Plan(technique, MIX_PERCENT, f, "warn", mix_by or default_mix_by(technique)) for f in watched)
     return out
 
 
@@ -241,6 +264,7 @@ def run_plan(plan: Plan, base: Path, corpora: Corpora, a: argparse.Namespace, te
     shutil.rmtree(work, ignore_errors=True)
     cfg = config(base, corpora, plan.technique, work, plan.domain_percent, lr, a.steps, a.budget, plan.action, every)
     cfg["checkpoints"]["everySteps"] = every * a.checkpoint_every_evals
+    cfg["data"]["mixBy"] = plan.mix_by
     res = run_one(cfg, work)
     res.update(
         name=plan.name,
@@ -248,6 +272,7 @@ def run_plan(plan: Plan, base: Path, corpora: Corpora, a: argparse.Namespace, te
         domainPercent=plan.domain_percent,
         factor=plan.factor,
         action=plan.action,
+        mixBy=plan.mix_by,
         learningRate=lr,
         autoLearningRate=one_x,
         budget=a.budget,
@@ -273,6 +298,9 @@ def main() -> None:
     ap.add_argument("--factors", default="1,10,30")
     ap.add_argument("--budget", type=float, default=2.0)
     ap.add_argument("--watch-factors", default="", help="factors also run with the guard in warn (e.g. 10)")
+    ap.add_argument(
+        "--mix-by", choices=("tokens", "lossTokens"), help="data.mixBy of the mixes (default: the operator's default)"
+    )
     ap.add_argument("--eval-every", type=int, default=0, help="eval.everySteps (0: the operator's default)")
     ap.add_argument("--checkpoint-every-evals", type=int, default=3, help="a checkpoint every N evaluations")
     ap.add_argument("--out", type=Path, default=Path("bench-output/realmodel_forgetting"))
@@ -294,7 +322,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     tests: dict[str, TestSplits] = {}
     watched = [float(x) for x in a.watch_factors.split(",") if x]
-    for plan in plans(a.techniques.split(","), [float(x) for x in a.factors.split(",")], watched):
+    factors = [float(x) for x in a.factors.split(",")]
+    for plan in plans(a.techniques.split(","), factors, watched, a.mix_by):
         saved = runs_dir / f"{plan.name}-s{a.steps}.json"
         if saved.exists():
             rows.append(json.loads(saved.read_text()))
@@ -342,6 +371,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         st, ot = r.get("selectedTest") or {}, r.get("oracleTest") or {}
         replayed = next((e.get("replayedTest") for e in r.get("pool", []) if e.get("test") == st), None)
         data = "domain only" if r["domainPercent"] == 100 else f"{r['domainPercent']}% domain"
+        if r["domainPercent"] != 100 and r.get("mixBy") == "lossTokens":
+            data += " by loss tokens"
+        gradient = (r.get("mix") or {}).get("realisedDomainGradientPercent")
+        if gradient is not None and r["domainPercent"] != 100:
+            data += f" ({gradient:.0f}% of the gradient)"
         lines.append(
             f"| {r['technique']} | {data} | {r['factor']:g}x ({r['learningRate']:.2g}) | {len(r['evals'])} | "
             f"{_pct(last.get('unseen_forgetting_percent'))} / {_pct(last.get('general_forgetting_percent'))} | "
@@ -400,6 +434,8 @@ def plot(rows: list[dict[str, Any]], budget: float, out: Path) -> None:
         for i, r in enumerate(x for x in rows if x["technique"] == technique):
             xs = [e["step"] for e in r["evals"]]
             label = ("domain only" if r["domainPercent"] == 100 else f"{r['domainPercent']}%") + f" {r['factor']:g}x"
+            if r["domainPercent"] != 100 and r.get("mixBy") == "lossTokens":
+                label += " by loss tokens"
             if r["guard"] and r["action"] == "stop":
                 label += f" (stopped @{r['guard']['step']})"
             elif r["action"] == "warn" and r["domainPercent"] != 100:

@@ -167,8 +167,9 @@ class DataSpec(ApiModel):
     """Training data and the token mix between domain and general data."""
 
     domain_percent: int = Field(default=75, ge=1, le=100)
-    """Share of training TOKENS drawn from the domain sources, in percent; the rest comes from the general sources
-    (replay that protects general abilities). 100 means domain data only."""
+    """Share of the training tokens drawn from the domain sources, in percent (of the tokens that carry loss under
+    mixBy lossTokens, the default for sft and lora); the rest comes from the general sources (replay that protects
+    general abilities). 100 means domain data only."""
 
     domain: list[Source] = Field(min_length=1, max_length=256)
     """Domain sources: the user's data."""
@@ -191,11 +192,12 @@ class DataSpec(ApiModel):
     model saw in pretraining, and no document is conditioned on an unrelated one (which sft needs: a chat must not
     see the one before it)."""
 
-    mix_by: MixBy = "tokens"
+    mix_by: MixBy | None = None
     """What domainPercent counts: `tokens` (every input token) or `lossTokens` (only the tokens that carry loss, so
     the shares of the gradient: with sft and lora a chat's prompt tokens carry none, and mixing chats with plain text
     by input tokens gives the text a larger share of the gradient than domainPercent says). The same for cpt, whose
-    every token carries loss. Either way status.latest.realisedDomainGradientPercent reports the realised share."""
+    every token carries loss. Omitted: `lossTokens` for sft and lora, `tokens` for cpt (status.resolved.notes says
+    which). Either way status.latest.realisedDomainGradientPercent reports the realised share."""
 
 
 class EvalSpec(ApiModel):

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from forge_operator.api import ForgeJobSpec, ModelSpec, Resolved, ResourcesSpec, Technique
+from forge_operator.api import ForgeJobSpec, MixBy, ModelSpec, Resolved, ResourcesSpec, Technique
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,14 @@ def eval_every_steps(spec: ForgeJobSpec) -> int:
     return min(MAX_EVAL_INTERVAL, max(1, round(spec.training.max_steps / EVALUATIONS_PER_RUN)))
 
 
+def mix_by(spec: ForgeJobSpec) -> MixBy:
+    """data.mixBy, or its default by technique: lossTokens for sft and lora (domainPercent is then the domain's share
+    of the gradient), tokens for cpt (every token carries loss: the same mix, in the order cpt runs always had)."""
+    if spec.data.mix_by is not None:
+        return spec.data.mix_by
+    return "tokens" if spec.technique == "cpt" else "lossTokens"
+
+
 def zero_stage(spec: ForgeJobSpec) -> int:
     """training.zeroStage, or its default by world size: 0 for one process, 2 for more."""
     if spec.training.zero_stage is not None:
@@ -207,6 +215,12 @@ def resolve(spec: ForgeJobSpec) -> Resolved:
         notes.append(
             f"eval.everySteps {eval_every_steps(spec)} = maxSteps {training.max_steps} / {EVALUATIONS_PER_RUN}, "
             f"between 1 and {MAX_EVAL_INTERVAL}: enough evaluations for the guard to act early in the run"
+        )
+    if spec.data.mix_by is None and spec.technique != "cpt":
+        notes.append(
+            f"data.mixBy lossTokens: the default for {spec.technique}, so that domainPercent "
+            f"{spec.data.domain_percent} is the domain's share of the tokens that carry loss (the gradient), not of "
+            "the input tokens, of which a chat's prompt carries none"
         )
     if training.zero_stage is None:
         notes.append(f"zeroStage {zero_stage(spec)}: the default for worldSize {world} (0 for one process, 2 for more)")

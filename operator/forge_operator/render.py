@@ -23,7 +23,7 @@ from forge_operator.api import (
     Resolved,
     Source,
 )
-from forge_operator.defaults import eval_every_steps, parse_decimal, zero_stage
+from forge_operator.defaults import eval_every_steps, mix_by, parse_decimal, zero_stage
 
 TRAINER_CONFIG_VERSION = 1
 CONFIG_KEY = "config.json"
@@ -266,7 +266,7 @@ def build_trainer_config(
             "seqLength": spec.data.seq_length,
             "maxRepetition": float(spec.data.max_repetition),
             "maxBadLines": spec.data.max_bad_lines,
-            "mixBy": spec.data.mix_by,
+            "mixBy": mix_by(spec),
             "crossDocumentAttention": spec.data.cross_document_attention,
         },
         "eval": {

@@ -243,8 +243,9 @@ def test_the_mix_unit_reaches_the_trainer(mix_by: str) -> None:
     spec = {"technique": "sft", "data": {**BASE["data"], "mixBy": mix_by}}
     _, config_map, _ = render("sft-mix", spec)
     assert TrainerConfig.model_validate_json(config_map["data"][CONFIG_KEY]).data.mix_by == mix_by
-    _, default_map, _ = render("sft-default-mix", {"technique": "sft"})
-    assert TrainerConfig.model_validate_json(default_map["data"][CONFIG_KEY]).data.mix_by == "tokens"
+    for technique, default in (("cpt", "tokens"), ("sft", "lossTokens"), ("lora", "lossTokens")):
+        _, default_map, _ = render(f"{technique}-default-mix", {"technique": technique})
+        assert TrainerConfig.model_validate_json(default_map["data"][CONFIG_KEY]).data.mix_by == default, technique
 
 
 def test_learning_rate_probe_settings_reach_the_trainer() -> None:

@@ -13,6 +13,7 @@ from forge_operator.defaults import (
     DEFAULTS,
     domain_factor,
     format_decimal,
+    mix_by,
     model_parameters_millions,
     resolve,
 )
@@ -198,3 +199,20 @@ def test_the_documented_table_matches_the_code(technique: str) -> None:
     assert cells[1].startswith(format_decimal(row.learning_rate)), cells
     assert cells[2].startswith(f"{row.reference_params_millions // 1000}B"), cells
     assert cells[3].startswith(f"{row.global_batch_tokens:,}"), cells
+
+
+@pytest.mark.parametrize(
+    ("technique", "given", "expected", "noted"),
+    [
+        ("cpt", None, "tokens", False),
+        ("sft", None, "lossTokens", True),
+        ("lora", None, "lossTokens", True),
+        ("sft", "tokens", "tokens", False),
+        ("cpt", "lossTokens", "lossTokens", False),
+    ],
+)
+def test_mix_by_defaults_by_technique(technique: str, given: str | None, expected: str, noted: bool) -> None:
+    data = {"domain": [{"uri": "s3://d/"}], "general": [{"uri": "s3://g/"}], "seqLength": 4096}
+    job = spec(technique=technique, data=data if given is None else {**data, "mixBy": given})
+    assert mix_by(job) == expected
+    assert any(note.startswith("data.mixBy lossTokens") for note in resolve(job).notes) == noted
