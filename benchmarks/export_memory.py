@@ -23,7 +23,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from trainer_zero3_memory import model_folder, status_kib, trainer_config  # noqa: E402
+from trainer_zero3_memory import AnonPeakSampler, model_folder, status_kib, trainer_config  # noqa: E402
 
 from forge_trainer import tiny  # noqa: E402
 from tests.trainer.harness import base_env, free_port  # noqa: E402
@@ -57,16 +56,7 @@ def save_main(config: str, checkpoint: str) -> None:
 
 def export_main(mode: str, config: str, checkpoint: str, out: str, tokenizer_dir: str) -> None:
     """One export process: write ``out`` the ``mode`` way, print the peaks (JSON)."""
-    peak_anon = [0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak_anon[0] = max(peak_anon[0], status_kib("RssAnon"))
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    sampler = AnonPeakSampler().start()
     import torch
 
     from forge_trainer import checkpoint as ckpt
@@ -89,10 +79,8 @@ def export_main(mode: str, config: str, checkpoint: str, out: str, tokenizer_dir
         lazy = ckpt.zero_state_dict(Path(checkpoint), 3, exclude_frozen=False)
         write_hf_folder(lazy, base, cfg.model, Path(out), load_tokenizer(Path(tokenizer_dir)))
     seconds = time.perf_counter() - started
-    stop.set()
-    thread.join()
-    peak_anon[0] = max(peak_anon[0], status_kib("RssAnon"))
-    print("BENCH " + json.dumps({"hwm": status_kib("VmHWM"), "anon": peak_anon[0], "s": seconds}), flush=True)
+    peak_anon = sampler.stop()
+    print("BENCH " + json.dumps({"hwm": status_kib("VmHWM"), "anon": peak_anon, "s": seconds}), flush=True)
 
 
 def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:

@@ -60,6 +60,35 @@ def status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+class AnonPeakSampler:
+    """The highest RssAnon of this process (memory it allocated, not mapped file pages), sampled every 2 ms on a
+    background thread from ``start()`` until ``stop()``; ``peak_kib()`` also reads it once more now."""
+
+    def __init__(self) -> None:
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, status_kib("RssAnon"))
+            time.sleep(0.002)
+
+    def start(self) -> AnonPeakSampler:
+        self._thread.start()
+        return self
+
+    def peak_kib(self) -> int:
+        self._peak = max(self._peak, status_kib("RssAnon"))
+        return self._peak
+
+    def stop(self) -> int:
+        """Stop sampling; the peak in KiB."""
+        self._stop.set()
+        self._thread.join()
+        return self.peak_kib()
+
+
 def model_folder(layers: int, dtype: str) -> Path:
     """The synthetic model, built and saved once (safetensors in ``dtype``)."""
     cache = Path(os.environ.get("FORGE_CACHE_DIR", Path.home() / ".cache" / "forge")) / "bench"
@@ -100,16 +129,7 @@ def trainer_config(model: Path, work: Path) -> dict[str, Any]:
 
 def rank_main(mode: str, config: str) -> None:
     """One rank: build the model the ``mode`` way, build the ZeRO-3 engine, print the peaks (JSON)."""
-    peak_anon = [0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak_anon[0] = max(peak_anon[0], status_kib("RssAnon"))
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    sampler = AnonPeakSampler().start()
     from forge_trainer import sharded
     from forge_trainer.config import load_config
     from forge_trainer.engine import build_engine, deepspeed_config, dist_env, init_distributed
@@ -125,13 +145,11 @@ def rank_main(mode: str, config: str) -> None:
     else:
         model = sharded.build_partitioned(path, cfg.model, deepspeed_config(cfg, denv.world_size))
     built_s = time.perf_counter() - started
-    built_anon = max(peak_anon[0], status_kib("RssAnon"))
+    built_anon = sampler.peak_kib()
     engine = build_engine(model, cfg, denv.world_size)
     seconds = time.perf_counter() - started
-    stop.set()
-    thread.join()
-    peak_anon[0] = max(peak_anon[0], status_kib("RssAnon"))
-    out = {"rank": denv.rank, "hwm": status_kib("VmHWM"), "anon": peak_anon[0], "build_s": built_s, "s": seconds}
+    peak_anon = sampler.stop()
+    out = {"rank": denv.rank, "hwm": status_kib("VmHWM"), "anon": peak_anon, "build_s": built_s, "s": seconds}
     out["built_anon"] = built_anon
     print("BENCH " + json.dumps(out), flush=True)
     del engine
