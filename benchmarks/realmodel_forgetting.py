@@ -112,7 +112,8 @@ def config(
         "version": 1,
         "jobName": work.name,
         "namespace": "bench",
-        "model": {"base": str(base), "technique": technique},
+        # lora: the operator's default adapters (rank 16, alpha 32, 5% dropout, attention projections)
+        "model": {"base": str(base), "technique": technique} | ({"lora": {}} if technique == "lora" else {}),
         "data": {
             "domainPercent": domain_percent,
             "domain": [{"uri": str(domain / "train.jsonl")}],
