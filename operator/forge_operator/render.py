@@ -155,6 +155,19 @@ def frozen_spec(spec: ForgeJobSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json", by_alias=True, exclude=MUTABLE_SPEC_FIELDS)
 
 
+def keep_started_choices(accepted: ForgeJobSpec, current: ForgeJobSpec) -> ForgeJobSpec:
+    """``current`` with the fields it leaves to the operator filled from the spec the run started with.
+
+    A started run keeps the choice it started with, so a field left unset is no change even where the operator
+    now chooses differently: before data.mixBy depended on the technique, an accepted spec recorded `tokens` for
+    every job, and an operator upgrade must not refuse a running sft job whose spec never named it.
+    """
+    if current.data.mix_by is None and accepted.data.mix_by is not None:
+        data = current.data.model_copy(update={"mix_by": accepted.data.mix_by})
+        return current.model_copy(update={"data": data})
+    return current
+
+
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 

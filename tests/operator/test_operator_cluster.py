@@ -10,6 +10,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from forge_operator.render import ACCEPTED_SPEC_KEY, canonical_json
 from tests.conftest import LocalCluster, uses_real_kubeflow_crd
 from tests.operator.helpers import (
     GANG_SCHEDULING,
@@ -834,6 +835,31 @@ def test_other_spec_changes_after_start_are_refused(
     )
     accepted = kube.condition(namespace, "frozen", "Accepted")
     assert accepted is not None and accepted["status"] == "True", "the selection policy may change at any time"
+
+
+def test_a_run_started_under_an_older_default_stays_accepted_after_an_upgrade(
+    kube: Kube, operator_process: OperatorProcess, namespace: str
+) -> None:
+    kube.create_forgejob(namespace, forgejob("upgraded"))  # sft, data.mixBy not named
+    wait_accepted(kube, operator_process, namespace, "upgraded")
+    config_map = kube.core.read_namespaced_config_map("upgraded-config", namespace)
+    recorded = json.loads(config_map.data[ACCEPTED_SPEC_KEY])
+    assert recorded["data"]["mixBy"] is None
+    recorded["data"]["mixBy"] = "tokens"  # what an operator from before the technique-dependent default recorded
+    kube.core.patch_namespaced_config_map(
+        "upgraded-config", namespace, {"data": {ACCEPTED_SPEC_KEY: canonical_json(recorded) + "\n"}}
+    )
+
+    kube.patch_forgejob(namespace, "upgraded", {"spec": {"checkpoints": {"selection": "last"}}})
+    wait_for(
+        lambda: (kube.condition(namespace, "upgraded", "Accepted") or {}).get("observedGeneration") == 2,
+        what="generation 2 reconciled",
+        context=operator_process.log_tail,
+    )
+    accepted = kube.condition(namespace, "upgraded", "Accepted")
+    assert accepted is not None and accepted["status"] == "True", accepted
+    resolved = (kube.forgejob(namespace, "upgraded") or {})["status"]["resolved"]
+    assert not any(note.startswith("data.mixBy") for note in resolved["notes"]), "resolved from the accepted spec"
 
 
 def test_delete_removes_children_through_garbage_collection(

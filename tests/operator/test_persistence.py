@@ -10,7 +10,13 @@ import kopf
 from forge_operator.api import ForgeJobSpec
 from forge_operator.handlers.handle_reconcile_forgejob import accepted_spec
 from forge_operator.persistence import RedactedDiffBaseStorage, redact_env_values, redacted_value
-from forge_operator.render import ACCEPTED_SPEC_ANNOTATION, canonical_json, frozen_spec
+from forge_operator.render import (
+    ACCEPTED_SPEC_ANNOTATION,
+    canonical_json,
+    changed_paths,
+    frozen_spec,
+    keep_started_choices,
+)
 from tests.operator.helpers import forgejob
 
 SECRET = "hunter2-but-longer"
@@ -63,3 +69,18 @@ def test_accepted_spec_is_read_from_data_and_from_an_older_operators_annotation(
     assert from_annotation is not None and frozen_spec(from_annotation) == frozen_spec(spec)
     assert accepted_spec({"metadata": {}, "data": {"accepted-spec.json": "{not json"}}) is None
     assert accepted_spec(None) is None
+
+
+def test_a_field_left_to_the_operator_keeps_the_value_the_run_started_with() -> None:
+    started = ForgeJobSpec.model_validate(body(SECRET)["spec"] | {"technique": "sft"})
+    assert started.data.mix_by is None
+    # what an operator from before the technique-dependent default recorded for the same spec
+    recorded = started.model_copy(update={"data": started.data.model_copy(update={"mix_by": "tokens"})})
+    assert changed_paths(frozen_spec(recorded), frozen_spec(started)) == ["spec.data.mixBy"]
+    kept = keep_started_choices(recorded, started)
+    assert changed_paths(frozen_spec(recorded), frozen_spec(kept)) == []
+    named = started.model_copy(update={"data": started.data.model_copy(update={"mix_by": "lossTokens"})})
+    assert changed_paths(frozen_spec(recorded), frozen_spec(keep_started_choices(recorded, named))) == [
+        "spec.data.mixBy"
+    ], "a value the spec names is still a change"
+    assert keep_started_choices(started, started) == started

@@ -45,6 +45,7 @@ from forge_operator.render import (
     changed_paths,
     config_map_name,
     frozen_spec,
+    keep_started_choices,
     spec_digest,
     suspend_value,
 )
@@ -177,7 +178,7 @@ def judge_started(
         changes = ["spec"]
         errors = current if isinstance(current, list) else []
     else:
-        changes = changed_paths(frozen_spec(accepted), frozen_spec(current))
+        changes = changed_paths(frozen_spec(accepted), frozen_spec(keep_started_choices(accepted, current)))
         errors = validate_spec(ctx, owner.name, current) if changes else []
     if changes or accepted is None:
         metrics.ERRORS.labels(kind="spec_change_refused").inc()
