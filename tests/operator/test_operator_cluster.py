@@ -62,6 +62,18 @@ def wait_accepted(kube: Kube, operator: OperatorProcess, namespace: str, name: s
     return wait_for(lambda: kube.pytorchjob(namespace, name), what=f"PyTorchJob {name}", context=operator.log_tail)
 
 
+def wait_accepted_generation(
+    kube: Kube, operator: OperatorProcess, namespace: str, name: str, generation: int
+) -> dict[str, Any]:
+    """The Accepted condition once the operator has judged ``generation`` of the spec (True or False)."""
+
+    def judged() -> dict[str, Any] | None:
+        condition = kube.condition(namespace, name, "Accepted")
+        return condition if condition and condition.get("observedGeneration") == generation else None
+
+    return wait_for(judged, what=f"{name} generation {generation} reconciled", context=operator.log_tail)
+
+
 def wait_state(kube: Kube, operator: OperatorProcess, namespace: str, name: str, state: str) -> None:
     wait_for(
         lambda: kube.state(namespace, name) == state,
@@ -828,13 +840,8 @@ def test_other_spec_changes_after_start_are_refused(
         context=operator_process.log_tail,
     )
     kube.patch_forgejob(namespace, "frozen", {"spec": {"checkpoints": {"selection": "last"}}})
-    wait_for(
-        lambda: (kube.condition(namespace, "frozen", "Accepted") or {}).get("observedGeneration") == 4,
-        what="generation 4 reconciled",
-        context=operator_process.log_tail,
-    )
-    accepted = kube.condition(namespace, "frozen", "Accepted")
-    assert accepted is not None and accepted["status"] == "True", "the selection policy may change at any time"
+    accepted = wait_accepted_generation(kube, operator_process, namespace, "frozen", 4)
+    assert accepted["status"] == "True", "the selection policy may change at any time"
 
 
 def test_a_run_started_under_an_older_default_stays_accepted_after_an_upgrade(
@@ -851,13 +858,8 @@ def test_a_run_started_under_an_older_default_stays_accepted_after_an_upgrade(
     )
 
     kube.patch_forgejob(namespace, "upgraded", {"spec": {"checkpoints": {"selection": "last"}}})
-    wait_for(
-        lambda: (kube.condition(namespace, "upgraded", "Accepted") or {}).get("observedGeneration") == 2,
-        what="generation 2 reconciled",
-        context=operator_process.log_tail,
-    )
-    accepted = kube.condition(namespace, "upgraded", "Accepted")
-    assert accepted is not None and accepted["status"] == "True", accepted
+    accepted = wait_accepted_generation(kube, operator_process, namespace, "upgraded", 2)
+    assert accepted["status"] == "True", accepted
     resolved = (kube.forgejob(namespace, "upgraded") or {})["status"]["resolved"]
     assert not any(note.startswith("data.mixBy") for note in resolved["notes"]), "resolved from the accepted spec"
 
