@@ -244,13 +244,12 @@ def plans(techniques: list[str], factors: list[float], watched: list[float], mix
     """Per technique: the domain-only reference (never stopped), the mix at each factor (guard ``stop``), then the
     mix at each ``watched`` factor with the guard in ``warn``: what a stopped run would have done had it gone on.
     The mixes count ``mix_by`` (None: the operator's default for the technique)."""
+    by = {technique: mix_by or default_mix_by(technique) for technique in techniques}
     out = []
     for technique in techniques:
-        by = mix_by or default_mix_by(technique)
         out.append(Plan(technique, 100, 1.0, "warn"))
-        out.extend(Plan(technique, MIX_PERCENT, f, "stop", by) for f in factors)
-    for technique in techniques:
-        out.extend(Plan(technique, MIX_PERCENT, f, "warn", mix_by or default_mix_by(technique)) for f in watched)
+        out.extend(Plan(technique, MIX_PERCENT, f, "stop", by[technique]) for f in factors)
+    out.extend(Plan(technique, MIX_PERCENT, f, "warn", by[technique]) for technique in techniques for f in watched)
     return out
 
 
